@@ -1,0 +1,135 @@
+import math
+
+import pytest
+import torch
+
+from mmbytes import Megabyte, MegabyteConfig
+
+SIZES = ["debug", "transformer-debug"]
+
+
+def model(name: str, **kw) -> Megabyte:
+    return Megabyte(MegabyteConfig.from_name(name, **kw)).eval()
+
+
+def leaks(m: Megabyte, T: int) -> list[int]:
+    """Positions t where changing byte t changes any logit at a position <= t."""
+    x = torch.randint(0, 256, (2, T))
+    with torch.no_grad():
+        base = m(x)
+        bad = []
+        for t in range(T):
+            y = x.clone()
+            y[:, t] = (y[:, t] + 1 + torch.randint(0, 254, (1,))) % 256
+            if not torch.allclose(m(y)[:, : t + 1], base[:, : t + 1], atol=1e-6, rtol=0):
+                bad.append(t)
+    return bad
+
+
+@pytest.mark.parametrize("name", SIZES)
+@pytest.mark.parametrize("T", [16, 19])  # a multiple of P and an odd length (internally padded)
+def test_strict_causality(name, T):
+    assert leaks(model(name), T) == []
+
+
+def test_causality_test_catches_a_leak(monkeypatch):
+    """Without the shift by the padding byte, the local model sees the byte it predicts: the check must say so."""
+    m = model("debug")
+    monkeypatch.setattr(m, "local_inputs", lambda xp: m.local_embed(xp))
+    assert leaks(m, 8) == list(range(8))
+
+
+def test_future_bytes_do_change_predictions():
+    m = model("debug")
+    x = torch.randint(0, 256, (1, 16))
+    y = x.clone()
+    y[0, 5] ^= 1
+    with torch.no_grad():
+        assert not torch.allclose(m(x)[:, 6:], m(y)[:, 6:])
+
+
+@pytest.mark.parametrize("name", SIZES)
+def test_nll_is_hand_computed_cross_entropy(name):
+    m = model(name)
+    x = torch.randint(0, 256, (2, 11))
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[1, 7:] = False
+    with torch.no_grad():
+        logits = m(x)
+        nll = m.nll(x, mask)
+        chunked = m.nll(x, mask, chunk=5)
+    for b in range(2):
+        for t in range(11):
+            row = logits[b, t].double()
+            expect = (math.log(row.exp().sum()) - row[x[b, t]]).item() if mask[b, t] else 0.0
+            assert nll[b, t].item() == pytest.approx(expect, abs=1e-4)
+    torch.testing.assert_close(chunked, nll)
+
+
+def test_chunked_loss_gradients_match():
+    m = model("debug").train()
+    x = torch.randint(0, 256, (2, 24))
+    grads = []
+    for chunk in (10_000, 7):
+        m.zero_grad()
+        m.nll(x, chunk=chunk).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_every_byte_value_is_data():
+    """0x00 is scored like any other byte: there is no reserved padding value."""
+    m = model("debug")
+    x = torch.zeros(1, 8, dtype=torch.long)
+    assert (m.nll(x) > 0).all()
+
+
+@pytest.mark.parametrize("name", SIZES)
+def test_overfits_one_batch(name, text_bytes):
+    m = model(name).train()
+    x = torch.tensor(list(text_bytes[:256])).view(2, 128)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    first = None
+    for _ in range(200):
+        loss = m.nll(x).mean()
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 5.0 and loss.item() < 1.0  # from ~ln 256 = 5.55 nats
+
+
+def test_odd_lengths_and_dtypes():
+    m = model("debug")
+    for T in (1, 3, 5, 17):
+        assert m(torch.randint(0, 256, (2, T), dtype=torch.uint8)).shape == (2, T, 256)
+
+
+def test_named_sizes_parameter_counts():
+    counts = {n: Megabyte(MegabyteConfig.from_name(n)).num_params() for n in
+              ["debug", "small", "base", "transformer-debug", "transformer-small"]}
+    print(counts)
+    assert 8e6 < counts["small"] < 12e6
+    assert 85e6 < counts["base"] < 115e6
+    assert abs(counts["transformer-small"] / counts["small"] - 1) < 0.1
+    assert abs(counts["transformer-debug"] / counts["debug"] - 1) < 0.1
+
+
+def test_config_rejects_bad_fields():
+    with pytest.raises(ValueError, match="unknown config fields"):
+        MegabyteConfig.from_name("debug", n_layers=3)
+    with pytest.raises(ValueError, match="unknown model size"):
+        MegabyteConfig.from_name("huge")
+    with pytest.raises(ValueError, match="patch_size=1"):
+        MegabyteConfig(arch="transformer", patch_size=4, n_layer_local=0)
+
+
+def test_debug_step_is_fast():
+    import time
+
+    m = model("debug").train()
+    x = torch.randint(0, 256, (8, 512))
+    m.nll(x).mean().backward()  # warm up
+    start = time.perf_counter()
+    m.nll(x).mean().backward()
+    assert time.perf_counter() - start < 1.0
