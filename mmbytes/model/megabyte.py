@@ -58,7 +58,7 @@ class Megabyte(nn.Module):
     def patch_embed(self, x: Tensor) -> Tensor:
         """Bytes (B, K*P) -> global inputs (B, K, P*D_G): the P byte embeddings of a patch concatenated."""
         B, T = x.shape
-        return self.global_embed(x).view(B, T // self.config.patch_size, -1)
+        return self.global_embed(x).view(B, T // self.config.patch_size, self.config.d_global_model)
 
     def local_hidden(self, g: Tensor, x: Tensor, caches: list[KVCache] | None = None) -> Tensor:
         """Global outputs for N patches (N, L, D_G) + bytes (N, L) fed to the local model (already shifted right by
@@ -86,7 +86,7 @@ class Megabyte(nn.Module):
         if self.local_model is None:
             return g[:, :T]  # P == 1: a flat byte-level transformer
         g = g.reshape(B * K, P, self.config.d_global)  # (B*K, P, D_G): patches folded into the batch
-        xp = x.view(B * K, P)
+        xp = x.reshape(B * K, P)
         local_in = self.global_to_local(g) + self.local_inputs(xp)  # (B*K, P, D_L)
         out = self.local_model(local_in)  # (B*K, P, D_L)
         return out.view(B, K * P, -1)[:, :T]  # (B, T, D_L)

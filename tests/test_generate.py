@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from mmbytes import Megabyte, MegabyteConfig
+from mmbytes.model.generate import generate, generate_reference, sample_next
+
+
+def model(name: str) -> Megabyte:
+    return Megabyte(MegabyteConfig.from_name(name)).double().eval()
+
+
+@pytest.mark.parametrize("name", ["debug", "transformer-debug"])
+@pytest.mark.parametrize("prompt_len", [0, 1, 3, 4, 9])  # empty, inside the first patch, whole patches, both
+def test_cached_logits_equal_reference_at_every_step(name, prompt_len):
+    m = model(name)
+    prompt = torch.randint(0, 256, (2, prompt_len))
+    fast, slow = {}, {}
+    out_fast = generate(m, prompt, 13, temperature=0, on_logits=lambda t, x: fast.__setitem__(t, x))
+    out_slow = generate_reference(m, prompt, 13, temperature=0, on_logits=lambda t, x: slow.__setitem__(t, x))
+    assert sorted(fast) == sorted(slow) == list(range(prompt_len, prompt_len + 13))
+    for t in fast:
+        torch.testing.assert_close(fast[t], slow[t], atol=1e-10, rtol=0)
+    assert torch.equal(out_fast, out_slow)  # greedy decoding is identical
+    assert torch.equal(out_fast[:, :prompt_len], prompt)
+
+
+def test_sampling_with_a_seed_is_reproducible_and_batched_samples_differ():
+    m = model("debug")
+    prompt = torch.zeros(3, 0, dtype=torch.long)
+    runs = [generate(m, prompt, 20, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(7))
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0][0], runs[0][1])
+    other = generate(m, prompt, 20, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(runs[0], other)
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, top_k=2, generator=g).tolist()) == {0, 1}
+    p = logits[0].softmax(-1)  # 0.64, 0.24, 0.09, ...: top_p 0.8 keeps the first two
+    assert p[0] < 0.8 < p[0] + p[1]
+    assert set(sample_next(logits, top_p=0.8, generator=g).tolist()) == {0, 1}
+    assert set(sample_next(logits, temperature=0).tolist()) == {0}
+
+
+def test_generate_restores_training_mode():
+    m = model("debug").train()
+    generate(m, torch.zeros(1, 0, dtype=torch.long), 5)
+    assert m.training
