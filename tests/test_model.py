@@ -133,3 +133,14 @@ def test_debug_step_is_fast():
     start = time.perf_counter()
     m.nll(x).mean().backward()
     assert time.perf_counter() - start < 1.0
+
+
+def test_strided_nll_takes_each_byte_from_the_pass_where_it_is_late_in_its_patch():
+    m = model("debug")  # P = 4: bytes 2, 3 of each patch come from the first pass, 0, 1 from the shifted one
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        first, shifted, strided = m.nll(x), m.nll(x[:, 2:]), m.nll_strided(x)
+    late = [2, 3, 6, 7, 10, 11, 14, 15]
+    torch.testing.assert_close(strided[:, late], first[:, late])
+    torch.testing.assert_close(strided[:, [4, 5, 8, 9, 12, 13]], shifted[:, [2, 3, 6, 7, 10, 11]])
+    torch.testing.assert_close(strided[:, :2], first[:, :2])  # the shifted pass never saw them

@@ -114,6 +114,21 @@ class Megabyte(nn.Module):
         out = out.view(B, T)
         return out if mask is None else torch.where(mask, out, 0.0)
 
+    def nll_strided(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768) -> Tensor:
+        """Strided inference (paper section 3.3): a second pass offset by P/2 bytes, and each byte scored by the
+        pass in which it sits in the later half of its patch, i.e. with more local context. Twice the cost."""
+        P = self.config.patch_size
+        first = self.nll(x, chunk=chunk)
+        s = P // 2
+        if s == 0 or x.shape[1] <= s:
+            out = first
+        else:
+            second = self.nll(x[:, s:], chunk=chunk)  # byte t sits at t - s, patch index (t - s) % P
+            late = torch.arange(x.shape[1], device=x.device) % P >= s
+            late[:s] = True  # the second pass never sees the first s bytes
+            out = torch.where(late, first, F.pad(second, (s, 0)))
+        return out if mask is None else torch.where(mask, out, 0.0)
+
 
 def _ce(weight: Tensor, h: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(F.linear(h, weight).float(), target, reduction="none")
