@@ -74,7 +74,8 @@ def main() -> None:
     print(f"{'MEGABYTE ' + args.megabyte + ', full forward per byte':38s} {mb.num_params() / 1e6:7.2f}M "
           f"{reference:10.2f}  ({how})")
     print(f"{args.transformer + ', KV cache':38s} {tf.num_params() / 1e6:7.2f}M {transformer:10.1f}")
-    print(f"cache speedup {result['cache_speedup']:.1f}x, MEGABYTE vs Transformer {result['megabyte_vs_transformer']:.2f}x")
+    print(f"cache speedup {result['cache_speedup']:.1f}x, "
+          f"MEGABYTE vs Transformer {result['megabyte_vs_transformer']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -87,7 +87,8 @@ def main() -> None:
         r["mfu"] = r["achieved_gflops"] / peak
     mb, tf = rows
     print(f"T={args.seq_len} batch={args.batch} threads={torch.get_num_threads()} fp32 matmul peak {peak:.1f} GFLOP/s")
-    print(f"{'model':20s} {'params':>8s} {'step s':>8s} {'bytes/s':>10s} {'GFLOP/step':>11s} {'GFLOP/s':>8s} {'MFU':>6s}")
+    header = ("model", "params", "step s", "bytes/s", "GFLOP/step", "GFLOP/s", "MFU")
+    print("{:20s} {:>8s} {:>8s} {:>10s} {:>11s} {:>8s} {:>6s}".format(*header))
     for r in rows:
         print(f"{r['model']:20s} {r['params'] / 1e6:7.2f}M {r['step_s']:8.3f} {r['bytes_per_s']:10.0f} "
               f"{r['gflops_per_step']:11.1f} {r['achieved_gflops']:8.1f} {r['mfu']:6.1%}")

@@ -43,7 +43,7 @@ class MegabyteConfig:
     def __post_init__(self) -> None:
         if self.arch == "transformer":
             if self.patch_size != 1 or self.n_layer_local != 0:
-                raise ValueError("arch='transformer' needs patch_size=1 and n_layer_local=0 (one flat stack over bytes)")
+                raise ValueError("arch='transformer' needs patch_size=1 and n_layer_local=0: one flat stack over bytes")
         elif self.arch == "megabyte":
             if self.patch_size < 1 or self.n_layer_local < 1:
                 raise ValueError("arch='megabyte' needs patch_size >= 1 and n_layer_local >= 1")

@@ -1,0 +1,181 @@
+"""Webdataset shards -> fixed-length byte windows, for training and exact validation.
+
+Training streams shards resampled with replacement (every rank and worker draws its own, seeded), cuts random
+windows, shuffles them in a buffer and yields exactly ``train_batches_per_epoch`` batches per rank and epoch, which
+keeps DDP ranks in step. Validation reads every validation shard in order in every worker and keeps sample i on the
+worker whose global index is i modulo (world size x workers); it cuts consecutive windows, so every validation byte
+is scored exactly once whatever the number of workers and processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from webdataset.utils import pytorch_worker_info
+
+from mmbytes.codecs import MODALITIES
+
+log = logging.getLogger(__name__)
+skipped = {"errors": 0}  # damaged shard members this process skipped (per process: each worker counts its own)
+
+
+def skip_and_count(exn: Exception) -> bool:
+    """A webdataset handler: a damaged shard or member is skipped, counted and reported; training goes on."""
+    skipped["errors"] += 1
+    log.warning("skipping damaged shard data (%d so far in this process): %r", skipped["errors"], exn)
+    return True
+
+
+def decode(sample: dict) -> tuple[np.ndarray, dict]:
+    meta = json.loads(sample["json"])
+    return np.frombuffer(sample["bin"], dtype=np.uint8), meta
+
+
+def align_of(meta: dict) -> int:
+    """Window starts fall on whole units: 2-byte audio samples, else single bytes."""
+    return meta.get("sample_width", 1) if meta.get("modality") == "audio" else 1
+
+
+def random_windows(src: Iterator, seq_len: int, seed: int) -> Iterator[tuple[np.ndarray, int]]:
+    rank, _, worker, _ = pytorch_worker_info()
+    rng = random.Random(seed * 1_000_003 + rank * 1000 + worker)
+    for data, meta in src:
+        m = MODALITIES.index(meta.get("modality", "raw"))
+        if len(data) <= seq_len:
+            yield data, m
+            continue
+        a = align_of(meta)
+        for _ in range(len(data) // seq_len):
+            start = rng.randrange(0, (len(data) - seq_len) // a + 1) * a
+            yield data[start : start + seq_len], m
+
+
+def consecutive_windows(src: Iterator, seq_len: int) -> Iterator[tuple[np.ndarray, int]]:
+    for data, meta in src:
+        m = MODALITIES.index(meta.get("modality", "raw"))
+        for start in range(0, len(data), seq_len):
+            yield data[start : start + seq_len], m
+
+
+def take_share(src: Iterator) -> Iterator:
+    """Keep the samples that belong to this rank and worker: the i-th goes to worker i mod (world * workers)."""
+    rank, world, worker, workers = pytorch_worker_info()
+    me, every = rank * workers + worker, world * workers
+    for i, sample in enumerate(src):
+        if i % every == me:
+            yield sample
+
+
+def collate(seq_len: int):
+    def fn(items: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
+        x = torch.zeros(len(items), seq_len, dtype=torch.uint8)
+        mask = torch.zeros(len(items), seq_len, dtype=torch.bool)
+        for i, (data, _) in enumerate(items):
+            x[i, : len(data)] = torch.from_numpy(data.copy())
+            mask[i, : len(data)] = True
+        return {"x": x, "mask": mask, "modality": torch.tensor([m for _, m in items], dtype=torch.long)}
+
+    return fn
+
+
+class ByteDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        data_dir: str = "data/quickstart",
+        sources: list[str] | None = None,
+        codec: str = "raw",
+        codec_options: dict[str, Any] | None = None,
+        seq_len: int = 1024,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        train_batches_per_epoch: int = 200,
+        val_fraction: float = 0.1,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            data_dir: folder with shards and ``manifest.json`` (written by ``mmbytes shards``).
+            sources: files and folders to build the shards from when ``data_dir`` has no manifest yet.
+            codec: codec for building from ``sources``: text, raw, image, audio or auto.
+            codec_options: options of that codec (e.g. ``{image: {size: 32}, audio: {sample_rate: 8000}}`` for auto).
+            seq_len: bytes per window (T). Shorter samples are padded and the padding is masked out of the loss.
+            batch_size: windows per batch.
+            num_workers: data loader worker processes.
+            shuffle_buffer: training windows shuffled together.
+            train_batches_per_epoch: batches per rank in one training epoch (the stream itself is endless).
+            val_fraction: share of samples held out for validation when building shards.
+            train_shards: a webdataset URL pattern (local path, ``https://``, ``pipe:aws s3 cp ...``, brace
+                ranges) to read training shards from instead of ``data_dir``.
+            val_shards: the same for validation shards.
+            seed: seeds shard resampling and window positions (each rank and worker differs from it).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.hp = self.hparams
+
+    def prepare_data(self) -> None:
+        if self.hp.sources and not self.hp.train_shards and not (Path(self.hp.data_dir) / "manifest.json").exists():
+            from mmbytes.shards import write_shards
+
+            write_shards(self.hp.sources, self.hp.data_dir, self.hp.codec, self.hp.codec_options,
+                         self.hp.val_fraction)
+
+    def urls(self, split: str) -> str | list[str]:
+        explicit = self.hp.train_shards if split == "train" else self.hp.val_shards
+        if explicit:
+            return explicit
+        manifest_path = Path(self.hp.data_dir) / "manifest.json"
+        if not manifest_path.exists():
+            raise FileNotFoundError(f"{manifest_path}: no shards; run `mmbytes shards SRC --out {self.hp.data_dir}` "
+                                    "or give data.sources")
+        names = json.loads(manifest_path.read_text())["splits"][split]["shards"]
+        if not names:
+            raise ValueError(f"{manifest_path}: the {split} split has no shards")
+        return [str(Path(self.hp.data_dir) / n) for n in names]
+
+    def _loader(self, pipeline: wds.DataPipeline) -> wds.WebLoader:
+        n = self.hp.num_workers
+        return wds.WebLoader(pipeline, batch_size=None, num_workers=n, persistent_workers=n > 0)
+
+    def train_dataloader(self) -> wds.WebLoader:
+        hp = self.hp
+        urls = self.urls("train")
+        pipeline = wds.DataPipeline(
+            wds.ResampledShards(urls, seed=hp.seed),
+            wds.tarfile_to_samples(handler=skip_and_count),
+            wds.map(decode, handler=skip_and_count),
+            lambda src: random_windows(src, hp.seq_len, hp.seed),
+            wds.shuffle(hp.shuffle_buffer, initial=min(hp.shuffle_buffer, 100)),
+            wds.batched(hp.batch_size, collation_fn=collate(hp.seq_len), partial=False),
+        )
+        return self._loader(pipeline).with_epoch(hp.train_batches_per_epoch)
+
+    def val_dataloader(self) -> wds.WebLoader:
+        hp = self.hp
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(self.urls("val")),
+            wds.tarfile_to_samples(handler=skip_and_count),
+            take_share,
+            wds.map(decode, handler=skip_and_count),
+            lambda src: consecutive_windows(src, hp.seq_len),
+            wds.batched(hp.batch_size, collation_fn=collate(hp.seq_len), partial=True),
+        )
+        return self._loader(pipeline)
+
+    def test_dataloader(self) -> wds.WebLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> wds.WebLoader:
+        return self.val_dataloader()

@@ -1,0 +1,34 @@
+"""Raw codec: a file's bytes exactly as stored, headers and container structure included (a PNG's chunks, a
+WAV header, a PDF's objects), so a model learns real file formats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmbytes.codecs import CodecError
+
+
+def read_bytes(path: Path) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except IsADirectoryError as e:
+        raise CodecError(f"{path}: is a directory") from e
+    except OSError as e:
+        raise CodecError(f"{path}: unreadable ({e.strerror or e})") from e
+    if not data:
+        raise CodecError(f"{path}: empty file")
+    return data
+
+
+@dataclass
+class RawCodec:
+    name = "raw"
+    modality = "raw"
+
+    def encode(self, path: Path) -> tuple[bytes, dict]:
+        return read_bytes(path), {}
+
+    def decode(self, data: bytes, meta: dict, out_path: Path) -> Path:
+        Path(out_path).write_bytes(data)
+        return out_path

@@ -1,0 +1,49 @@
+"""Bits per byte and per dimension as a torchmetrics metric: summed nats and byte counts per modality.
+
+Sums (not means) are the state, so the figure is exact over any batching and across processes (``dist_reduce_fx``
+is a sum). A byte of an image is one 8-bit sub-pixel, so its bits per dimension equal its bits per byte; an audio
+sample is two bytes (16-bit little endian), so its bits per dimension are twice its bits per byte.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from mmbytes.codecs import MODALITIES
+
+BYTES_PER_DIM = {"image": 1, "audio": 2}
+
+
+class BitsPerByte(Metric):
+    """``update(nats, counts, modality)`` with per-sample summed nats (B,), real byte counts (B,) and modality ids
+    (B,); ``compute()`` returns ``{"bpb": overall, "bpb_<m>": ..., "bpd_image": ..., "bpd_audio": ...}`` for the
+    modalities seen."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        n = len(MODALITIES)
+        self.add_state("nats", default=torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, nats: Tensor, counts: Tensor, modality: Tensor | None = None) -> None:
+        if modality is None:
+            modality = torch.full_like(counts, MODALITIES.index("raw"), dtype=torch.long)
+        self.nats.index_add_(0, modality.long(), nats.detach().to(torch.float64))
+        self.count.index_add_(0, modality.long(), counts.detach().to(torch.float64))
+
+    def compute(self) -> dict[str, Tensor]:
+        total = self.count.sum()
+        out = {"bpb": self.nats.sum() / total.clamp(min=1) / math.log(2)}
+        for i, m in enumerate(MODALITIES):
+            if self.count[i] > 0:
+                bpb = self.nats[i] / self.count[i] / math.log(2)
+                out[f"bpb_{m}"] = bpb
+                if m in BYTES_PER_DIM:
+                    out[f"bpd_{m}"] = bpb * BYTES_PER_DIM[m]
+        return {k: v.float() for k, v in out.items()}
