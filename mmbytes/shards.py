@@ -139,7 +139,7 @@ def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw",
     pool = ProcessPoolExecutor(workers) if workers > 0 else None
     results = pool.map(_encode, jobs, chunksize=8) if pool else map(_encode, jobs)
     try:
-        for (path, name), (data, meta) in tqdm(zip(files, results), total=len(files), unit="file",
+        for (path, name), (data, meta) in tqdm(zip(files, results, strict=True), total=len(files), unit="file",
                                                desc=f"shards -> {out}", disable=not progress):
             if data is None:
                 skipped.append({"path": str(path), "reason": meta})
@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--max-shard-mb", type=float, default=64)
     ap.add_argument("--max-file-mb", type=float, default=256, help="larger files are skipped and listed")
-    ap.add_argument("--chunk-bytes", type=int, help="cut text/raw samples longer than this (default: 64K text, raw whole)")
+    ap.add_argument("--chunk-bytes", type=int, 
+                    help="cut text/raw samples longer than this (default: 64K text, raw whole)")
     ap.add_argument("--image-size", type=int, help="resize + centre-crop images to this square size")
     ap.add_argument("--image-order", default="patch", choices=["patch", "raster"])
     ap.add_argument("--image-tile", type=int, default=4, help="tile side of the patch order (P = tile*tile*channels)")
