@@ -1,0 +1,143 @@
+"""Shards: real files in, the same bytes out; skipped files listed; atomic writes; deterministic split."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+
+from mmbytes.codecs import get_codec
+from mmbytes.shards import main, write_shards
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def read_back(out: Path, split: str) -> dict[str, tuple[bytes, dict]]:
+    names = json.loads((out / "manifest.json").read_text())["splits"][split]["shards"]
+    ds = wds.WebDataset([str(out / n) for n in names], shardshuffle=False)
+    return {s["__key__"]: (s["bin"], json.loads(s["json"])) for s in ds}
+
+
+def test_round_trip_exact_bytes(tmp_path):
+    m = write_shards([SAMPLES / "files", SAMPLES / "images"], tmp_path / "s", codec="raw", progress=False)
+    got = {**read_back(tmp_path / "s", "train"), **read_back(tmp_path / "s", "val")}
+    assert len(got) == m["files"] == 12 and m["skipped"] == []
+    for data, meta in got.values():
+        src = SAMPLES / meta["source"]
+        assert data == src.read_bytes() and meta["nbytes"] == len(data) and meta["modality"] == "raw"
+    assert m["splits"]["val"]["samples"] >= 1 and m["splits"]["train"]["samples"] >= 1
+
+
+def test_split_is_deterministic_and_stable_under_additions(tmp_path):
+    a = write_shards([SAMPLES / "files"], tmp_path / "a", codec="raw", val_fraction=0.3, progress=False)
+    b = write_shards([SAMPLES / "files"], tmp_path / "b", codec="raw", val_fraction=0.3, progress=False)
+    assert read_back(tmp_path / "a", "val").keys() == read_back(tmp_path / "b", "val").keys()
+    assert a["splits"] == b["splits"]
+
+
+def test_big_text_is_chunked_at_newlines_and_split(tmp_path):
+    m = write_shards([SAMPLES / "text"], tmp_path / "t", codec="text", chunk_bytes=65536, progress=False)
+    train, val = read_back(tmp_path / "t", "train"), read_back(tmp_path / "t", "val")
+    assert len(val) >= 1 and len(train) >= 10
+    chunks = sorted([*train.values(), *val.values()], key=lambda s: s[1]["chunk"])
+    assert b"".join(d for d, _ in chunks) == (SAMPLES / "text" / "tinyshakespeare.txt").read_bytes()
+    assert all(d.endswith(b"\n") for d, _ in chunks[:-1])
+    assert m["modalities"]["text"]["bytes"] == (SAMPLES / "text" / "tinyshakespeare.txt").stat().st_size
+
+
+def test_shards_are_size_capped(tmp_path):
+    m = write_shards([SAMPLES / "text"], tmp_path / "c", codec="text", max_shard_bytes=200_000, progress=False)
+    assert len(m["splits"]["train"]["shards"]) >= 4
+    assert all((tmp_path / "c" / n).stat().st_size < 400_000 for n in m["splits"]["train"]["shards"])
+
+
+def broken_tree(root: Path) -> Path:
+    """Good real files among broken ones."""
+    src = root / "src"
+    (src / "good").mkdir(parents=True)
+    for p in [*(SAMPLES / "images").glob("*"), *(SAMPLES / "audio").glob("*"), SAMPLES / "text" / "tinyshakespeare.txt"]:
+        shutil.copy(p, src / "good" / p.name)
+    icon = (SAMPLES / "images" / "icon_places_user-home.png").read_bytes()
+    (src / "truncated.png").write_bytes(icon[: len(icon) // 2])
+    jpeg = next((SAMPLES / "images").glob("*.jpg")).read_bytes()
+    (src / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (src / "empty.bin").touch()
+    (src / "not_audio.wav").write_bytes(next((SAMPLES / "files").glob("*.pdf")).read_bytes())
+    wav = next((SAMPLES / "audio").glob("fsdd_*.wav")).read_bytes()
+    (src / "header_only.wav").write_bytes(wav[:44])
+    (src / "dir_like_image.png").mkdir()
+    with open(src / "sparse_2gb.bin", "wb") as f:  # a 2 GB file that takes no disk space
+        f.truncate(2 * 2**30)
+    return src
+
+
+def test_broken_files_are_skipped_listed_and_the_good_ones_written(tmp_path):
+    src = broken_tree(tmp_path)
+    m = write_shards([src], tmp_path / "out", codec="auto", max_file_bytes=2**30, progress=False)
+    reasons = {Path(s["path"]).name: s["reason"] for s in m["skipped"]}
+    # the directory named like an image is walked, not read; the PDF named .wav is read by content, as raw bytes
+    assert set(reasons) == {"truncated.png", "cut.jpg", "empty.bin", "header_only.wav", "sparse_2gb.bin"}
+    assert "not a readable image" in reasons["truncated.png"] and "not a readable image" in reasons["cut.jpg"]
+    assert reasons["empty.bin"] == "empty file"
+    assert reasons["header_only.wav"] == "no audio frames"
+    assert "larger than" in reasons["sparse_2gb.bin"]
+    good = len(list((src / "good").iterdir()))
+    assert m["files"] == good + 1
+    assert m["codecs_chosen"] == {"image": 8, "audio": 5, "text": 1, "raw": 1}
+    assert any(c["converted"] == ["16000 Hz -> 8000 Hz"] for c in m["converted"]) is False  # no rate asked for
+
+
+def test_cli_reports_skipped_files(tmp_path, capsys):
+    src = broken_tree(tmp_path)
+    main([str(src), "--out", str(tmp_path / "cli"), "--codec", "auto", "--sample-rate", "8000", "--workers", "2",
+          "--max-file-mb", "64"])
+    err = capsys.readouterr().err
+    assert "skipped 5" in err and "truncated.png" in err
+    m = json.loads((tmp_path / "cli" / "manifest.json").read_text())
+    assert any(c["converted"] == ["16000 Hz -> 8000 Hz"] for c in m["converted"])
+    assert m["modalities"]["audio"]["samples"] == 5
+
+
+def test_interrupted_run_leaves_no_readable_half_shard(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_encode = get_codec("raw").encode.__func__
+
+    def flaky(self, path):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real_encode(self, path)
+
+    monkeypatch.setattr(type(get_codec("raw")), "encode", flaky)
+    out = tmp_path / "int"
+    with pytest.raises(KeyboardInterrupt):
+        write_shards([SAMPLES], out, codec="raw", progress=False)
+    assert not (out / "manifest.json").exists()
+    assert list(out.glob("*.tar")) == [] and list(out.glob(".*")) == []
+    monkeypatch.undo()
+    m = write_shards([SAMPLES], out, codec="raw", progress=False)  # a rerun completes
+    assert m["files"] == len([p for p in SAMPLES.rglob("*") if p.is_file()])
+
+
+def test_nothing_is_written_outside_out(tmp_path):
+    src = tmp_path / "src"
+    (src / "..evil").mkdir(parents=True)
+    (src / "..evil" / "..%2f..%2fescape.txt").write_text("hello\n")
+    before = set(os.listdir(tmp_path))
+    write_shards([src], tmp_path / "out", codec="text", progress=False)
+    assert set(os.listdir(tmp_path)) == before | {"out"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "train-000000.tar"]
+
+
+@pytest.mark.skipif(not (SHARED / "images" / "icons_gnome48").exists(), reason="shared data not present")
+def test_parallel_and_serial_encoding_agree(tmp_path):
+    src = SHARED / "images" / "icons_gnome48"
+    a = write_shards([src], tmp_path / "a", codec="image", workers=2, progress=False)
+    b = write_shards([src], tmp_path / "b", codec="image", workers=0, progress=False)
+    assert a["splits"] == b["splits"] and a["files"] == 370
+    assert read_back(tmp_path / "a", "train") == read_back(tmp_path / "b", "train")
+
