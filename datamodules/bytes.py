@@ -36,7 +36,12 @@ def skip_and_count(exn: Exception) -> bool:
 
 
 def decode(sample: dict) -> tuple[np.ndarray, dict]:
+    if "bin" not in sample or "json" not in sample:
+        raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks its bin or json member")
     meta = json.loads(sample["json"])
+    if len(sample["bin"]) != meta.get("nbytes", len(sample["bin"])):  # a member cut short in a damaged tar
+        raise ValueError(f"sample {sample['__key__']} in {sample.get('__url__')}: {len(sample['bin'])} bytes, "
+                         f"{meta['nbytes']} expected")
     return np.frombuffer(sample["bin"], dtype=np.uint8), meta
 
 
@@ -45,9 +50,27 @@ def align_of(meta: dict) -> int:
     return meta.get("sample_width", 1) if meta.get("modality") == "audio" else 1
 
 
-def random_windows(src: Iterator, seq_len: int, seed: int) -> Iterator[tuple[np.ndarray, int]]:
+def worker_rng(seed: int, stage: str) -> random.Random:
+    """A generator of its own for every rank, worker and pipeline stage: reproducible runs, decorrelated workers."""
     rank, _, worker, _ = pytorch_worker_info()
-    rng = random.Random(seed * 1_000_003 + rank * 1000 + worker)
+    return random.Random(f"{seed}/{rank}/{worker}/{stage}")
+
+
+def shuffled(src: Iterator, size: int, seed: int) -> Iterator:
+    """Buffer shuffle: keep ``size`` items and emit a random one as each new item arrives."""
+    rng, buf = worker_rng(seed, "shuffle"), []
+    for item in src:
+        buf.append(item)
+        if len(buf) >= size:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+def random_windows(src: Iterator, seq_len: int, seed: int) -> Iterator[tuple[np.ndarray, int]]:
+    rng = worker_rng(seed, "windows")
     for data, meta in src:
         m = MODALITIES.index(meta.get("modality", "raw"))
         if len(data) <= seq_len:
@@ -153,11 +176,11 @@ class ByteDataModule(L.LightningDataModule):
         hp = self.hp
         urls = self.urls("train")
         pipeline = wds.DataPipeline(
-            wds.ResampledShards(urls, seed=hp.seed),
+            wds.ResampledShards(urls, seed=hp.seed, deterministic=True),
             wds.tarfile_to_samples(handler=skip_and_count),
             wds.map(decode, handler=skip_and_count),
             lambda src: random_windows(src, hp.seq_len, hp.seed),
-            wds.shuffle(hp.shuffle_buffer, initial=min(hp.shuffle_buffer, 100)),
+            lambda src: shuffled(src, hp.shuffle_buffer, hp.seed),
             wds.batched(hp.batch_size, collation_fn=collate(hp.seq_len), partial=False),
         )
         return self._loader(pipeline).with_epoch(hp.train_batches_per_epoch)
