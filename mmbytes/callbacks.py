@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 from lightning.pytorch.utilities import rank_zero_only
 
-from mmbytes.sample import sample_bytes, write_samples
+from mmbytes.sample import sample_bytes, sample_length, write_samples
 
 
 class SampleWriter(L.Callback):
@@ -21,7 +22,7 @@ class SampleWriter(L.Callback):
         Args:
             modality: codec that turns the bytes into a file: text, raw, image or audio.
             num: samples per call, generated as one batch.
-            num_bytes: bytes per sample (for image and audio the codec's ``meta`` fixes it).
+            num_bytes: bytes per sample for text, raw and audio (images: the ``meta`` size fixes it).
             every_n_steps: also sample every N training steps (0: only at the end of validation).
             on_validation_end: sample after each validation run.
             prompt: text that starts every sample.
@@ -29,7 +30,8 @@ class SampleWriter(L.Callback):
             top_k: keep the k most likely bytes.
             top_p: keep the smallest set of bytes with this much probability.
             seed: sampling seed, the same at every call so samples are comparable across steps.
-            meta: what the codec needs to decode (image size and channels, sample rate).
+            meta: what the codec needs to decode: ``{height, width, channels, order, tile}`` for images,
+                ``{sample_rate}`` for audio.
         """
         self.modality, self.num, self.num_bytes = modality, num, num_bytes
         self.every_n_steps, self.at_validation_end = every_n_steps, on_validation_end
@@ -52,7 +54,8 @@ class SampleWriter(L.Callback):
         if step == self._last_step:  # the step-based and validation triggers can meet on one step
             return
         self._last_step = step
-        samples = sample_bytes(pl_module.model, self.num, self.num_bytes, self.prompt, **self.kw)
+        num_bytes = sample_length(self.modality, self.meta, self.num_bytes)
+        samples = sample_bytes(pl_module.model, self.num, num_bytes, self.prompt, **self.kw)
         out = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step_{step}"
         paths = write_samples(samples, self.modality, self.meta, out)
         self._log_tensorboard(trainer, paths, samples, step)
@@ -64,7 +67,17 @@ class SampleWriter(L.Callback):
             if not isinstance(logger, TensorBoardLogger):
                 continue
             writer = logger.experiment
+            tag = f"samples/{self.modality}"
             if self.modality in ("text", "raw"):
                 for i, data in enumerate(samples):
-                    text = data.decode("utf-8", errors="replace") if self.modality == "text" else data.hex(" ")
-                    writer.add_text(f"samples/{self.modality}_{i}", "    " + text.replace("\n", "\n    "), step)
+                    text = data.decode("utf-8", errors="replace") if self.modality == "text" else data[:2048].hex(" ")
+                    writer.add_text(f"{tag}_{i}", "    " + text.replace("\n", "\n    "), step)
+            elif self.modality == "image":
+                from PIL import Image
+
+                pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])  # (N, H, W, 3)
+                writer.add_images(tag, pixels, step, dataformats="NHWC")
+            elif self.modality == "audio":
+                for i, data in enumerate(samples):
+                    wave = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+                    writer.add_audio(f"{tag}_{i}", wave[None], step, sample_rate=self.meta["sample_rate"])

@@ -1,7 +1,8 @@
 """The ``mmbytes`` command: LightningCLI's ``fit``, ``validate``, ``test``, ``predict`` plus ``shards``.
 
     mmbytes fit --config recipes/quickstart.yaml
-    mmbytes shards samples/ --out data/mine --codec raw
+    mmbytes shards samples/ --out data/mine --codec auto
+    mmbytes sample --ckpt runs/quickstart/version_0/checkpoints/last.ckpt --modality text --num 4 --out out/
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ from lightning.pytorch.cli import LightningCLI
 
 EXTRA = {
     "shards": ("mmbytes.shards", "write webdataset shards + manifest from files"),
+    "sample": ("mmbytes.sample", "generate PNG / WAV / text / raw files from a checkpoint"),
 }
+
+
+EVAL_OPTIONS = ("strided_eval",)
 
 
 class MmbytesCLI(LightningCLI):
@@ -22,6 +27,17 @@ class MmbytesCLI(LightningCLI):
             "data": {"class_path": "datamodules.ByteDataModule"},
             "trainer.gradient_clip_val": 1.0,
         })
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning takes every model argument from a given checkpoint's hyperparameters. The architecture must come
+        from there, but evaluation options (``--model.strided_eval``) are the user's to choose at evaluation time."""
+        sub = self.config.get("subcommand")
+        init = self.config[sub].model.get("init_args") if sub else None
+        given = {k: init.get(k) for k in EVAL_OPTIONS} if init is not None else {}
+        super()._parse_ckpt_path()
+        if given:
+            for k, v in given.items():
+                self.config[sub].model.init_args[k] = v
 
 
 def main(argv: list[str] | None = None) -> None:

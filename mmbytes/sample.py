@@ -32,13 +32,61 @@ def sample_bytes(model: Megabyte, num: int, num_bytes: int, prompt: bytes = b"",
     return [bytes(row.tolist()) for row in out.to(torch.uint8).cpu()]
 
 
-def write_samples(samples: list[bytes], modality: str, meta: dict, out: Path, stem: str = "sample") -> list[Path]:
-    """Decode each byte sequence with its modality's codec and write it under ``out``."""
+def sample_length(modality: str, meta: dict, num_bytes: int) -> int:
+    """Bytes per sample: fixed by the codec for images (H*W*C) and whole 16-bit samples for audio."""
+    if modality == "image":
+        return meta["height"] * meta["width"] * meta["channels"]
+    if modality == "audio":
+        return num_bytes // 2 * 2
+    return num_bytes
+
+
+def write_samples(samples: list[bytes], modality: str, meta: dict, out: Path, stem: str | None = None) -> list[Path]:
+    """Decode each byte sequence with its modality's codec and write it under ``out``; images also get a
+    contact sheet ``<stem>_sheet.png``."""
     from mmbytes.codecs import get_codec
 
     out.mkdir(parents=True, exist_ok=True)
+    stem = stem or modality
     codec = get_codec(modality)
-    return [codec.decode(data, meta, out / f"{stem}_{i:03d}{SUFFIX[modality]}") for i, data in enumerate(samples)]
+    paths = [codec.decode(data, meta, out / f"{stem}_{i:03d}{SUFFIX[modality]}") for i, data in enumerate(samples)]
+    if modality == "image" and paths:
+        contact_sheet(paths, out / f"{stem}_sheet.png")
+    return paths
+
+
+def contact_sheet(paths: list[Path], out: Path, columns: int = 8, gap: int = 2) -> Path:
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in paths]
+    w, h = images[0].size
+    cols = min(columns, len(images))
+    rows = -(-len(images) // cols)
+    sheet = Image.new("RGB", (cols * (w + gap) + gap, rows * (h + gap) + gap), (255, 255, 255))
+    for i, im in enumerate(images):
+        sheet.paste(im, (gap + (i % cols) * (w + gap), gap + (i // cols) * (h + gap)))
+    sheet.save(out)
+    return out
+
+
+def codec_meta(modality: str, data_hparams: dict, args: argparse.Namespace, patch_size: int) -> dict:
+    """What the decoder needs, from the command line, else from the options the model was trained with."""
+    from mmbytes.codecs.image import tile_for_patch
+
+    options = data_hparams.get("codec_options") or {}
+    options = options.get(modality, options) if data_hparams.get("codec") == "auto" else options
+    if modality == "image":
+        size = args.image_size or options.get("size") or 32
+        h, w = (size, size) if isinstance(size, int) else size
+        channels = args.channels or options.get("channels", 3)
+        order = args.order or options.get("order", "patch")
+        tile = args.tile or options.get("tile")
+        if tile is None:
+            tile = tile_for_patch(patch_size, channels)
+        return {"height": h, "width": w, "channels": channels, "order": order, "tile": tile}
+    if modality == "audio":
+        return {"sample_rate": args.sample_rate or options.get("sample_rate") or 16000}
+    return {}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,7 +97,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--modality", choices=sorted(SUFFIX), default="text")
     ap.add_argument("--num", type=int, default=4, help="independent samples (one batch)")
     ap.add_argument("--out", type=Path, required=True, help="output folder; nothing is written outside it")
-    ap.add_argument("--bytes", type=int, default=1024, help="bytes per sample for text and raw")
+    ap.add_argument("--bytes", type=int, default=1024, help="new bytes per text or raw sample, after the prompt")
+    ap.add_argument("--seconds", type=float, default=1.0, help="length of audio samples")
+    ap.add_argument("--image-size", type=int, help="image side (default: as trained, else 32)")
+    ap.add_argument("--channels", type=int, choices=[1, 3])
+    ap.add_argument("--order", choices=["patch", "raster"])
+    ap.add_argument("--tile", type=int)
+    ap.add_argument("--sample-rate", type=int)
     ap.add_argument("--prompt", type=Path, help="a file whose bytes (after the codec) start every sample")
     ap.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     ap.add_argument("--top-k", type=int)
@@ -58,9 +112,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
 
+    from mmbytes.checkpoint import load_checkpoint
+    from mmbytes.codecs import get_codec
+
     model, _ = load_model(args.ckpt, map_location=args.device)
-    prompt = args.prompt.read_bytes() if args.prompt else b""
-    samples = sample_bytes(model, args.num, args.bytes, prompt, temperature=args.temperature, top_k=args.top_k,
+    data_hp = load_checkpoint(args.ckpt).get("datamodule_hyper_parameters") or {}
+    meta = codec_meta(args.modality, data_hp, args, model.config.patch_size)
+    if args.modality == "audio":
+        num_bytes = int(args.seconds * meta["sample_rate"]) * 2
+    else:
+        num_bytes = sample_length(args.modality, meta, args.bytes)
+    prompt = b""
+    if args.prompt:  # the prompt goes through the same codec, so an image prompt is its top rows in scan order
+        if args.modality == "image":
+            prompt = get_codec("image", size=(meta["height"], meta["width"]), channels=meta["channels"],
+                               order=meta["order"], tile=meta["tile"]).encode(args.prompt)[0][: num_bytes // 2]
+        elif args.modality == "audio":
+            prompt = get_codec("audio", sample_rate=meta["sample_rate"]).encode(args.prompt)[0][: num_bytes // 2]
+        else:
+            prompt = get_codec(args.modality).encode(args.prompt)[0]
+            num_bytes += len(prompt)
+    samples = sample_bytes(model, args.num, num_bytes, prompt, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed, progress=True)
-    for path in write_samples(samples, args.modality, {}, args.out):
+    for path in write_samples(samples, args.modality, meta, args.out):
         print(path)

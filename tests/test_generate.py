@@ -49,3 +49,8 @@ def test_generate_restores_training_mode():
     m = model("debug").train()
     generate(m, torch.zeros(1, 0, dtype=torch.long), 5)
     assert m.training
+
+
+def test_nothing_to_generate_returns_the_prompt():
+    prompt = torch.randint(0, 256, (1, 8))
+    assert torch.equal(generate(model("debug"), prompt, 0), prompt)

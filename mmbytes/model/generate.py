@@ -45,6 +45,8 @@ def generate(model: Megabyte, prompt: Tensor, num_bytes: int, *, temperature: fl
     ``on_logits(t, logits)`` sees the (B, 256) logits that chose byte t (tests compare them with the reference);
     ``on_progress(n)`` is called with the number of bytes made after each patch.
     """
+    if num_bytes <= 0:
+        return prompt.long().clone()
     was_training = model.training
     model.eval()
     c = model.config
