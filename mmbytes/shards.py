@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 from collections import Counter
@@ -136,7 +137,10 @@ def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw",
     pending: dict[str, tuple] = {}  # per modality the lowest-hash sample, held back so that every modality with
     # two or more samples has one in val
     jobs = [(p, name, coder, max_file_bytes) for p, name in files]
-    pool = ProcessPoolExecutor(workers) if workers > 0 else None
+    # forkserver, not fork: forking a process whose BLAS/OpenMP threads are running can deadlock the children
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
+                                      else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=ctx) if workers > 0 else None
     results = pool.map(_encode, jobs, chunksize=8) if pool else map(_encode, jobs)
     try:
         for (path, name), (data, meta) in tqdm(zip(files, results, strict=True), total=len(files), unit="file",

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-
 from mmbytes.codecs import get_codec
 from mmbytes.shards import main, write_shards
 
@@ -59,7 +58,8 @@ def broken_tree(root: Path) -> Path:
     """Good real files among broken ones."""
     src = root / "src"
     (src / "good").mkdir(parents=True)
-    for p in [*(SAMPLES / "images").glob("*"), *(SAMPLES / "audio").glob("*"), SAMPLES / "text" / "tinyshakespeare.txt"]:
+    good = [*(SAMPLES / "images").glob("*"), *(SAMPLES / "audio").glob("*"), SAMPLES / "text" / "tinyshakespeare.txt"]
+    for p in good:
         shutil.copy(p, src / "good" / p.name)
     icon = (SAMPLES / "images" / "icon_places_user-home.png").read_bytes()
     (src / "truncated.png").write_bytes(icon[: len(icon) // 2])
