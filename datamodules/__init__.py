@@ -1,5 +1,6 @@
 """LightningDataModules over webdataset shards written by ``mmbytes shards``."""
 
 from datamodules.bytes import ByteDataModule
+from datamodules.mixed import MixedDataModule
 
-__all__ = ["ByteDataModule"]
+__all__ = ["ByteDataModule", "MixedDataModule"]

@@ -13,6 +13,7 @@ import json
 import logging
 import random
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -98,16 +99,18 @@ def take_share(src: Iterator) -> Iterator:
             yield sample
 
 
-def collate(seq_len: int):
-    def fn(items: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
-        x = torch.zeros(len(items), seq_len, dtype=torch.uint8)
-        mask = torch.zeros(len(items), seq_len, dtype=torch.bool)
-        for i, (data, _) in enumerate(items):
-            x[i, : len(data)] = torch.from_numpy(data.copy())
-            mask[i, : len(data)] = True
-        return {"x": x, "mask": mask, "modality": torch.tensor([m for _, m in items], dtype=torch.long)}
+def stack(items: list[tuple[np.ndarray, int]], seq_len: int) -> dict[str, torch.Tensor]:
+    """Windows -> ``{"x": uint8 (B, T), "mask": bool (B, T), "modality": long (B,)}``, zero-padded and masked."""
+    x = torch.zeros(len(items), seq_len, dtype=torch.uint8)
+    mask = torch.zeros(len(items), seq_len, dtype=torch.bool)
+    for i, (data, _) in enumerate(items):
+        x[i, : len(data)] = torch.from_numpy(data.copy())
+        mask[i, : len(data)] = True
+    return {"x": x, "mask": mask, "modality": torch.tensor([m for _, m in items], dtype=torch.long)}
 
-    return fn
+
+def collate(seq_len: int):
+    return partial(stack, seq_len=seq_len)
 
 
 class ByteDataModule(L.LightningDataModule):
@@ -172,29 +175,38 @@ class ByteDataModule(L.LightningDataModule):
         n = self.hp.num_workers
         return wds.WebLoader(pipeline, batch_size=None, num_workers=n, persistent_workers=n > 0)
 
-    def train_dataloader(self) -> wds.WebLoader:
+    def train_windows(self) -> wds.DataPipeline:
+        """The endless stream of (window, modality id) for this rank and worker, before shuffling."""
         hp = self.hp
-        urls = self.urls("train")
-        pipeline = wds.DataPipeline(
-            wds.ResampledShards(urls, seed=hp.seed, deterministic=True),
+        return wds.DataPipeline(
+            wds.ResampledShards(self.urls("train"), seed=hp.seed, deterministic=True),
             wds.tarfile_to_samples(handler=skip_and_count),
             wds.map(decode, handler=skip_and_count),
-            lambda src: random_windows(src, hp.seq_len, hp.seed),
-            lambda src: shuffled(src, hp.shuffle_buffer, hp.seed),
+            partial(random_windows, seq_len=hp.seq_len, seed=hp.seed),
+        )
+
+    def val_windows(self) -> wds.DataPipeline:
+        """This rank and worker's share of the consecutive validation windows."""
+        return wds.DataPipeline(
+            wds.SimpleShardList(self.urls("val")),
+            wds.tarfile_to_samples(handler=skip_and_count),
+            take_share,
+            wds.map(decode, handler=skip_and_count),
+            partial(consecutive_windows, seq_len=self.hp.seq_len),
+        )
+
+    def train_dataloader(self) -> wds.WebLoader:
+        hp = self.hp
+        pipeline = wds.DataPipeline(
+            self.train_windows(),
+            partial(shuffled, size=hp.shuffle_buffer, seed=hp.seed),
             wds.batched(hp.batch_size, collation_fn=collate(hp.seq_len), partial=False),
         )
         return self._loader(pipeline).with_epoch(hp.train_batches_per_epoch)
 
     def val_dataloader(self) -> wds.WebLoader:
-        hp = self.hp
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList(self.urls("val")),
-            wds.tarfile_to_samples(handler=skip_and_count),
-            take_share,
-            wds.map(decode, handler=skip_and_count),
-            lambda src: consecutive_windows(src, hp.seq_len),
-            wds.batched(hp.batch_size, collation_fn=collate(hp.seq_len), partial=True),
-        )
+            self.val_windows(), wds.batched(self.hp.batch_size, collation_fn=collate(self.hp.seq_len), partial=True))
         return self._loader(pipeline)
 
     def test_dataloader(self) -> wds.WebLoader:

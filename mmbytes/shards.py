@@ -105,8 +105,8 @@ class ShardWriter:
             self._tar = None
 
 
-def _encode(job: tuple[Path, str, Any, int]) -> tuple[bytes | None, dict | str]:
-    """Runs in a worker process: (bytes, meta) or (None, reason)."""
+def _encode(job: tuple[Path, str, Any, int]) -> tuple[list[tuple[bytes, dict]] | None, str | None]:
+    """Runs in a worker process: ([(bytes, meta), ...], None), one item per sample the file holds, or (None, reason)."""
     path, _, codec, max_file_bytes = job
     try:
         size = path.stat().st_size
@@ -114,7 +114,7 @@ def _encode(job: tuple[Path, str, Any, int]) -> tuple[bytes | None, dict | str]:
             return None, "empty file"
         if size > max_file_bytes:
             return None, f"larger than the {max_file_bytes:,}-byte limit ({size:,} bytes)"
-        return codec.encode(path)
+        return (codec.encode_many(path) if hasattr(codec, "encode_many") else [codec.encode(path)]), None
     except CodecError as e:
         return None, str(e).removeprefix(f"{path}: ")
     except OSError as e:
@@ -133,7 +133,7 @@ def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw",
     files, skipped = list_files(sources)
     writers = {s: ShardWriter(out, s, max_shard_bytes) for s in ("train", "val")}
     modalities: dict[str, Counter] = {}
-    chosen, converted = Counter(), []
+    chosen, converted, encoded = Counter(), [], 0
     pending: dict[str, tuple] = {}  # per modality the lowest-hash sample, held back so that every modality with
     # two or more samples has one in val
     jobs = [(p, name, coder, max_file_bytes) for p, name in files]
@@ -143,26 +143,30 @@ def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw",
     pool = ProcessPoolExecutor(workers, mp_context=ctx) if workers > 0 else None
     results = pool.map(_encode, jobs, chunksize=8) if pool else map(_encode, jobs)
     try:
-        for (path, name), (data, meta) in tqdm(zip(files, results, strict=True), total=len(files), unit="file",
-                                               desc=f"shards -> {out}", disable=not progress):
-            if data is None:
-                skipped.append({"path": str(path), "reason": meta})
+        for (path, name), (items, reason) in tqdm(zip(files, results, strict=True), total=len(files), unit="file",
+                                                  desc=f"shards -> {out}", disable=not progress):
+            if items is None:
+                skipped.append({"path": str(path), "reason": reason})
                 continue
-            modality = meta.get("modality", coder.modality)
-            chosen[meta.get("codec", coder.name)] += 1
-            if meta.get("converted"):
-                converted.append({"path": str(path), "converted": meta["converted"]})
-            size = DEFAULT_CHUNK.get(modality, 0) if chunk_bytes is None else chunk_bytes
-            parts = chunks(data, size if modality in ("text", "raw") else 0, at_newline=modality == "text")
-            for i, part in enumerate(parts):
-                key = hashlib.sha1(f"{name}#{i}".encode()).hexdigest()
-                sample = (split_hash(key), key, part, {**meta, "modality": modality, "codec": meta.get("codec", codec),
-                                                       "source": name, "chunk": i, "nbytes": len(part)})
-                held = pending.get(modality)
-                if held is None or sample[0] < held[0]:
-                    sample, pending[modality] = held, sample
-                if sample is not None:
-                    _write(writers, sample, val_fraction, modalities)
+            encoded += 1
+            for item, (data, meta) in enumerate(items):
+                modality = meta.get("modality", coder.modality)
+                chosen[meta.get("codec", coder.name)] += 1
+                if meta.get("converted"):
+                    converted.append({"path": str(path), "converted": meta["converted"]})
+                size = DEFAULT_CHUNK.get(modality, 0) if chunk_bytes is None else chunk_bytes
+                parts = chunks(data, size if modality in ("text", "raw") else 0, at_newline=modality == "text")
+                for i, part in enumerate(parts):
+                    sample_name = f"{name}#{i}" if len(items) == 1 else f"{name}@{item}#{i}"
+                    key = hashlib.sha1(sample_name.encode()).hexdigest()
+                    meta_out = {**meta, "modality": modality, "codec": meta.get("codec", codec), "source": name,
+                                "chunk": i, "nbytes": len(part)}
+                    sample = (split_hash(key), key, part, meta_out)
+                    held = pending.get(modality)
+                    if held is None or sample[0] < held[0]:
+                        sample, pending[modality] = held, sample
+                    if sample is not None:
+                        _write(writers, sample, val_fraction, modalities)
         for modality, sample in pending.items():
             stats = modalities.get(modality, {})
             to_val = val_fraction > 0 and not stats.get("val_samples") and stats.get("train_samples")
@@ -180,7 +184,7 @@ def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw",
         "version": 1, "codec": codec, "codec_options": codec_options or {}, "sources": [str(s) for s in sources],
         "val_fraction": val_fraction,
         "splits": {s: {"shards": w.names, "samples": w.samples, "bytes": w.bytes} for s, w in writers.items()},
-        "files": sum(chosen.values()),
+        "files": encoded,
         "bytes": sum(w.bytes for w in writers.values()),
         "modalities": {m: dict(c) for m, c in modalities.items()},
         "codecs_chosen": dict(chosen), "converted": converted, "skipped": skipped,
@@ -211,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="mmbytes shards", description="Write webdataset shards + manifest from files.")
     ap.add_argument("sources", nargs="+", help="files and folders (walked recursively)")
     ap.add_argument("--out", required=True, type=Path, help="output folder; nothing is written outside it")
-    ap.add_argument("--codec", default="raw", choices=["text", "raw", "image", "audio", "auto"])
+    ap.add_argument("--codec", default="raw", choices=["text", "raw", "image", "audio", "auto", "idx"],
+                    help="idx: MNIST-style IDX image files, one sample per picture")
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--max-shard-mb", type=float, default=64)
     ap.add_argument("--max-file-mb", type=float, default=256, help="larger files are skipped and listed")
@@ -228,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     image = {"size": args.image_size, "order": args.image_order, "tile": args.image_tile,
              "channels": 1 if args.grayscale else 3}
     audio = {"sample_rate": args.sample_rate, "convert": not args.no_convert}
-    options = {"image": image, "audio": audio, "auto": {"image": image, "audio": audio}}.get(args.codec, {})
+    idx = {"order": args.image_order, "tile": args.image_tile}
+    options = {"image": image, "audio": audio, "auto": {"image": image, "audio": audio}, "idx": idx}.get(args.codec, {})
     m = write_shards(args.sources, args.out, args.codec, options, args.val_fraction, int(args.max_shard_mb * 2**20),
                      int(args.max_file_mb * 2**20), args.chunk_bytes, args.workers)
     for split, s in m["splits"].items():

@@ -149,3 +149,24 @@ def test_auto_picks_by_content_not_name(tmp_path):
     data, meta = auto.encode(ICON)
     out = auto.decode(data, meta, tmp_path / "back.png")
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(ICON).convert("RGB")))
+
+
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "images" / "mnist"
+
+
+@pytest.mark.skipif(not MNIST.exists(), reason="shared MNIST files not present")
+def test_idx_gives_one_image_per_digit_and_decodes(tmp_path):
+    import gzip
+
+    items = get_codec("idx", tile=4).encode_many(MNIST / "t10k-images-idx3-ubyte.gz")
+    assert len(items) == 10_000 and all(len(d) == 784 for d, _ in items[:10])
+    raw = gzip.open(MNIST / "t10k-images-idx3-ubyte.gz").read()
+    first = np.frombuffer(raw, np.uint8, 784, offset=16).reshape(28, 28)
+    out = get_codec("idx").decode(items[0][0], items[0][1], tmp_path / "digit.png")
+    assert np.array_equal(np.asarray(Image.open(out)), first)
+    with pytest.raises(CodecError, match="labels-idx1-ubyte.gz: not an IDX3 file"):
+        get_codec("idx").encode_many(MNIST / "t10k-labels-idx1-ubyte.gz")
+    cut = tmp_path / "cut-idx3-ubyte"
+    cut.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CodecError, match="cut-idx3-ubyte: header promises 10000 images"):
+        get_codec("idx").encode_many(cut)

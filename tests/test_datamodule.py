@@ -109,3 +109,46 @@ def test_a_damaged_shard_is_skipped_counted_and_training_goes_on(shard_dir, tmp_
 def test_missing_shards_say_how_to_make_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="mmbytes shards"):
         ByteDataModule(data_dir=str(tmp_path / "nothing")).train_dataloader()
+
+
+def mixed_sets(tmp: Path) -> list[dict]:
+    return [
+        {"data_dir": str(tmp / "img"), "sources": [str(SAMPLES / "images")], "codec": "image",
+         "codec_options": {"size": 16, "tile": 4}, "val_fraction": 0.3},
+        {"data_dir": str(tmp / "aud"), "sources": [str(SAMPLES / "audio")], "codec": "audio",
+         "codec_options": {"sample_rate": 8000}, "val_fraction": 0.3},
+        {"data_dir": str(tmp / "txt"), "sources": [str(SAMPLES / "text")], "codec": "text"},
+    ]
+
+
+@pytest.mark.parametrize("mix", ["sample", "batch"])
+def test_mixed_datamodule_mixes_by_weight(tmp_path, mix):
+    from datamodules import MixedDataModule
+
+    dm = MixedDataModule(mixed_sets(tmp_path), weights=[3, 1, 0], mix=mix, seq_len=768, batch_size=8,
+                         train_batches_per_epoch=40)
+    dm.prepare_data()
+    counts = {m: 0 for m in MODALITIES}
+    for b in dm.train_dataloader():
+        mods = {MODALITIES[i] for i in b["modality"].tolist()}
+        if mix == "batch":
+            assert len(mods) == 1  # one set per batch
+        for i in b["modality"].tolist():
+            counts[MODALITIES[i]] += 1
+    assert counts["text"] == 0  # weight 0
+    assert 2 < counts["image"] / counts["audio"] < 4.5  # weights 3:1 over 320 windows
+    if mix == "sample":
+        assert any(len(set(b["modality"].tolist())) > 1 for b in dm.train_dataloader())
+
+
+def test_mixed_validation_covers_every_set_exactly(tmp_path):
+    from datamodules import MixedDataModule
+
+    dm = MixedDataModule(mixed_sets(tmp_path), seq_len=512, batch_size=4)
+    dm.prepare_data()
+    seen = {}
+    for b in dm.val_dataloader():
+        for i, m in enumerate(b["modality"].tolist()):
+            seen[MODALITIES[m]] = seen.get(MODALITIES[m], 0) + b["mask"][i].sum().item()
+    expect = {s["codec"]: manifest(Path(s["data_dir"]))["splits"]["val"]["bytes"] for s in mixed_sets(tmp_path)}
+    assert seen == {"image": expect["image"], "audio": expect["audio"], "text": expect["text"]}

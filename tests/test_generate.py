@@ -54,3 +54,21 @@ def test_generate_restores_training_mode():
 def test_nothing_to_generate_returns_the_prompt():
     prompt = torch.randint(0, 256, (1, 8))
     assert torch.equal(generate(model("debug"), prompt, 0), prompt)
+
+
+def test_sample_writer_runs_on_rank_zero_and_leaves_the_module_in_its_mode(tmp_path):
+    from types import SimpleNamespace
+
+    from mmbytes.callbacks import SampleWriter
+
+    module = SimpleNamespace(model=model("debug").float().train())
+    trainer = SimpleNamespace(global_step=7, log_dir=str(tmp_path), default_root_dir=str(tmp_path), loggers=[])
+    SampleWriter(modality="text", num=2, num_bytes=10)._sample(trainer, module)
+    assert module.model.training
+    assert sorted(p.name for p in (tmp_path / "samples" / "step_7").iterdir()) == ["text_000.txt", "text_001.txt"]
+    module.model.eval()
+    SampleWriter(modality="image", num=2, meta={"height": 4, "width": 4, "channels": 3, "order": "patch",
+                                               "tile": 2})._sample(SimpleNamespace(**{**vars(trainer), "global_step": 8}),
+                                                                   module)
+    assert not module.model.training
+    assert (tmp_path / "samples" / "step_8" / "image_sheet.png").exists()

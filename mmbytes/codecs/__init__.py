@@ -21,14 +21,16 @@ def modality_id(name: str) -> int:
 def get_codec(name: str, **options):
     from mmbytes.codecs.audio import AudioCodec
     from mmbytes.codecs.auto import AutoCodec
+    from mmbytes.codecs.idx import IdxCodec
     from mmbytes.codecs.image import ImageCodec
     from mmbytes.codecs.raw import RawCodec
     from mmbytes.codecs.text import TextCodec
 
-    codecs = {"text": TextCodec, "raw": RawCodec, "image": ImageCodec, "audio": AudioCodec, "auto": AutoCodec}
+    codecs = {"text": TextCodec, "raw": RawCodec, "image": ImageCodec, "audio": AudioCodec, "auto": AutoCodec,
+              "idx": IdxCodec}
     if name not in codecs:
         raise ValueError(f"unknown codec {name!r}; known: {', '.join(codecs)}")
     return codecs[name](**options)
 
 
-CODECS = ("text", "raw", "image", "audio", "auto")
+CODECS = ("text", "raw", "image", "audio", "auto", "idx")

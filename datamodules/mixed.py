@@ -1,0 +1,100 @@
+"""Several shard sets (say images, audio and text) mixed with given weights into one training stream.
+
+``mix: sample`` draws every window from a set chosen by weight, so a batch holds several modalities;
+``mix: batch`` draws whole batches from one set, so each batch holds one modality. Validation concatenates the
+validation windows of every set, so each modality's bits per byte are exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+from typing import Any, Literal
+
+import lightning as L
+import webdataset as wds
+
+from datamodules.bytes import ByteDataModule, collate, shuffled, worker_rng
+
+
+def mixed(sources: list, weights: list[float], seed: int) -> Iterator:
+    """Draw the next item from source i with probability weights[i] (each source is endless)."""
+    rng = worker_rng(seed, "mix")
+    iters = [iter(s) for s in sources]
+    index = list(range(len(iters)))
+    while True:
+        yield next(iters[rng.choices(index, weights)[0]])
+
+
+def chained(sources: list) -> Iterator:
+    for s in sources:
+        yield from s
+
+
+class MixedDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        sets: list[dict[str, Any]],
+        weights: list[float] | None = None,
+        mix: Literal["sample", "batch"] = "sample",
+        seq_len: int = 1024,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        train_batches_per_epoch: int = 200,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            sets: one dict per shard set with the arguments of ``ByteDataModule`` that describe its data
+                (``data_dir``, and ``sources``, ``codec``, ``codec_options`` to build it on first use, or
+                ``train_shards``/``val_shards`` URLs).
+            weights: relative share of each set in training (default: equal).
+            mix: ``sample`` mixes sets inside every batch; ``batch`` makes each batch from one set.
+            seq_len: bytes per window, shared by all sets.
+            batch_size: windows per batch.
+            num_workers: data loader worker processes.
+            shuffle_buffer: training windows shuffled together.
+            train_batches_per_epoch: batches per rank in one training epoch.
+            seed: seeds the mixing, shard resampling and windows.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        weights = weights or [1.0] * len(sets)
+        if len(weights) != len(sets):
+            raise ValueError(f"{len(weights)} weights for {len(sets)} sets")
+        self.weights = weights
+        shared = {"seq_len": seq_len, "batch_size": batch_size, "seed": seed, "shuffle_buffer": shuffle_buffer}
+        self.children = [ByteDataModule(**{**s, **shared}) for s in sets]
+
+    def prepare_data(self) -> None:
+        for child in self.children:
+            child.prepare_data()
+
+    def _loader(self, pipeline) -> wds.WebLoader:
+        n = self.hparams.num_workers
+        return wds.WebLoader(pipeline, batch_size=None, num_workers=n, persistent_workers=n > 0)
+
+    def train_dataloader(self) -> wds.WebLoader:
+        hp = self.hparams
+        batch = wds.batched(hp.batch_size, collation_fn=collate(hp.seq_len), partial=False)
+        shuffle = partial(shuffled, size=hp.shuffle_buffer, seed=hp.seed)
+        if hp.mix == "sample":
+            streams = [c.train_windows() for c in self.children]
+            pipeline = wds.DataPipeline(partial(mixed, streams, self.weights, hp.seed), shuffle, batch)
+        else:
+            streams = [wds.DataPipeline(c.train_windows(), shuffle, batch) for c in self.children]
+            pipeline = wds.DataPipeline(partial(mixed, streams, self.weights, hp.seed))
+        return self._loader(pipeline).with_epoch(hp.train_batches_per_epoch)
+
+    def val_dataloader(self) -> wds.WebLoader:
+        hp = self.hparams
+        streams = [c.val_windows() for c in self.children]
+        batch = wds.batched(hp.batch_size, collation_fn=collate(hp.seq_len), partial=True)
+        return self._loader(wds.DataPipeline(partial(chained, streams), batch))
+
+    def test_dataloader(self) -> wds.WebLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> wds.WebLoader:
+        return self.val_dataloader()
