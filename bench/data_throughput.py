@@ -88,8 +88,8 @@ def main() -> None:
     head = ("modality", "files", "write files/s", "write MB/s", "load MB/s", "load / train")
     print("{:9s} {:>7s} {:>14s} {:>11s} {:>10s} {:>13s}".format(*head))
     for r in rows:
-        print(f"{r['modality']:9s} {r['files']:7d} {r['write_samples_per_s']:14.0f} {r['write_bytes_per_s'] / 1e6:11.2f} "
-              f"{r['load_bytes_per_s'] / 1e6:10.2f} {r['load_vs_train']:12.0f}x")
+        print(f"{r['modality']:9s} {r['files']:7d} {r['write_samples_per_s']:14.0f} "
+              f"{r['write_bytes_per_s'] / 1e6:11.2f} {r['load_bytes_per_s'] / 1e6:10.2f} {r['load_vs_train']:12.0f}x")
     if args.json:
         args.json.write_text(json.dumps({"train_bytes_per_s": train, "rows": rows}, indent=2))
 

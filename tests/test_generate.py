@@ -67,8 +67,8 @@ def test_sample_writer_runs_on_rank_zero_and_leaves_the_module_in_its_mode(tmp_p
     assert module.model.training
     assert sorted(p.name for p in (tmp_path / "samples" / "step_7").iterdir()) == ["text_000.txt", "text_001.txt"]
     module.model.eval()
-    SampleWriter(modality="image", num=2, meta={"height": 4, "width": 4, "channels": 3, "order": "patch",
-                                               "tile": 2})._sample(SimpleNamespace(**{**vars(trainer), "global_step": 8}),
-                                                                   module)
+    image = {"height": 4, "width": 4, "channels": 3, "order": "patch", "tile": 2}
+    SampleWriter(modality="image", num=2, meta=image)._sample(SimpleNamespace(**{**vars(trainer), "global_step": 8}),
+                                                              module)
     assert not module.model.training
     assert (tmp_path / "samples" / "step_8" / "image_sheet.png").exists()
