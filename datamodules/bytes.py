@@ -27,12 +27,15 @@ from mmbytes.codecs import MODALITIES
 
 log = logging.getLogger(__name__)
 skipped = {"errors": 0}  # damaged shard members this process skipped (per process: each worker counts its own)
+_reported: set[str] = set()
 
 
 def skip_and_count(exn: Exception) -> bool:
     """A webdataset handler: a damaged shard or member is skipped, counted and reported; training goes on."""
     skipped["errors"] += 1
-    log.warning("skipping damaged shard data (%d so far in this process): %r", skipped["errors"], exn)
+    if repr(exn) not in _reported:  # resampling draws a damaged shard again and again: warn once per error
+        _reported.add(repr(exn))
+        log.warning("skipping damaged shard data (%d so far in this process): %r", skipped["errors"], exn)
     return True
 
 

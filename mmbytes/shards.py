@@ -30,20 +30,30 @@ from mmbytes.codecs import CodecError, get_codec
 DEFAULT_CHUNK = {"text": 65536}  # a big text is cut so it can be split between train and val; raw files stay whole
 
 
-def list_files(sources: list[str | Path]) -> tuple[list[tuple[Path, str]], list[dict]]:
-    """Every file under the sources as (path, name relative to its source), sorted; and what is not a file."""
-    files, skipped = [], []
+def list_files(sources: list[str | Path], out: Path | None = None) -> tuple[list[tuple[Path, str]], list[dict]]:
+    """Every file under the sources as (path, unique name: folder name + path inside it), sorted; and what is not
+    a file. Files inside ``out`` are left out, so a rerun never reads its own shards."""
+    files, skipped, seen = [], [], Counter()
+    inside = out.resolve() if out is not None else None
     for src in map(Path, sources):
         if src.is_dir():
-            for p in sorted(src.rglob("*")):
-                if p.is_file():
-                    files.append((p, f"{src.name}/{p.relative_to(src).as_posix()}"))
-                elif not p.is_dir():
-                    skipped.append({"path": str(p), "reason": "not a regular file"})
+            root = src.resolve().name  # "." and ".." name the folder itself, not a path up
+            found = [(p, f"{root}/{p.relative_to(src).as_posix()}") for p in sorted(src.rglob("*"))]
         elif src.is_file():
-            files.append((src, src.name))
+            found = [(src, src.name)]
         else:
             skipped.append({"path": str(src), "reason": "no such file or directory"})
+            continue
+        for p, name in found:
+            if inside is not None and inside in p.resolve().parents:
+                continue
+            if p.is_dir():
+                continue
+            if not p.is_file():
+                skipped.append({"path": str(p), "reason": "not a regular file"})
+                continue
+            seen[name] += 1  # two sources with the same folder name: later files get a suffix, keys stay unique
+            files.append((p, name if seen[name] == 1 else f"{name}~{seen[name]}"))
     return files, skipped
 
 
@@ -99,6 +109,7 @@ class ShardWriter:
             self._finish()
 
     def abort(self) -> None:
+        """Drop the shard being written; finished shards stay (whole and readable), though without a manifest."""
         if self._tar is not None:
             self._tar.close()
             self._tmp.unlink(missing_ok=True)
@@ -119,6 +130,8 @@ def _encode(job: tuple[Path, str, Any, int]) -> tuple[list[tuple[bytes, dict]] |
         return None, str(e).removeprefix(f"{path}: ")
     except OSError as e:
         return None, f"unreadable ({e.strerror or e})"
+    except Exception as e:  # a decoder's own error (e.g. Pillow's decompression bomb): one file, not the whole run
+        return None, f"codec failed ({type(e).__name__}: {e})"
 
 
 def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw", codec_options: dict | None = None,
@@ -127,10 +140,12 @@ def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw",
     """Write shards and the manifest into ``out``; return the manifest."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tar.partial"):
+    # the old manifest goes first, so an interrupted rerun cannot leave it pointing at half-replaced shards
+    (out / "manifest.json").unlink(missing_ok=True)
+    for stale in [*out.glob(".*.tar.partial"), *out.glob("train-[0-9]*.tar"), *out.glob("val-[0-9]*.tar")]:
         stale.unlink()
     coder = get_codec(codec, **(codec_options or {}))
-    files, skipped = list_files(sources)
+    files, skipped = list_files(sources, out)
     writers = {s: ShardWriter(out, s, max_shard_bytes) for s in ("train", "val")}
     modalities: dict[str, Counter] = {}
     chosen, converted, encoded = Counter(), [], 0

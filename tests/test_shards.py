@@ -141,3 +141,38 @@ def test_parallel_and_serial_encoding_agree(tmp_path):
     assert a["splits"] == b["splits"] and a["files"] == 370
     assert read_back(tmp_path / "a", "train") == read_back(tmp_path / "b", "train")
 
+
+def test_interrupted_rerun_leaves_no_stale_manifest_and_only_whole_shards(tmp_path, monkeypatch):
+    out = tmp_path / "int"
+    write_shards([SAMPLES / "text"], out, codec="text", max_shard_bytes=200_000, progress=False)
+    real_encode = get_codec("text").encode.__func__
+    calls = {"n": 0}
+
+    def interrupted(self, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_encode(self, path)
+
+    monkeypatch.setattr(type(get_codec("text")), "encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # the first file fills several shards before the second one fails
+        write_shards([SAMPLES / "text", SAMPLES / "files"], out, codec="text", max_shard_bytes=200_000,
+                     progress=False)
+    names = sorted(os.listdir(out))
+    assert "manifest.json" not in names and not any(n.startswith(".") for n in names)  # no manifest, no partial
+    assert len(names) >= 4  # the shards finished before the interruption are kept, each one whole
+    for n in names:
+        assert all(len(s["bin"]) == json.loads(s["json"])["nbytes"] for s in wds.WebDataset(str(out / n),
+                                                                                            shardshuffle=False))
+
+
+def test_output_inside_a_source_and_folders_with_the_same_name(tmp_path):
+    for d in ("a/text", "b/text"):
+        (tmp_path / d).mkdir(parents=True)
+        shutil.copy(SAMPLES / "files" / "libpython3.11-stdlib_python3.11_this.py", tmp_path / d / "this.py")
+    out = tmp_path / "a" / "text" / "shards"
+    write_shards([tmp_path / "a" / "text", tmp_path / "b" / "text"], out, codec="text", progress=False)
+    m = write_shards([tmp_path / "a" / "text", tmp_path / "b" / "text"], out, codec="text", progress=False)
+    assert m["files"] == 2 and m["skipped"] == []  # the first run's shards are not read as sources
+    got = {**read_back(out, "train"), **read_back(out, "val")}
+    assert sorted(meta["source"] for _, meta in got.values()) == ["text/this.py", "text/this.py~2"]
