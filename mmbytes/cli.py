@@ -41,6 +41,7 @@ class MmbytesCLI(LightningCLI):
 
 
 def main(argv: list[str] | None = None) -> None:
+    given = argv
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in EXTRA:
         import importlib
@@ -52,10 +53,10 @@ def main(argv: list[str] | None = None) -> None:
         for name, (_, what) in EXTRA.items():
             print(f"  {name:10s} {what}")
         print()
-    run_cli(argv)
+    run_cli(given)  # None: LightningCLI reads sys.argv itself
 
 
-def run_cli(argv: list[str], **kwargs) -> MmbytesCLI:
+def run_cli(argv: list[str] | None, **kwargs) -> MmbytesCLI:
     from lightning.pytorch import LightningDataModule, LightningModule
 
     return MmbytesCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
