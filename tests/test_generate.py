@@ -6,11 +6,15 @@ from mmbytes.model.generate import generate, generate_reference, sample_next
 
 
 def model(name: str) -> Megabyte:
+    if name == "four-stages":  # 16-byte patches, 8- and 2-byte sub-patches, bytes
+        return Megabyte(MegabyteConfig.from_name("debug", patch_size=16, d_global=4, mid_patch_sizes=(8, 2),
+                                                 d_mid=(8, 16), n_layer_mid=(1, 1), n_head_mid=(2, 2), d_local=16,
+                                                 n_head_local=2)).double().eval()
     return Megabyte(MegabyteConfig.from_name(name)).double().eval()
 
 
-@pytest.mark.parametrize("name", ["debug", "transformer-debug"])
-@pytest.mark.parametrize("prompt_len", [0, 1, 3, 4, 9])  # empty, inside the first patch, whole patches, both
+@pytest.mark.parametrize("name", ["debug", "debug-long", "four-stages", "transformer-debug"])
+@pytest.mark.parametrize("prompt_len", [0, 1, 3, 4, 9, 27])  # empty, inside the first patch, whole patches, both
 def test_cached_logits_equal_reference_at_every_step(name, prompt_len):
     m = model(name)
     prompt = torch.randint(0, 256, (2, prompt_len))

@@ -5,7 +5,7 @@ import torch
 
 from mmbytes import Megabyte, MegabyteConfig
 
-SIZES = ["debug", "transformer-debug"]
+SIZES = ["debug", "debug-long", "transformer-debug"]  # two stages, three stages, flat
 
 
 def model(name: str, **kw) -> Megabyte:
@@ -30,6 +30,17 @@ def leaks(m: Megabyte, T: int) -> list[int]:
 @pytest.mark.parametrize("T", [16, 19])  # a multiple of P and an odd length (internally padded)
 def test_strict_causality(name, T):
     assert leaks(model(name), T) == []
+
+
+FOUR_STAGES = dict(patch_size=16, d_global=4, mid_patch_sizes=(8, 2), d_mid=(8, 16), n_layer_mid=(1, 1),
+                   n_head_mid=(2, 2), d_local=16, n_head_local=2)
+
+
+@pytest.mark.parametrize("T", [32, 35])
+def test_strict_causality_with_four_stages(T):
+    m = model("debug", **FOUR_STAGES)
+    assert [s.patch for s in m.stages()] == [16, 8, 2, 1]
+    assert leaks(m, T) == []
 
 
 def test_causality_test_catches_a_leak(monkeypatch):
@@ -107,10 +118,11 @@ def test_odd_lengths_and_dtypes():
 
 def test_named_sizes_parameter_counts():
     counts = {n: Megabyte(MegabyteConfig.from_name(n)).num_params() for n in
-              ["debug", "small", "base", "transformer-debug", "transformer-small"]}
+              ["debug", "small", "base", "long", "transformer-debug", "transformer-small"]}
     print(counts)
     assert 8e6 < counts["small"] < 12e6
     assert 85e6 < counts["base"] < 115e6
+    assert counts["long"] >= 10e6  # the million-byte configuration
     assert abs(counts["transformer-small"] / counts["small"] - 1) < 0.1
     assert abs(counts["transformer-debug"] / counts["debug"] - 1) < 0.1
 
@@ -122,6 +134,16 @@ def test_config_rejects_bad_fields():
         MegabyteConfig.from_name("huge")
     with pytest.raises(ValueError, match="patch_size=1"):
         MegabyteConfig(arch="transformer", patch_size=4, n_layer_local=0)
+    with pytest.raises(ValueError, match="one entry per middle stage"):
+        MegabyteConfig(patch_size=8, mid_patch_sizes=(2,), d_mid=(16, 16), n_layer_mid=(1,), n_head_mid=(2,))
+    for mids in [(3,), (8,), (4, 4), (1,)]:  # must divide, be smaller than the size above, and be at least 2
+        with pytest.raises(ValueError, match="middle patch size"):
+            MegabyteConfig(patch_size=8, mid_patch_sizes=mids, d_mid=(16,) * len(mids), n_layer_mid=(1,) * len(mids),
+                           n_head_mid=(2,) * len(mids))
+    cfg = MegabyteConfig(patch_size=8, mid_patch_sizes=[2], d_mid=[16], n_layer_mid=[1], n_head_mid=[2])  # YAML lists
+    assert cfg.mid_patch_sizes == (2,) and cfg == MegabyteConfig.from_name("debug-long", **{
+        k: getattr(cfg, k) for k in ("d_global", "n_layer_global", "n_head_global", "d_local", "n_layer_local",
+                                     "n_head_local")})
 
 
 def test_debug_step_is_fast():

@@ -1,8 +1,10 @@
-"""Patch-by-patch generation with a two-level KV cache (MEGABYTE, Yu et al., 2023, section 2.3 and 6).
+"""Patch-by-patch generation with a KV cache per stage (MEGABYTE, Yu et al., 2023, section 2.3 and 6).
 
 The global model advances one patch at a time with its own cache; the local model then decodes the patch's P bytes
-one by one with a per-patch cache that is cleared for every patch. A prompt is prefilled in parallel: all its whole
-patches in one global call, and the bytes of its last, partial patch in one local call.
+one by one with a per-patch cache that is cleared for every patch. With middle stages the same step recurses: a
+middle model advances one sub-patch at a time inside the current patch, and the local model decodes each sub-patch.
+A prompt is prefilled in parallel at every stage: all its whole patches in one global call, the whole sub-patches of
+its last, partial patch in one call of the stage below, and so on down to its last bytes in one local call.
 ``generate_reference`` runs the full model for every byte; it is the slow decoder the fast one is tested against.
 """
 
@@ -43,54 +45,57 @@ def generate(model: Megabyte, prompt: Tensor, num_bytes: int, *, temperature: fl
     """Continue ``prompt`` (B, L0) by ``num_bytes`` bytes; returns (B, L0 + num_bytes).
 
     ``on_logits(t, logits)`` sees the (B, 256) logits that chose byte t (tests compare them with the reference);
-    ``on_progress(n)`` is called with the number of bytes made after each patch.
+    ``on_progress(n)`` is called with the number of bytes made after each global patch.
     """
     if num_bytes <= 0:
         return prompt.long().clone()
     was_training = model.training
     model.eval()
-    c = model.config
-    P = c.patch_size
     B, L0 = prompt.shape
     total = L0 + num_bytes
-    device = prompt.device
-    dtype = model.global_pad.dtype
+    device, dtype = prompt.device, model.global_pad.dtype
     out = torch.zeros(B, total, dtype=torch.long, device=device)
     out[:, :L0] = prompt
-    gcaches = model.global_model.make_caches(B, -(-total // P), device, dtype)
-    lcaches = model.local_model.make_caches(B, P, device, dtype) if model.local_model is not None else None
+    stages = model.stages()
+    sizes = [s.patch for s in stages]
+    # one cache per stage: the global one holds every patch; below it, a stage holds the units of one parent unit
+    # and is cleared whenever its parent advances
+    caches = [stages[0].model.make_caches(B, -(-total // sizes[0]), device, dtype)]
+    for s, above in zip(stages[1:], sizes, strict=False):
+        caches.append(s.model.make_caches(B, above // s.patch, device, dtype))
+    t = L0  # bytes known so far
 
-    # global prefill: the padding patch and every whole patch of the prompt; the last output is the current patch's
-    n_full = L0 // P
-    h = torch.cat([model.global_pad.expand(B, 1, -1), model.patch_embed(out[:, : n_full * P])], dim=1)
-    g = model.global_model(h, gcaches)[:, -1]  # (B, P*D_G)
-    t, patch = L0, n_full
-    while t < total:
-        start = patch * P
-        if lcaches is None:  # flat Transformer: P == 1, the global output is the byte's hidden state
-            hid = g
-        else:
-            gl = model.global_to_local(g.view(B, P, c.d_global))  # (B, P, D_L)
-            for cache in lcaches:
-                cache.reset()
-            r = t - start  # bytes of this patch already known (the prompt's partial patch)
-            local_in = torch.cat([model.local_pad.expand(B, 1, -1), model.local_embed(out[:, start:t])], dim=1)
-            hid = model.local_model(local_in + gl[:, : r + 1], lcaches)[:, -1]  # (B, D_L)
-        while True:
-            logits = model.head(hid)
-            if on_logits is not None:
-                on_logits(t, logits)
-            out[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
-            t += 1
-            if t == total or t == start + P:
-                break
-            j = t - start
-            hid = model.local_model(gl[:, j : j + 1] + model.local_embed(out[:, t - 1 : t]), lcaches)[:, -1]
-        if on_progress is not None:
-            on_progress(t - L0)
-        patch += 1
-        if t < total:  # the global model advances by the patch just finished
-            g = model.global_model(model.patch_embed(out[:, start : start + P]), gcaches)[:, -1]
+    def decode(i: int, up: Tensor | None, start: int) -> None:
+        """Decode the bytes of one parent unit, starting at byte ``start``, through stage i and those below it.
+        ``up``: the projected parent output, one slice per unit (B, n, width); None for the global stage."""
+        nonlocal t
+        s, cache = stages[i], caches[i]
+        for c in cache:
+            c.reset()
+        known = (t - start) // s.patch  # whole units already known (from the prompt): prefilled in one call
+        inputs = torch.cat([s.pad.expand(B, 1, -1), s.embed(out[:, start : start + known * s.patch])], dim=1)
+        if up is not None:
+            inputs = inputs + up[:, : known + 1]
+        h = s.model(inputs, cache)[:, -1]  # output for unit `known`
+        for j in range(known, up.shape[1] if up is not None else -(-total // s.patch)):
+            unit = start + j * s.patch
+            if i + 1 == len(stages):  # the last stage predicts a byte
+                logits = model.head(h)
+                if on_logits is not None:
+                    on_logits(t, logits)
+                out[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
+                t += 1
+            else:
+                below = stages[i + 1]
+                decode(i + 1, below.proj(h.view(B, s.patch // below.patch, -1)), unit)
+            if i == 0 and on_progress is not None:
+                on_progress(t - L0)
+            if t == total or (up is not None and j + 1 == up.shape[1]):
+                return
+            nxt = s.embed(out[:, unit : unit + s.patch])  # the stage advances by the unit just finished
+            h = s.model(nxt if up is None else nxt + up[:, j + 1 : j + 2], cache)[:, -1]
+
+    decode(0, None, 0)
     model.train(was_training)
     return out
 

@@ -8,13 +8,16 @@ Learned absolute tables are avoided so the same weights run at any T (up to mill
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mmbytes.config import MegabyteConfig
-from mmbytes.model.layers import KVCache, Transformer
+from mmbytes.model.layers import Transformer
 
 
 class Megabyte(nn.Module):
@@ -24,16 +27,26 @@ class Megabyte(nn.Module):
         super().__init__()
         c = self.config = config
         P, DG, DL = c.patch_size, c.d_global, c.d_local
+        block = dict(mlp_ratio=c.mlp_ratio, dropout=c.dropout, rope_base=c.rope_base, checkpointing=c.checkpointing)
         self.global_embed = nn.Embedding(c.vocab_size, DG)
         self.global_pad = nn.Parameter(torch.empty(P * DG))  # the trainable padding patch
-        self.global_model = Transformer(P * DG, c.n_layer_global, c.n_head_global, c.mlp_ratio, c.dropout,
-                                        c.rope_base, c.checkpointing)
+        self.global_model = Transformer(P * DG, c.n_layer_global, c.n_head_global, **block)
+        # middle stages (none in the two-stage model of the paper): each sees its parent's output for its sub-patch,
+        # projected, plus its own embeddings of the sub-patches before it inside the parent
+        self.mid_embed, self.mid_proj, self.mid_models = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.mid_pad = nn.ParameterList()
+        d_above = DG
+        for p, d, n_layer, n_head in zip(c.mid_patch_sizes, c.d_mid, c.n_layer_mid, c.n_head_mid, strict=True):
+            self.mid_embed.append(nn.Embedding(c.vocab_size, d))
+            self.mid_proj.append(nn.Linear(p * d_above, p * d, bias=False))
+            self.mid_pad.append(nn.Parameter(torch.empty(p * d)))
+            self.mid_models.append(Transformer(p * d, n_layer, n_head, **block))
+            d_above = d
         if c.n_layer_local:
-            self.global_to_local = nn.Linear(DG, DL, bias=False)  # w^GL of the paper
+            self.global_to_local = nn.Linear(d_above, DL, bias=False)  # w^GL of the paper
             self.local_embed = nn.Embedding(c.vocab_size, DL)
             self.local_pad = nn.Parameter(torch.empty(DL))  # the trainable padding byte
-            self.local_model = Transformer(DL, c.n_layer_local, c.n_head_local, c.mlp_ratio, c.dropout,
-                                           c.rope_base, c.checkpointing)
+            self.local_model = Transformer(DL, c.n_layer_local, c.n_head_local, **block)
         else:
             self.local_model = None
         self.head = nn.Linear(DL if c.n_layer_local else DG, c.vocab_size, bias=False)
@@ -46,11 +59,13 @@ class Megabyte(nn.Module):
             elif isinstance(m, Transformer):
                 m.reset_parameters()
         nn.init.normal_(self.global_pad, std=0.02)
+        for pad in self.mid_pad:
+            nn.init.normal_(pad, std=0.02)
         if self.local_model is not None:
             nn.init.normal_(self.local_pad, std=0.02)
 
     def num_params(self, part: str = "all") -> int:
-        modules = {"all": self, "global": self.global_model, "local": self.local_model}[part]
+        modules = {"all": self, "global": self.global_model, "mid": self.mid_models, "local": self.local_model}[part]
         return sum(p.numel() for p in modules.parameters()) if modules is not None else 0
 
     # -- the pieces, shared by training (all patches at once) and generation (one patch at a time)
@@ -60,10 +75,18 @@ class Megabyte(nn.Module):
         B, T = x.shape
         return self.global_embed(x).view(B, T // self.config.patch_size, self.config.d_global_model)
 
-    def local_hidden(self, g: Tensor, x: Tensor, caches: list[KVCache] | None = None) -> Tensor:
-        """Global outputs for N patches (N, L, D_G) + bytes (N, L) fed to the local model (already shifted right by
-        the padding byte) -> local hidden states (N, L, D_L)."""
-        return self.local_model(self.global_to_local(g) + self.local_embed(x), caches)
+    def stages(self) -> list[Stage]:
+        """Every stage from the global model down to the local one, as generation walks them."""
+        c = self.config
+        out = [Stage(c.patch_size, self.global_model, None, self.patch_embed, self.global_pad)]
+        for i, p in enumerate(c.mid_patch_sizes):
+            def embed(x: Tensor, e: nn.Embedding = self.mid_embed[i], p: int = p) -> Tensor:
+                return e(x).view(x.shape[0], x.shape[1] // p, p * e.embedding_dim)  # a sub-patch's bytes concatenated
+
+            out.append(Stage(p, self.mid_models[i], self.mid_proj[i], embed, self.mid_pad[i]))
+        if self.local_model is not None:
+            out.append(Stage(1, self.local_model, self.global_to_local, self.local_embed, self.local_pad))
+        return out
 
     def local_inputs(self, x: Tensor) -> Tensor:
         """Shift each patch's local byte embeddings right by one padding byte. x: (N, P) -> (N, P, D_L)."""
@@ -79,17 +102,22 @@ class Megabyte(nn.Module):
         pad = -T % P
         if pad:  # padded bytes come after every real byte, so causality keeps them out of real positions
             x = F.pad(x, (0, pad))
-        K = x.shape[1] // P
         h = self.patch_embed(x)  # (B, K, P*D_G)
         h = torch.cat([self.global_pad.to(h.dtype).expand(B, 1, -1), h[:, :-1]], dim=1)  # shift by a padding patch
-        g = self.global_model(h)  # (B, K, P*D_G); patch k has seen patches < k
-        if self.local_model is None:
-            return g[:, :T]  # P == 1: a flat byte-level transformer
-        g = g.reshape(B * K, P, self.config.d_global)  # (B*K, P, D_G): patches folded into the batch
-        xp = x.reshape(B * K, P)
-        local_in = self.global_to_local(g) + self.local_inputs(xp)  # (B*K, P, D_L)
-        out = self.local_model(local_in)  # (B*K, P, D_L)
-        return out.view(B, K * P, -1)[:, :T]  # (B, T, D_L)
+        out = self.global_model(h)  # (B, K, P*D_G); patch k has seen patches < k
+        for s in self.stages()[1:]:
+            # fold every parent position into the batch; its output, cut into one slice per sub-patch, is projected
+            # and added to the sub-patches' own embeddings, shifted right by one padding sub-patch inside the parent
+            N = out.shape[0] * out.shape[1]
+            up = s.proj(out.reshape(N, P // s.patch, -1))  # (N, P/p, p*D_s)
+            xs = x.reshape(N, P)
+            if s.patch == 1:
+                own = self.local_inputs(xs)
+            else:
+                own = torch.cat([s.pad.to(up.dtype).expand(N, 1, -1), s.embed(xs[:, : P - s.patch])], dim=1)
+            out = s.model(up + own)  # (N, P/p, p*D_s): causal over the sub-patches of each parent
+            P = s.patch
+        return out.reshape(B, x.shape[1], -1)[:, :T]  # (B, T, D)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.hidden(x))
@@ -128,6 +156,18 @@ class Megabyte(nn.Module):
             late[:s] = True  # the second pass never sees the first s bytes
             out = torch.where(late, first, F.pad(second, (s, 0)))
         return out if mask is None else torch.where(mask, out, 0.0)
+
+
+class Stage(NamedTuple):
+    """One level of the hierarchy: ``model`` runs over units of ``patch`` bytes; ``proj`` maps the parent's output
+    slice for a unit to its width (None for the global model); ``embed`` maps bytes (N, L*patch) to unit inputs
+    (N, L, width); ``pad`` is the trainable unit that shifts the inputs right by one."""
+
+    patch: int
+    model: Transformer
+    proj: nn.Module | None
+    embed: Callable[[Tensor], Tensor]
+    pad: Tensor
 
 
 def _ce(weight: Tensor, h: Tensor, target: Tensor) -> Tensor:
