@@ -88,6 +88,21 @@ def test_chunked_loss_gradients_match():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("name", ["debug", "debug-long"])
+def test_checkpointed_blocks_in_slices_give_the_same_gradients(name, monkeypatch):
+    from mmbytes.model import layers
+
+    monkeypatch.setattr(layers, "CHECKPOINT_TOKENS", 8)  # slices of 8 positions: several per folded batch
+    x = torch.randint(0, 256, (2, 40))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        m = model(name, checkpointing=checkpointing).train()
+        m.nll(x).mean().backward()
+        grads.append({k: p.grad for k, p in m.named_parameters()})
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_every_byte_value_is_data():
     """0x00 is scored like any other byte: there is no reserved padding value."""
     m = model("debug")

@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+CHECKPOINT_TOKENS = 2**17
+"""Positions per slice of a checkpointed block (see ``Transformer.forward``)."""
+
 
 class KVCache(nn.Module):
     """Preallocated keys and values of one attention layer; ``pos`` is how many positions are filled."""
@@ -136,7 +139,11 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(start, x.shape[1], x.dtype)
         for i, block in enumerate(self.blocks):
             if self.checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                # only the block's input is kept; its intermediates are recomputed in the backward pass. The rows of
+                # a folded batch (every patch of a million-byte sequence) go through in slices, so the recomputed
+                # intermediates of one slice, not of all rows, are alive at a time
+                rows = max(1, CHECKPOINT_TOKENS // x.shape[1])
+                x = torch.cat([checkpoint(block, part, cos, sin, use_reentrant=False) for part in x.split(rows)])
             else:
                 x = block(x, cos, sin, caches[i] if caches else None)
         return self.norm(x)
