@@ -2,17 +2,23 @@
 
 Training streams shards resampled with replacement (every rank and worker draws its own, seeded), cuts random
 windows, shuffles them in a buffer and yields exactly ``train_batches_per_epoch`` batches per rank and epoch, which
-keeps DDP ranks in step. Validation reads every validation shard in order in every worker and keeps sample i on the
-worker whose global index is i modulo (world size x workers); it cuts consecutive windows, so every validation byte
-is scored exactly once whatever the number of workers and processes.
+keeps DDP ranks in step. Every random choice is seeded by (seed, epoch, rank, worker), and the training loader
+(``EpochLoader``) keeps its place in Lightning checkpoints, so a run resumed mid-epoch sees the same batches as one
+that was never interrupted. Validation reads every validation shard in order in every worker, cuts consecutive
+windows and keeps window i on the worker whose global index is i modulo (world size x workers), so every validation
+byte is scored exactly once whatever the number of shards, workers and processes. Every rank runs the same number of
+validation batches (ranks that run out first add fully masked one-window batches that count zero bytes), so
+collectives inside a step (FSDP's parameter gathers, ``sync_dist`` logging) cannot hang.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -54,10 +60,52 @@ def align_of(meta: dict) -> int:
     return meta.get("sample_width", 1) if meta.get("modality") == "audio" else 1
 
 
-def worker_rng(seed: int, stage: str) -> random.Random:
+def worker_rng(seed: int | str, stage: str) -> random.Random:
     """A generator of its own for every rank, worker and pipeline stage: reproducible runs, decorrelated workers."""
     rank, _, worker, _ = pytorch_worker_info()
     return random.Random(f"{seed}/{rank}/{worker}/{stage}")
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one training epoch: each epoch draws other windows, and the same ones on every run."""
+    return zlib.crc32(f"{seed}/epoch{epoch}".encode())
+
+
+class EpochLoader:
+    """The training loader: ``batches`` batches per epoch from the pipeline ``make(epoch)``, which is fixed by the
+    seed and the epoch. Resumable mid-epoch: Lightning calls ``sampler.set_epoch`` at each epoch start and stores
+    ``state_dict()`` (epoch, batches consumed) in its checkpoints; after ``load_state_dict`` the restored epoch skips
+    the batches already trained on. Workers are started per epoch, since each epoch is a new pipeline."""
+
+    def __init__(self, make: Callable[[int], Iterable], batches: int, num_workers: int = 0) -> None:
+        self.make, self.batches, self.num_workers = make, batches, num_workers
+        self.epoch = self.consumed = 0
+        self._resume: dict[str, int] | None = None
+        self.sampler = self  # where Lightning's fit loop looks for ``set_epoch``
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        # a generator: nothing runs until the first batch is asked for, after Lightning has set the epoch and state
+        resume, self._resume = self._resume, None
+        skip = resume["batches"] if resume and resume["epoch"] == self.epoch else 0
+        loader = wds.WebLoader(self.make(self.epoch), batch_size=None, num_workers=self.num_workers)
+        self.consumed = 0
+        for batch in itertools.islice(loader, self.batches):
+            self.consumed += 1
+            if self.consumed > skip:  # the skipped ones are drawn again so the stream stays the same after them
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = state["epoch"]
+        self._resume = {"epoch": state["epoch"], "batches": state["batches"]}
 
 
 def shuffled(src: Iterator, size: int, seed: int) -> Iterator:
@@ -102,6 +150,36 @@ def take_share(src: Iterator) -> Iterator:
             yield sample
 
 
+def rank_batches(windows: int, batch_size: int, rank: int, world: int, workers: int) -> int:
+    """Validation batches that ``rank`` makes from its share of ``windows`` (window i goes to worker i mod
+    (world * workers) and each worker batches its own)."""
+    every = world * workers
+    return sum(-(-len(range(rank * workers + w, windows, every)) // batch_size) for w in range(workers))
+
+
+def val_batches(src: Iterator[tuple[np.ndarray, int]], seq_len: int, batch_size: int, rank: int | None = None,
+                world: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank and worker's batches of all validation windows ``src`` (the same stream in every worker): window i
+    goes to worker i mod (world * workers). Every worker reads every window, so at the end each knows the total and
+    worker 0 pads its rank with fully masked batches up to the batch count of the busiest rank."""
+    env_rank, env_world, worker, workers = pytorch_worker_info()
+    rank, world = env_rank if rank is None else rank, env_world if world is None else world
+    me, every = rank * workers + worker, world * workers
+    batch, n = [], 0
+    for n, window in enumerate(src, 1):
+        if (n - 1) % every == me:
+            batch.append(window)
+            if len(batch) == batch_size:
+                yield stack(batch, seq_len)
+                batch = []
+    if batch:
+        yield stack(batch, seq_len)
+    if worker == 0:
+        busiest = max(rank_batches(n, batch_size, r, world, workers) for r in range(world))
+        for _ in range(busiest - rank_batches(n, batch_size, rank, world, workers)):
+            yield stack([(np.zeros(0, dtype=np.uint8), 0)], seq_len)  # one window, no real byte
+
+
 def stack(items: list[tuple[np.ndarray, int]], seq_len: int) -> dict[str, torch.Tensor]:
     """Windows -> ``{"x": uint8 (B, T), "mask": bool (B, T), "modality": long (B,)}``, zero-padded and masked."""
     x = torch.zeros(len(items), seq_len, dtype=torch.uint8)
@@ -110,6 +188,13 @@ def stack(items: list[tuple[np.ndarray, int]], seq_len: int) -> dict[str, torch.
         x[i, : len(data)] = torch.from_numpy(data.copy())
         mask[i, : len(data)] = True
     return {"x": x, "mask": mask, "modality": torch.tensor([m for _, m in items], dtype=torch.long)}
+
+
+def rank_world(datamodule: L.LightningDataModule) -> dict[str, int]:
+    """The attached trainer's rank and world size (taken in the main process, so workers need no environment
+    variables or process group); without a trainer, ``val_batches`` reads them from the environment."""
+    trainer = datamodule.trainer
+    return {} if trainer is None else {"rank": trainer.global_rank, "world": trainer.world_size}
 
 
 def collate(seq_len: int):
@@ -172,45 +257,50 @@ class ByteDataModule(L.LightningDataModule):
         names = json.loads(manifest_path.read_text())["splits"][split]["shards"]
         if not names:
             raise ValueError(f"{manifest_path}: the {split} split has no shards")
+        for n in names:  # a manifest names files inside its own folder, nothing else
+            if Path(n).name != n or n in (".", ".."):
+                raise ValueError(f"{manifest_path}: shard {n!r} is not a file name inside {self.hp.data_dir}")
         return [str(Path(self.hp.data_dir) / n) for n in names]
 
     def _loader(self, pipeline: wds.DataPipeline) -> wds.WebLoader:
         n = self.hp.num_workers
         return wds.WebLoader(pipeline, batch_size=None, num_workers=n, persistent_workers=n > 0)
 
-    def train_windows(self) -> wds.DataPipeline:
-        """The endless stream of (window, modality id) for this rank and worker, before shuffling."""
+    def train_windows(self, epoch: int = 0) -> wds.DataPipeline:
+        """The endless stream of (window, modality id) of one epoch for this rank and worker, before shuffling."""
         hp = self.hp
+        seed = epoch_seed(hp.seed, epoch)
         return wds.DataPipeline(
-            wds.ResampledShards(self.urls("train"), seed=hp.seed, deterministic=True),
+            wds.ResampledShards(self.urls("train"), seed=seed, deterministic=True),
             wds.tarfile_to_samples(handler=skip_and_count),
             wds.map(decode, handler=skip_and_count),
-            partial(random_windows, seq_len=hp.seq_len, seed=hp.seed),
+            partial(random_windows, seq_len=hp.seq_len, seed=seed),
         )
 
     def val_windows(self) -> wds.DataPipeline:
-        """This rank and worker's share of the consecutive validation windows."""
+        """Every consecutive validation window in order, as (window, modality id); ``val_batches`` shares them out."""
         return wds.DataPipeline(
             wds.SimpleShardList(self.urls("val")),
             wds.tarfile_to_samples(handler=skip_and_count),
-            take_share,
             wds.map(decode, handler=skip_and_count),
             partial(consecutive_windows, seq_len=self.hp.seq_len),
         )
 
-    def train_dataloader(self) -> wds.WebLoader:
+    def train_pipeline(self, epoch: int) -> wds.DataPipeline:
         hp = self.hp
-        pipeline = wds.DataPipeline(
-            self.train_windows(),
-            partial(shuffled, size=hp.shuffle_buffer, seed=hp.seed),
+        return wds.DataPipeline(
+            self.train_windows(epoch),
+            partial(shuffled, size=hp.shuffle_buffer, seed=epoch_seed(hp.seed, epoch)),
             wds.batched(hp.batch_size, collation_fn=collate(hp.seq_len), partial=False),
         )
-        return self._loader(pipeline).with_epoch(hp.train_batches_per_epoch)
+
+    def train_dataloader(self) -> EpochLoader:
+        self.urls("train")  # missing shards fail here, not at the first batch
+        return EpochLoader(self.train_pipeline, self.hp.train_batches_per_epoch, self.hp.num_workers)
 
     def val_dataloader(self) -> wds.WebLoader:
-        pipeline = wds.DataPipeline(
-            self.val_windows(), wds.batched(self.hp.batch_size, collation_fn=collate(self.hp.seq_len), partial=True))
-        return self._loader(pipeline)
+        share = partial(val_batches, seq_len=self.hp.seq_len, batch_size=self.hp.batch_size, **rank_world(self))
+        return self._loader(wds.DataPipeline(self.val_windows(), share))
 
     def test_dataloader(self) -> wds.WebLoader:
         return self.val_dataloader()

@@ -14,7 +14,16 @@ from typing import Any, Literal
 import lightning as L
 import webdataset as wds
 
-from datamodules.bytes import ByteDataModule, collate, shuffled, worker_rng
+from datamodules.bytes import (
+    ByteDataModule,
+    EpochLoader,
+    collate,
+    epoch_seed,
+    rank_world,
+    shuffled,
+    val_batches,
+    worker_rng,
+)
 
 
 def mixed(sources: list, weights: list[float], seed: int) -> Iterator:
@@ -75,23 +84,26 @@ class MixedDataModule(L.LightningDataModule):
         n = self.hparams.num_workers
         return wds.WebLoader(pipeline, batch_size=None, num_workers=n, persistent_workers=n > 0)
 
-    def train_dataloader(self) -> wds.WebLoader:
+    def train_pipeline(self, epoch: int) -> wds.DataPipeline:
+        """One epoch's batches, fixed by the seed and the epoch."""
         hp = self.hparams
+        seed = epoch_seed(hp.seed, epoch)
         batch = wds.batched(hp.batch_size, collation_fn=collate(hp.seq_len), partial=False)
-        shuffle = partial(shuffled, size=hp.shuffle_buffer, seed=hp.seed)
+        shuffle = partial(shuffled, size=hp.shuffle_buffer, seed=seed)
         if hp.mix == "sample":
-            streams = [c.train_windows() for c in self.children]
-            pipeline = wds.DataPipeline(partial(mixed, streams, self.weights, hp.seed), shuffle, batch)
-        else:
-            streams = [wds.DataPipeline(c.train_windows(), shuffle, batch) for c in self.children]
-            pipeline = wds.DataPipeline(partial(mixed, streams, self.weights, hp.seed))
-        return self._loader(pipeline).with_epoch(hp.train_batches_per_epoch)
+            streams = [c.train_windows(epoch) for c in self.children]
+            return wds.DataPipeline(partial(mixed, streams, self.weights, seed), shuffle, batch)
+        streams = [wds.DataPipeline(c.train_windows(epoch), shuffle, batch) for c in self.children]
+        return wds.DataPipeline(partial(mixed, streams, self.weights, seed))
+
+    def train_dataloader(self) -> EpochLoader:
+        return EpochLoader(self.train_pipeline, self.hparams.train_batches_per_epoch, self.hparams.num_workers)
 
     def val_dataloader(self) -> wds.WebLoader:
         hp = self.hparams
         streams = [c.val_windows() for c in self.children]
-        batch = wds.batched(hp.batch_size, collation_fn=collate(hp.seq_len), partial=True)
-        return self._loader(wds.DataPipeline(partial(chained, streams), batch))
+        share = partial(val_batches, seq_len=hp.seq_len, batch_size=hp.batch_size, **rank_world(self))
+        return self._loader(wds.DataPipeline(partial(chained, streams), share))
 
     def test_dataloader(self) -> wds.WebLoader:
         return self.val_dataloader()

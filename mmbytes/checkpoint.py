@@ -1,14 +1,55 @@
-"""Load a plain-torch model from a Lightning checkpoint without Lightning and without unpickling code."""
+"""Checkpoints: load a plain-torch model without unpickling code, refuse another architecture by name, and write
+atomically (a crash while saving leaves the previous file whole)."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 
 from mmbytes.config import MegabyteConfig
 from mmbytes.model import Megabyte
+
+
+class ConfigMismatchError(ValueError):
+    """A checkpoint's model configuration differs from the one this run asks for."""
+
+
+def checkpoint_config(ckpt: dict[str, Any]) -> MegabyteConfig | None:
+    """The model configuration a ``ByteLM`` checkpoint was trained with (None if it is not one)."""
+    stored = (ckpt.get("mmbytes") or {}).get("config")
+    if stored is not None:  # the resolved config, saved since named sizes may change between versions
+        known = {f.name for f in fields(MegabyteConfig)}
+        return MegabyteConfig(**{k: v for k, v in stored.items() if k in known})
+    hp = ckpt.get("hyper_parameters") or {}
+    if "size" not in hp:
+        return None
+    return MegabyteConfig.from_name(hp["size"], **(hp.get("overrides") or {}))
+
+
+RUNTIME_FIELDS = ("checkpointing", "dropout")  # free to change on resume: the weights mean the same either way
+
+
+def config_difference(theirs: MegabyteConfig, ours: MegabyteConfig) -> list[str]:
+    """The fields, runtime options aside, in which two configs differ."""
+    return [f.name for f in fields(MegabyteConfig)
+            if f.name not in RUNTIME_FIELDS and getattr(theirs, f.name) != getattr(ours, f.name)]
+
+
+def check_config(theirs: MegabyteConfig | None, ours: MegabyteConfig, where: str | Path = "") -> None:
+    """Raise ``ConfigMismatchError`` naming every field in which the checkpoint's config differs from this run's."""
+    diff = config_difference(theirs, ours) if theirs is not None else []
+    if diff:
+        def show(cfg: MegabyteConfig) -> str:
+            return ", ".join(f"{name}={getattr(cfg, name)}" for name in diff)
+
+        raise ConfigMismatchError(f"{where}{': ' if where else ''}checkpoint has {show(theirs)}; "
+                                  f"this run has {show(ours)}")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -22,13 +63,55 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ValueError(f"{path}: cannot load as a weights-only checkpoint: {e}") from e
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Megabyte, dict[str, Any]]:
-    """The model of a ``mmbytes.lit.ByteLM`` checkpoint, in eval mode, and the checkpoint's hyperparameters."""
+def load_model(path: str | Path, map_location: str | torch.device = "cpu",
+               expect: MegabyteConfig | None = None) -> tuple[Megabyte, dict[str, Any]]:
+    """The model of a ``mmbytes.lit.ByteLM`` checkpoint, in eval mode, and the checkpoint's hyperparameters.
+    With ``expect``, a checkpoint of another configuration is refused with the differing fields named."""
     ckpt = load_checkpoint(path, map_location)
     hp = ckpt.get("hyper_parameters", {})
-    if "size" not in hp:
+    config = checkpoint_config(ckpt)
+    if config is None:
         raise ValueError(f"{path}: not a mmbytes ByteLM checkpoint (no model size in its hyperparameters)")
-    model = Megabyte(MegabyteConfig.from_name(hp["size"], **(hp.get("overrides") or {})))
+    if expect is not None:
+        check_config(config, expect, path)
+    model = Megabyte(config)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
     return model.eval(), hp
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over it: readers and a crash
+    at any moment see the old file or the new one, never half of one. The temporary file goes if saving fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with ``atomic_save`` for local paths (the ``mmbytes`` CLI's default). Lightning's
+    own writer stages the file in the system temp folder and moves it without fsync; remote URLs still use it."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_save(checkpoint, path)

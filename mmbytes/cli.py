@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 EXTRA = {
     "shards": ("mmbytes.shards", "write webdataset shards + manifest from files"),
     "sample": ("mmbytes.sample", "generate PNG / WAV / text / raw files from a checkpoint"),
+    "compare": ("mmbytes.compare", "byte model vs VQ-VAE + prior on the same validation files: report, plots"),
 }
 
 
@@ -28,12 +29,49 @@ class MmbytesCLI(LightningCLI):
             "trainer.gradient_clip_val": 1.0,
         })
 
+    def instantiate_trainer(self, **kwargs):
+        """Checkpoints are written atomically (``AtomicCheckpointIO``) unless the run names a checkpoint IO of its own;
+        other plugins given on the command line are kept."""
+        from lightning.fabric.plugins import CheckpointIO
+
+        from mmbytes.checkpoint import AtomicCheckpointIO
+
+        plugins = kwargs.get("plugins", self._get(self.config_init, "trainer", default={}).get("plugins"))
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return super().instantiate_trainer(**{**kwargs, "plugins": plugins})
+
+    def _check_ckpt_config(self, sub: str, init: dict | None) -> None:
+        """A model configuration given for this run (anything but the defaults) must match the checkpoint's: refuse
+        with the differing fields named rather than let Lightning swap in the checkpoint's or fail on tensor sizes."""
+        import inspect
+        from pathlib import Path
+
+        from mmbytes.checkpoint import check_config, checkpoint_config
+        from mmbytes.config import MegabyteConfig
+        from mmbytes.lit import ByteLM
+
+        ckpt_path = self.config[sub].get("ckpt_path")
+        if init is None or "size" not in init or not ckpt_path or not Path(ckpt_path).is_file():  # not a ByteLM
+            return  # "last" and the like are resolved by the Trainer; ByteLM.on_load_checkpoint checks those
+        defaults = inspect.signature(ByteLM.__init__).parameters
+        if all(init.get(k) == defaults[k].default for k in ("size", "overrides")):
+            return  # no architecture asked for: it comes from the checkpoint
+        import torch
+
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        check_config(checkpoint_config(ckpt), MegabyteConfig.from_name(init.get("size"), **(init.get("overrides")
+                                                                                            or {})), ckpt_path)
+
     def _parse_ckpt_path(self) -> None:
         """Lightning takes every model argument from a given checkpoint's hyperparameters. The architecture must come
         from there, but evaluation options (``--model.strided_eval``) are the user's to choose at evaluation time."""
         sub = self.config.get("subcommand")
         init = self.config[sub].model.get("init_args") if sub else None
-        given = {k: init.get(k) for k in EVAL_OPTIONS} if init is not None else {}
+        given = {k: init.get(k) for k in EVAL_OPTIONS if k in init} if init is not None else {}  # ByteLM's only
+        if sub:
+            self._check_ckpt_config(sub, init)
         super()._parse_ckpt_path()
         if given:
             for k, v in given.items():

@@ -7,10 +7,16 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
+from mmbytes.checkpoint import check_config, checkpoint_config
 from mmbytes.config import MegabyteConfig
 from mmbytes.metrics import BitsPerByte
 from mmbytes.model import Megabyte
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many training steps in a row had a NaN or infinite loss."""
 
 
 class ByteLM(L.LightningModule):
@@ -24,6 +30,7 @@ class ByteLM(L.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         strided_eval: bool = False,
+        max_bad_steps: int = 8,
     ) -> None:
         """
         Args:
@@ -38,6 +45,8 @@ class ByteLM(L.LightningModule):
             min_lr_ratio: final learning rate as a fraction of ``lr``.
             strided_eval: in validation and test, also score with the paper's strided inference (a second pass offset
                 by P/2; each byte scored by the pass where it has more local context) and log it as ``*_strided``.
+            max_bad_steps: a step whose loss is NaN or infinite is skipped (no update) and counted in
+                ``train/skipped_steps``; this many in a row stop training with ``NonFiniteLossError``.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -45,17 +54,68 @@ class ByteLM(L.LightningModule):
         self.model = Megabyte(self.config)
         self.bits = torch.nn.ModuleDict({f"{stage}{kind}": BitsPerByte() for stage in ("val", "test")
                                          for kind in ("", "_strided")})
+        self.skipped_steps = 0  # non-finite losses skipped in all (kept in checkpoints)
+        self.bad_in_row = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2), shard each transformer block and then the rest of the model over
+        the data-parallel processes; other strategies keep the model whole. Works on CPU (gloo) and GPUs."""
+        if self.device_mesh is None or getattr(self.model, "_mmbytes_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        from mmbytes.model.layers import Block
+
+        if self.device_mesh["tensor_parallel"].size() > 1:
+            raise ValueError("ByteLM shards over data-parallel processes only: give ModelParallelStrategy "
+                             "tensor_parallel_size=1 and data_parallel_size=devices x num_nodes")
+        mesh = self.device_mesh["data_parallel"]
+        for block in [m for m in self.model.modules() if isinstance(m, Block)]:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+        register_fsdp_forward_method(self.model, "nll")  # training and scoring call nll(), not forward()
+        self.model._mmbytes_sharded = True
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         mask = batch["mask"]
         nats = self.model.nll(batch["x"], mask).sum()
         loss = nats / mask.sum().clamp(min=1)  # mean nats per real byte
+        finite = bool(torch.isfinite(loss))
+        if self._trainer is not None:  # one decision for all processes: a rank that skips alone would hang DDP
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            return self._skip_step()
+        self.bad_in_row = 0
         self.log("train/loss", loss)
         self.log("train/bpb", loss / math.log(2), prog_bar=True)
+        self.log("train/skipped_steps", float(self.skipped_steps))
         return loss
+
+    def _skip_step(self) -> None:
+        """No update this step (Lightning skips the backward and optimizer step when training_step gives None)."""
+        self.skipped_steps += 1
+        self.bad_in_row += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        step = self.trainer.global_step if self._trainer is not None else 0
+        if self.bad_in_row >= self.hparams.max_bad_steps:
+            raise NonFiniteLossError(
+                f"training stopped at step {step}: the loss was NaN or infinite in {self.bad_in_row} steps in a row "
+                f"(max_bad_steps={self.hparams.max_bad_steps}; {self.skipped_steps} skipped in all). Those steps did "
+                "not change the weights; lower the learning rate or check the data.")
+        rank_zero_warn(f"step {step}: the loss is NaN or infinite; step skipped ({self.bad_in_row} in a row, "
+                       f"{self.skipped_steps} in all)")
+        return None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mmbytes"] = {"config": self.config.to_dict(), "skipped_steps": self.skipped_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of another architecture is refused by name, before its weights meet this model."""
+        check_config(checkpoint_config(checkpoint), self.config)
+        self.skipped_steps = checkpoint.get("mmbytes", {}).get("skipped_steps", 0)
 
     def _score(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         x, mask, modality = batch["x"], batch["mask"], batch.get("modality")

@@ -46,8 +46,12 @@ def write_samples(samples: list[bytes], modality: str, meta: dict, out: Path, st
     contact sheet ``<stem>_sheet.png``."""
     from mmbytes.codecs import get_codec
 
-    out.mkdir(parents=True, exist_ok=True)
     stem = stem or modality
+    if modality not in SUFFIX:
+        raise ValueError(f"unknown modality {modality!r}; known: {', '.join(sorted(SUFFIX))}")
+    if Path(stem).name != stem or stem in ("", ".", ".."):  # "../x" or "/x" would write outside ``out``
+        raise ValueError(f"sample name {stem!r} is not a plain file name")
+    out.mkdir(parents=True, exist_ok=True)
     codec = get_codec(modality)
     paths = [codec.decode(data, meta, out / f"{stem}_{i:03d}{SUFFIX[modality]}") for i, data in enumerate(samples)]
     if modality == "image" and paths:

@@ -205,6 +205,7 @@ def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw",
         "codecs_chosen": dict(chosen), "converted": converted, "skipped": skipped,
     }
     tmp = out / ".manifest.json.partial"
+    tmp.unlink(missing_ok=True)  # a link left under that name would send the write outside ``out``
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / "manifest.json")
     return manifest
