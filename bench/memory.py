@@ -101,12 +101,14 @@ def main() -> None:
         return
 
     rows = []
-    print(f"{'model':18s} {'T':>9s} {'status':>12s} {'peak RSS GB':>11s} {'step GB':>8s} {'step s':>8s} "
+    print(f"{'model':18s} {'T':>9s} {'status':>30s} {'peak RSS GB':>11s} {'step GB':>8s} {'step s':>8s} "
           f"{'GB/2x T':>8s} {'s/2x T':>7s}")
     for size in args.models:
         prev = None
         for T in args.sizes:
-            if prev is not None and prev["status"] != "ok":  # a larger T will not fit either
+            if prev is not None and prev["status"].startswith("skipped"):
+                row = {**prev, "T": T}
+            elif prev is not None and prev["status"] != "ok":  # a larger T will not fit either
                 row = {"model": size, "T": T, "status": f"skipped ({prev['status']} at T={prev['T']})"}
             else:
                 row = run_case(size, T, args.steps if T < 2**18 else 1, args.limit_gb * GiB, args.timeout)
@@ -115,7 +117,7 @@ def main() -> None:
                 row["mem_growth_per_2x"] = (row["step_gb"] / prev["step_gb"]) ** (1 / doublings)
                 row["time_growth_per_2x"] = (row["step_s"] / prev["step_s"]) ** (1 / doublings)
             rows.append(row)
-            print(f"{size:18s} {T:9d} {row['status'][:12]:>12s} {row.get('peak_rss_gb', float('nan')):11.2f} "
+            print(f"{size:18s} {T:9d} {row['status']:>30s} {row.get('peak_rss_gb', float('nan')):11.2f} "
                   f"{row.get('step_gb', float('nan')):8.2f} "
                   f"{row.get('step_s', float('nan')):8.2f} {row.get('mem_growth_per_2x', float('nan')):8.2f} "
                   f"{row.get('time_growth_per_2x', float('nan')):7.2f}", flush=True)
