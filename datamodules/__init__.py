@@ -2,5 +2,6 @@
 
 from datamodules.bytes import ByteDataModule
 from datamodules.mixed import MixedDataModule
+from datamodules.vq import VQDataModule
 
-__all__ = ["ByteDataModule", "MixedDataModule"]
+__all__ = ["ByteDataModule", "MixedDataModule", "VQDataModule"]

@@ -2,7 +2,7 @@
 
 Training streams shards resampled with replacement (every rank and worker draws its own, seeded), cuts random
 windows, shuffles them in a buffer and yields exactly ``train_batches_per_epoch`` batches per rank and epoch, which
-keeps DDP ranks in step. Every random choice is seeded by (seed, epoch, rank, worker), and the training loader
+keeps DDP ranks in step. Every random choice is seeded by (seed, rank, worker), and the training loader
 (``EpochLoader``) keeps its place in Lightning checkpoints, so a run resumed mid-epoch sees the same batches as one
 that was never interrupted. Validation reads every validation shard in order in every worker, cuts consecutive
 windows and keeps window i on the worker whose global index is i modulo (world size x workers), so every validation
@@ -13,11 +13,9 @@ collectives inside a step (FSDP's parameter gathers, ``sync_dist`` logging) cann
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import random
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
@@ -66,21 +64,21 @@ def worker_rng(seed: int | str, stage: str) -> random.Random:
     return random.Random(f"{seed}/{rank}/{worker}/{stage}")
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of one training epoch: each epoch draws other windows, and the same ones on every run."""
-    return zlib.crc32(f"{seed}/epoch{epoch}".encode())
-
-
 class EpochLoader:
-    """The training loader: ``batches`` batches per epoch from the pipeline ``make(epoch)``, which is fixed by the
-    seed and the epoch. Resumable mid-epoch: Lightning calls ``sampler.set_epoch`` at each epoch start and stores
-    ``state_dict()`` (epoch, batches consumed) in its checkpoints; after ``load_state_dict`` the restored epoch skips
-    the batches already trained on. Workers are started per epoch, since each epoch is a new pipeline."""
+    """The training loader: one endless stream, fixed by the seed, cut into epochs of ``batches`` batches; epoch e is
+    batches [e * batches, (e + 1) * batches) of it, so every epoch goes on where the last one stopped (an epoch that
+    restarted the stream would see only the start of each shard). Resumable mid-epoch: Lightning calls
+    ``sampler.set_epoch`` at each epoch start and stores ``state_dict()`` (epoch, batches consumed) in its checkpoints;
+    after ``load_state_dict`` a fresh stream is drawn up to that place and the batches before it are dropped (reading
+    runs hundreds of times faster than training, see bench/data_throughput.py, so this takes a small fraction of the
+    time already trained). The stream's workers stay alive from one epoch to the next."""
 
-    def __init__(self, make: Callable[[int], Iterable], batches: int, num_workers: int = 0) -> None:
+    def __init__(self, make: Callable[[], Iterable], batches: int, num_workers: int = 0) -> None:
         self.make, self.batches, self.num_workers = make, batches, num_workers
         self.epoch = self.consumed = 0
         self._resume: dict[str, int] | None = None
+        self._stream: Iterator | None = None
+        self._drawn = 0  # batches drawn from the live stream so far
         self.sampler = self  # where Lightning's fit loop looks for ``set_epoch``
 
     def set_epoch(self, epoch: int) -> None:
@@ -93,12 +91,19 @@ class EpochLoader:
         # a generator: nothing runs until the first batch is asked for, after Lightning has set the epoch and state
         resume, self._resume = self._resume, None
         skip = resume["batches"] if resume and resume["epoch"] == self.epoch else 0
-        loader = wds.WebLoader(self.make(self.epoch), batch_size=None, num_workers=self.num_workers)
-        self.consumed = 0
-        for batch in itertools.islice(loader, self.batches):
+        place = self.epoch * self.batches + skip
+        if self._stream is None or self._drawn > place:
+            loader = wds.WebLoader(self.make(), batch_size=None, num_workers=self.num_workers)
+            self._stream, self._drawn = iter(loader), 0
+        for _ in range(place - self._drawn):  # a resumed run draws the batches trained on before, and drops them
+            next(self._stream)
+        self._drawn = place
+        self.consumed = skip
+        while self.consumed < self.batches:
+            batch = next(self._stream)
+            self._drawn += 1
             self.consumed += 1
-            if self.consumed > skip:  # the skipped ones are drawn again so the stream stays the same after them
-                yield batch
+            yield batch
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batches": self.consumed}
@@ -266,10 +271,10 @@ class ByteDataModule(L.LightningDataModule):
         n = self.hp.num_workers
         return wds.WebLoader(pipeline, batch_size=None, num_workers=n, persistent_workers=n > 0)
 
-    def train_windows(self, epoch: int = 0) -> wds.DataPipeline:
-        """The endless stream of (window, modality id) of one epoch for this rank and worker, before shuffling."""
+    def train_windows(self) -> wds.DataPipeline:
+        """The endless stream of (window, modality id) for this rank and worker, before shuffling."""
         hp = self.hp
-        seed = epoch_seed(hp.seed, epoch)
+        seed = hp.seed
         return wds.DataPipeline(
             wds.ResampledShards(self.urls("train"), seed=seed, deterministic=True),
             wds.tarfile_to_samples(handler=skip_and_count),
@@ -286,11 +291,11 @@ class ByteDataModule(L.LightningDataModule):
             partial(consecutive_windows, seq_len=self.hp.seq_len),
         )
 
-    def train_pipeline(self, epoch: int) -> wds.DataPipeline:
+    def train_pipeline(self) -> wds.DataPipeline:
         hp = self.hp
         return wds.DataPipeline(
-            self.train_windows(epoch),
-            partial(shuffled, size=hp.shuffle_buffer, seed=epoch_seed(hp.seed, epoch)),
+            self.train_windows(),
+            partial(shuffled, size=hp.shuffle_buffer, seed=hp.seed),
             wds.batched(hp.batch_size, collation_fn=collate(hp.seq_len), partial=False),
         )
 

@@ -307,6 +307,16 @@ def test_training_windows_differ_by_epoch_and_repeat_by_seed(text_shards):
     assert resumed.state_dict() == {"epoch": 1, "batches": 3}
 
 
+def test_epochs_go_on_along_one_stream(text_shards):
+    """Epoch 1 continues where epoch 0 stopped (a stream restarted every epoch would see only each shard's start)."""
+    whole = [b["x"] for b in datamodule(text_shards, batches=6).train_dataloader()]
+    loader = datamodule(text_shards, batches=3).train_dataloader()
+    parts = [b["x"] for b in loader]
+    loader.set_epoch(1)
+    parts += [b["x"] for b in loader]
+    assert all(torch.equal(a, b) for a, b in zip(whole, parts, strict=True))
+
+
 # ---- output containment
 
 
