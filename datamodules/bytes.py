@@ -271,15 +271,23 @@ class ByteDataModule(L.LightningDataModule):
         n = self.hp.num_workers
         return wds.WebLoader(pipeline, batch_size=None, num_workers=n, persistent_workers=n > 0)
 
+    def cut(self, src: Iterator, seed: int | None) -> Iterator:
+        """Decoded samples -> training items: random windows with a seed, consecutive ones (validation) without."""
+        if seed is None:
+            return consecutive_windows(src, self.hp.seq_len)
+        return random_windows(src, self.hp.seq_len, seed)
+
+    def collation(self) -> Callable[[list], dict[str, torch.Tensor]]:
+        return collate(self.hp.seq_len)
+
     def train_windows(self) -> wds.DataPipeline:
-        """The endless stream of (window, modality id) for this rank and worker, before shuffling."""
-        hp = self.hp
-        seed = hp.seed
+        """The endless stream of training items (here (window, modality id)) for this rank and worker, before
+        shuffling."""
         return wds.DataPipeline(
-            wds.ResampledShards(self.urls("train"), seed=seed, deterministic=True),
+            wds.ResampledShards(self.urls("train"), seed=self.hp.seed, deterministic=True),
             wds.tarfile_to_samples(handler=skip_and_count),
             wds.map(decode, handler=skip_and_count),
-            partial(random_windows, seq_len=hp.seq_len, seed=seed),
+            partial(self.cut, seed=self.hp.seed),
         )
 
     def val_windows(self) -> wds.DataPipeline:
@@ -288,7 +296,7 @@ class ByteDataModule(L.LightningDataModule):
             wds.SimpleShardList(self.urls("val")),
             wds.tarfile_to_samples(handler=skip_and_count),
             wds.map(decode, handler=skip_and_count),
-            partial(consecutive_windows, seq_len=self.hp.seq_len),
+            partial(self.cut, seed=None),
         )
 
     def train_pipeline(self) -> wds.DataPipeline:
@@ -296,7 +304,7 @@ class ByteDataModule(L.LightningDataModule):
         return wds.DataPipeline(
             self.train_windows(),
             partial(shuffled, size=hp.shuffle_buffer, seed=hp.seed),
-            wds.batched(hp.batch_size, collation_fn=collate(hp.seq_len), partial=False),
+            wds.batched(hp.batch_size, collation_fn=self.collation(), partial=False),
         )
 
     def train_dataloader(self) -> EpochLoader:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from datamodules.bytes import ByteDataModule, decode, shuffled, skip_and_count, take_share, worker_rng
+from datamodules.bytes import ByteDataModule, decode, skip_and_count, take_share, worker_rng
 from mmbytes.codecs.image import from_order
 
 
@@ -121,34 +121,15 @@ class VQDataModule(ByteDataModule):
                          train_shards=train_shards, val_shards=val_shards, seed=seed)
         self.modality, self.crop = modality, crop
 
-    def _items(self, src: Iterator, seed: int | None) -> Iterator:
+    def cut(self, src: Iterator, seed: int | None) -> Iterator:
+        """Decoded samples -> whole images, or audio crops (random with a seed, consecutive without)."""
         arrays = of_modality(src, self.modality)
         if self.modality == "image":
             return arrays
         return audio_crops(arrays, self.crop, seed)
 
-    def _collate(self):
+    def collation(self):
         return stack_images if self.modality == "image" else partial(stack_audio, crop=self.crop)
-
-    def train_windows(self) -> wds.DataPipeline:
-        """The endless stream of images or crops for this rank and worker, before shuffling."""
-        seed = self.hp.seed
-        return wds.DataPipeline(
-            wds.ResampledShards(self.urls("train"), seed=seed, deterministic=True),
-            wds.tarfile_to_samples(handler=skip_and_count),
-            wds.map(decode, handler=skip_and_count),
-            partial(self._items, seed=seed),
-        )
-
-    def train_pipeline(self) -> wds.DataPipeline:
-        """The endless stream of batches; ``ByteDataModule.train_dataloader`` wraps it in its resumable
-        ``EpochLoader``."""
-        hp = self.hp
-        return wds.DataPipeline(
-            self.train_windows(),
-            partial(shuffled, size=hp.shuffle_buffer, seed=hp.seed),
-            wds.batched(hp.batch_size, collation_fn=self._collate(), partial=False),
-        )
 
     def val_windows(self) -> wds.DataPipeline:
         return wds.DataPipeline(
@@ -156,11 +137,11 @@ class VQDataModule(ByteDataModule):
             wds.tarfile_to_samples(handler=skip_and_count),
             take_share,
             wds.map(decode, handler=skip_and_count),
-            partial(self._items, seed=None),
+            partial(self.cut, seed=None),
         )
 
     def val_dataloader(self) -> wds.WebLoader:
         # each rank and worker batches its own share; steps log without collectives, so unequal counts are harmless
         pipeline = wds.DataPipeline(self.val_windows(),
-                                    wds.batched(self.hp.batch_size, collation_fn=self._collate(), partial=True))
+                                    wds.batched(self.hp.batch_size, collation_fn=self.collation(), partial=True))
         return self._loader(pipeline)
