@@ -48,6 +48,22 @@ class MegabyteConfig:
     """Base of the rotary position embedding (patch index in the global model, byte index in the local one)."""
     checkpointing: bool = False
     """Recompute each block in the backward pass instead of storing its activations (saves memory on long T)."""
+    token_shift: bool = False
+    """Token shift (RWKV; as in MEGABYTE-pytorch): every attention and MLP sublayer reads the second half of its
+    input channels from the previous position of its stage (patch, sub-patch or byte). Causal and cached."""
+    embed_std: float = 0.02
+    """Initial standard deviation of the byte embeddings and the trainable padding units (the paper's GPT-2 form:
+    0.02; 1.0 keeps a byte's identity above the noise the blocks add at initialisation)."""
+    patch_embed: Literal["concat", "project"] = "concat"
+    """How the global model sees a patch. ``concat`` (paper): the P byte embeddings of width D_G concatenated.
+    ``project``: byte embeddings of width ``d_embed`` concatenated, then LayerNorm -> Linear -> LayerNorm to P * D_G
+    (MEGABYTE-pytorch)."""
+    d_embed: int = 0
+    """Byte embedding width of ``patch_embed: project`` (0: D_L)."""
+    global_to_local: Literal["slice", "full"] = "slice"
+    """How a patch's global output reaches its bytes. ``slice`` (paper, w^GL): byte i of the patch gets slice i of
+    the global output, projected D_G -> D_L. ``full``: one projection of the whole global vector to all P positions
+    (P*D_G -> P*D_L; MEGABYTE-pytorch). Middle stages follow the same choice."""
     vocab_size: int = 256
     """Byte values. All 256 are data: none is reserved for padding."""
 
@@ -71,6 +87,9 @@ class MegabyteConfig:
                 raise ValueError("arch='megabyte' needs patch_size >= 1 and n_layer_local >= 1")
         else:
             raise ValueError(f"unknown arch {self.arch!r}: expected 'megabyte' or 'transformer'")
+        if self.patch_embed not in ("concat", "project") or self.global_to_local not in ("slice", "full"):
+            raise ValueError(f"patch_embed must be 'concat' or 'project' (got {self.patch_embed!r}) and "
+                             f"global_to_local 'slice' or 'full' (got {self.global_to_local!r})")
         widths = [(self.d_global_model, self.n_head_global, "global"), (self.d_local, self.n_head_local, "local")]
         mid = zip(sizes[1:], self.d_mid, self.n_head_mid, strict=True)
         widths += [(p * d, h, f"middle {i}") for i, (p, d, h) in enumerate(mid)]

@@ -31,6 +31,7 @@ class ByteLM(L.LightningModule):
         min_lr_ratio: float = 0.1,
         strided_eval: bool = False,
         max_bad_steps: int = 8,
+        decay_embeddings: bool = True,
     ) -> None:
         """
         Args:
@@ -38,7 +39,8 @@ class ByteLM(L.LightningModule):
                 ``mmbytes.config.NAMED``).
             overrides: config fields that replace those of the named size, e.g. ``{patch_size: 4}``.
             lr: peak learning rate of AdamW.
-            weight_decay: AdamW weight decay, applied to matrices and embeddings only (not norms or padding vectors).
+            weight_decay: AdamW weight decay, applied to matrices (and embeddings, see ``decay_embeddings``), never
+                to norms, biases or padding vectors.
             betas: AdamW betas.
             warmup_steps: linear warmup from 0 to ``lr``; afterwards cosine decay to ``lr * min_lr_ratio`` at the
                 trainer's last step.
@@ -47,6 +49,7 @@ class ByteLM(L.LightningModule):
                 by P/2; each byte scored by the pass where it has more local context) and log it as ``*_strided``.
             max_bad_steps: a step whose loss is NaN or infinite is skipped (no update) and counted in
                 ``train/skipped_steps``; this many in a row stop training with ``NonFiniteLossError``.
+            decay_embeddings: apply weight decay to the byte embedding tables too.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -152,13 +155,23 @@ class ByteLM(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
+        groups = param_groups(self.model, hp.weight_decay, hp.get("decay_embeddings", True))
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:
+    """AdamW parameter groups: weight decay on matrices (embedding tables only with ``decay_embeddings``), none on
+    norms, biases and padding vectors."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            wd = p.dim() >= 2 and (decay_embeddings or id(p) not in embeddings)
+            (decay if wd else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):

@@ -87,7 +87,7 @@ def generate(model: Megabyte, prompt: Tensor, num_bytes: int, *, temperature: fl
                 t += 1
             else:
                 below = stages[i + 1]
-                decode(i + 1, below.proj(h.view(B, s.patch // below.patch, -1)), unit)
+                decode(i + 1, below.up(h, s.patch), unit)
             if i == 0 and on_progress is not None:
                 on_progress(t - L0)
             if t == total or (up is not None and j + 1 == up.shape[1]):

@@ -15,7 +15,8 @@ CHECKPOINT_TOKENS = 2**17
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values of one attention layer; ``pos`` is how many positions are filled."""
+    """Preallocated keys and values of one attention layer; ``pos`` is how many positions are filled. ``last`` keeps
+    the block's inputs at the newest position (for token shift), one slot per shifted sublayer."""
 
     def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, device=None, dtype=None) -> None:
         super().__init__()
@@ -23,6 +24,7 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.pos = 0
+        self.last: list[Tensor | None] = [None, None]
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append (B, H, L, hd) keys and values; return all filled positions."""
@@ -36,6 +38,16 @@ class KVCache(nn.Module):
 
     def reset(self) -> None:
         self.pos = 0
+        self.last = [None, None]
+
+
+def token_shift(x: Tensor, prev: Tensor | None) -> Tensor:
+    """Token shift (Peng et al., 2023, RWKV): the second half of the channels comes from the previous position
+    (``prev``, (B, 1, D - D/2), or zeros before the first). Causal: position t mixes inputs t and t - 1 only."""
+    half = x.shape[-1] // 2
+    late = x[..., half:]
+    prev = torch.zeros_like(late[:, :1]) if prev is None else prev
+    return torch.cat([x[..., :half], torch.cat([prev, late[:, :-1]], dim=1)], dim=-1)
 
 
 class Rotary(nn.Module):
@@ -102,26 +114,39 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, n_head: int, mlp_ratio: float, dropout: float) -> None:
+    """Pre-norm block; with ``shift``, each sublayer reads its input token-shifted (see ``token_shift``)."""
+
+    def __init__(self, d: int, n_head: int, mlp_ratio: float, dropout: float, shift: bool = False) -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(d, eps=1e-6), nn.RMSNorm(d, eps=1e-6)
         self.attn = Attention(d, n_head, dropout)
         self.mlp = MLP(d, mlp_ratio, dropout)
         self.drop = nn.Dropout(dropout)
+        self.shift = shift
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache))
-        return x + self.mlp(self.norm2(x))
+        prev = cache.last if cache is not None and cache.pos > 0 else [None, None]  # read before attention fills it
+        new = [None, None]
+        h = x
+        if self.shift:
+            new[0], h = x[:, -1:, x.shape[-1] // 2 :], token_shift(x, prev[0])
+        x = x + self.drop(self.attn(self.norm1(h), cos, sin, cache))
+        h = x
+        if self.shift:
+            new[1], h = x[:, -1:, x.shape[-1] // 2 :], token_shift(x, prev[1])
+            if cache is not None:
+                cache.last = new
+        return x + self.mlp(self.norm2(h))
 
 
 class Transformer(nn.Module):
     """A causal pre-norm transformer stack with a final norm. Positions are rotary, so any length works."""
 
     def __init__(self, d: int, n_layer: int, n_head: int, mlp_ratio: float, dropout: float, rope_base: float,
-                 checkpointing: bool = False) -> None:
+                 checkpointing: bool = False, token_shift: bool = False) -> None:
         super().__init__()
         self.d, self.n_head, self.checkpointing = d, n_head, checkpointing
-        self.blocks = nn.ModuleList(Block(d, n_head, mlp_ratio, dropout) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(d, n_head, mlp_ratio, dropout, token_shift) for _ in range(n_layer))
         self.norm = nn.RMSNorm(d, eps=1e-6)
         self.rotary = Rotary(d // n_head, rope_base)
 

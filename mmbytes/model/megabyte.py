@@ -27,23 +27,33 @@ class Megabyte(nn.Module):
         super().__init__()
         c = self.config = config
         P, DG, DL = c.patch_size, c.d_global, c.d_local
-        block = dict(mlp_ratio=c.mlp_ratio, dropout=c.dropout, rope_base=c.rope_base, checkpointing=c.checkpointing)
-        self.global_embed = nn.Embedding(c.vocab_size, DG)
+        block = dict(mlp_ratio=c.mlp_ratio, dropout=c.dropout, rope_base=c.rope_base, checkpointing=c.checkpointing,
+                     token_shift=c.token_shift)
+        full = c.global_to_local == "full"
+        if c.patch_embed == "concat":
+            self.global_embed = nn.Embedding(c.vocab_size, DG)
+        else:  # byte embeddings of width d_embed, concatenated, normalised and projected to the global width
+            de = c.d_embed or DL
+            self.global_embed = nn.Embedding(c.vocab_size, de)
+            self.patch_proj = nn.Sequential(nn.LayerNorm(P * de), nn.Linear(P * de, P * DG), nn.LayerNorm(P * DG))
         self.global_pad = nn.Parameter(torch.empty(P * DG))  # the trainable padding patch
         self.global_model = Transformer(P * DG, c.n_layer_global, c.n_head_global, **block)
         # middle stages (none in the two-stage model of the paper): each sees its parent's output for its sub-patch,
         # projected, plus its own embeddings of the sub-patches before it inside the parent
         self.mid_embed, self.mid_proj, self.mid_models = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         self.mid_pad = nn.ParameterList()
-        d_above = DG
+        d_above, p_above = DG, P
         for p, d, n_layer, n_head in zip(c.mid_patch_sizes, c.d_mid, c.n_layer_mid, c.n_head_mid, strict=True):
             self.mid_embed.append(nn.Embedding(c.vocab_size, d))
-            self.mid_proj.append(nn.Linear(p * d_above, p * d, bias=False))
+            self.mid_proj.append(nn.Linear(p_above * d_above, p_above * d) if full
+                                 else nn.Linear(p * d_above, p * d, bias=False))
             self.mid_pad.append(nn.Parameter(torch.empty(p * d)))
             self.mid_models.append(Transformer(p * d, n_layer, n_head, **block))
-            d_above = d
+            d_above, p_above = d, p
         if c.n_layer_local:
-            self.global_to_local = nn.Linear(d_above, DL, bias=False)  # w^GL of the paper
+            # w^GL of the paper (one slice of the parent's output per byte), or one projection of the whole output
+            self.global_to_local = (nn.Linear(p_above * d_above, p_above * DL) if full
+                                    else nn.Linear(d_above, DL, bias=False))
             self.local_embed = nn.Embedding(c.vocab_size, DL)
             self.local_pad = nn.Parameter(torch.empty(DL))  # the trainable padding byte
             self.local_model = Transformer(DL, c.n_layer_local, c.n_head_local, **block)
@@ -53,16 +63,20 @@ class Megabyte(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        std = self.config.embed_std
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
+            if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, nn.LayerNorm):
+                m.reset_parameters()
             elif isinstance(m, Transformer):
                 m.reset_parameters()
-        nn.init.normal_(self.global_pad, std=0.02)
-        for pad in self.mid_pad:
-            nn.init.normal_(pad, std=0.02)
-        if self.local_model is not None:
-            nn.init.normal_(self.local_pad, std=0.02)
+        for pad in (self.global_pad, *self.mid_pad, *([self.local_pad] if self.local_model is not None else [])):
+            nn.init.normal_(pad, std=std)
 
     def num_params(self, part: str = "all") -> int:
         modules = {"all": self, "global": self.global_model, "mid": self.mid_models, "local": self.local_model}[part]
@@ -73,19 +87,22 @@ class Megabyte(nn.Module):
     def patch_embed(self, x: Tensor) -> Tensor:
         """Bytes (B, K*P) -> global inputs (B, K, P*D_G): the P byte embeddings of a patch concatenated."""
         B, T = x.shape
-        return self.global_embed(x).view(B, T // self.config.patch_size, self.config.d_global_model)
+        P = self.config.patch_size
+        e = self.global_embed(x).view(B, T // P, P * self.global_embed.embedding_dim)  # (B, K, P*D_e)
+        return e if self.config.patch_embed == "concat" else self.patch_proj(e)
 
     def stages(self) -> list[Stage]:
         """Every stage from the global model down to the local one, as generation walks them."""
         c = self.config
-        out = [Stage(c.patch_size, self.global_model, None, self.patch_embed, self.global_pad)]
+        full = c.global_to_local == "full"
+        out = [Stage(c.patch_size, self.global_model, None, self.patch_embed, self.global_pad, full)]
         for i, p in enumerate(c.mid_patch_sizes):
             def embed(x: Tensor, e: nn.Embedding = self.mid_embed[i], p: int = p) -> Tensor:
                 return e(x).view(x.shape[0], x.shape[1] // p, p * e.embedding_dim)  # a sub-patch's bytes concatenated
 
-            out.append(Stage(p, self.mid_models[i], self.mid_proj[i], embed, self.mid_pad[i]))
+            out.append(Stage(p, self.mid_models[i], self.mid_proj[i], embed, self.mid_pad[i], full))
         if self.local_model is not None:
-            out.append(Stage(1, self.local_model, self.global_to_local, self.local_embed, self.local_pad))
+            out.append(Stage(1, self.local_model, self.global_to_local, self.local_embed, self.local_pad, full))
         return out
 
     def local_inputs(self, x: Tensor) -> Tensor:
@@ -109,7 +126,7 @@ class Megabyte(nn.Module):
             # fold every parent position into the batch; its output, cut into one slice per sub-patch, is projected
             # and added to the sub-patches' own embeddings, shifted right by one padding sub-patch inside the parent
             N = out.shape[0] * out.shape[1]
-            up = s.proj(out.reshape(N, P // s.patch, -1))  # (N, P/p, p*D_s)
+            up = s.up(out.reshape(N, -1), P)  # (N, P/p, p*D_s)
             xs = x.reshape(N, P)
             if s.patch == 1:
                 own = self.local_inputs(xs)
@@ -161,13 +178,22 @@ class Megabyte(nn.Module):
 class Stage(NamedTuple):
     """One level of the hierarchy: ``model`` runs over units of ``patch`` bytes; ``proj`` maps the parent's output
     slice for a unit to its width (None for the global model); ``embed`` maps bytes (N, L*patch) to unit inputs
-    (N, L, width); ``pad`` is the trainable unit that shifts the inputs right by one."""
+    (N, L, width); ``pad`` is the trainable unit that shifts the inputs right by one; ``full``: ``proj`` maps the
+    parent's whole output rather than one slice per unit."""
 
     patch: int
     model: Transformer
     proj: nn.Module | None
     embed: Callable[[Tensor], Tensor]
     pad: Tensor
+    full: bool = False
+
+    def up(self, parent: Tensor, parent_patch: int) -> Tensor:
+        """The parent's output for one of its units (N, width) -> this stage's share per sub-unit (N, n, width_s)."""
+        n = parent_patch // self.patch
+        if self.full:
+            return self.proj(parent).view(parent.shape[0], n, -1)
+        return self.proj(parent.view(parent.shape[0], n, -1))
 
 
 def _ce(weight: Tensor, h: Tensor, target: Tensor) -> Tensor:

@@ -1,0 +1,154 @@
+"""Learning efficiency: variants of MEGABYTE trained on the same batches, scored on the same held-out bytes.
+
+Every variant sees the same training windows in the same order (one seeded draw from the first 90% of a real text
+file) with the same AdamW settings (betas 0.9/0.98, weight decay 0.1, clip 1.0, linear warmup then cosine to 10%),
+and is scored at the same steps on every whole window of the last 10% of the file. mmbytes variants use
+``ByteLM``'s parameter groups (no decay on norms, biases or padding vectors). When the MEGABYTE-pytorch package is
+installed (``pip install MEGABYTE-pytorch==0.3.6``; not a dependency of mmbytes) the same shape built with it is
+trained alongside as the reference, with plain AdamW on all its parameters.
+
+    python bench/learning.py --steps 150 --json bench/learning.json
+    python bench/learning.py --steps 1000 --variants paper,default,reference --eval-every 250
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from mmbytes import Megabyte, MegabyteConfig
+from mmbytes.lit import param_groups, warmup_cosine
+
+TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
+
+# name -> (config overrides of `--size`, embeddings decayed); "reference" is MEGABYTE-pytorch
+PAPER = dict(embed_std=0.02, token_shift=False, patch_embed="concat", global_to_local="slice")
+VARIANTS: dict[str, tuple[dict, bool]] = {
+    "paper": (PAPER, True),
+    "embed1": ({**PAPER, "embed_std": 1.0}, True),
+    "shift": ({**PAPER, "token_shift": True}, True),
+    "embed1+shift": ({**PAPER, "embed_std": 1.0, "token_shift": True}, True),
+    "embed1+shift+nodecay": ({**PAPER, "embed_std": 1.0, "token_shift": True}, False),
+    "embed1+shift+project": ({**PAPER, "embed_std": 1.0, "token_shift": True, "patch_embed": "project"}, True),
+    "embed1+shift+full": ({**PAPER, "embed_std": 1.0, "token_shift": True, "global_to_local": "full"}, True),
+    "pytorch-like": ({"embed_std": 1.0, "token_shift": True, "patch_embed": "project", "global_to_local": "full"},
+                     True),
+    "default": ({}, True),  # whatever the named size is today
+}
+
+
+def split_text(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8).long()
+    cut = int(0.9 * len(data))
+    return data[:cut], data[cut:]
+
+
+def train_batches(train: torch.Tensor, steps: int, batch: int, T: int, seed: int) -> torch.Tensor:
+    """(steps, batch, T) random windows of the training bytes, one seeded draw shared by every variant."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(train) - T, (steps, batch), generator=g)
+    return train[starts[..., None] + torch.arange(T)]
+
+
+class Reference(torch.nn.Module):
+    """MEGABYTE-pytorch at the shape of a mmbytes config, behind the same ``nll`` call."""
+
+    def __init__(self, c: MegabyteConfig, T: int) -> None:
+        super().__init__()
+        from MEGABYTE_pytorch import MEGABYTE
+
+        self.net = MEGABYTE(num_tokens=256, dim=(c.d_global_model, c.d_local), depth=(c.n_layer_global,
+                            c.n_layer_local), max_seq_len=(T // c.patch_size, c.patch_size), dim_head=64,
+                            heads=c.n_head_global, pad_id=-1)  # pad_id -1: no byte value is left out of the loss
+
+    def nll(self, x: torch.Tensor) -> torch.Tensor:
+        """Its own training loss (mean nats over every byte of the batch), spread over (B, T) so that sums and means
+        over windows of equal length are exact."""
+        return self.net(x, return_loss=True).expand(x.shape)
+
+
+def build(name: str, size: str, T: int) -> tuple[torch.nn.Module, list[dict] | None]:
+    if name == "reference":
+        return Reference(MegabyteConfig.from_name(size), T), None
+    overrides, decay_embeddings = VARIANTS[name]
+    model = Megabyte(MegabyteConfig.from_name(size, **overrides))
+    return model, param_groups(model, 0.1, decay_embeddings)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, val: torch.Tensor, T: int, batch: int) -> float:
+    model.eval()
+    windows = val[: len(val) // T * T].view(-1, T)
+    nats = sum(model.nll(w).sum().item() for w in windows.split(batch))
+    model.train()
+    return nats / windows.numel() / math.log(2)
+
+
+def run(name: str, args, batches: torch.Tensor, val: torch.Tensor) -> dict:
+    torch.manual_seed(args.seed)
+    model, groups = build(name, args.size, args.seq_len)
+    opt = torch.optim.AdamW(groups if groups is not None else model.parameters(), lr=args.lr, betas=(0.9, 0.98),
+                            weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.warmup, args.steps, 0.1))
+    curve, train_s = {}, 0.0
+    model.train()
+    for step, x in enumerate(batches, start=1):
+        start = time.perf_counter()
+        loss = model.nll(x).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        train_s += time.perf_counter() - start
+        if step % args.eval_every == 0 or step == len(batches):
+            curve[step] = evaluate(model, val, args.seq_len, args.batch)
+            print(f"  {name:24s} step {step:5d}  val bpb {curve[step]:.3f}  ({train_s / step:.2f} s/step)",
+                  flush=True)
+    params = sum(p.numel() for p in model.parameters())
+    return {"variant": name, "params": params, "val_bpb": curve, "s_per_step": train_s / len(batches)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default=",".join([*VARIANTS, "reference"]))
+    ap.add_argument("--size", default="small")
+    ap.add_argument("--text", type=Path, default=TEXT, help="a real text file: first 90%% trains, last 10%% scores")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    train, val = split_text(args.text)
+    batches = train_batches(train, args.steps, args.batch, args.seq_len, args.seed)
+    names = args.variants.split(",")
+    if "reference" in names:
+        try:
+            import MEGABYTE_pytorch  # noqa: F401
+        except ImportError:
+            print("MEGABYTE-pytorch is not installed: no reference row (pip install MEGABYTE-pytorch==0.3.6)")
+            names.remove("reference")
+    print(f"{args.text.name}: {len(train)} training bytes, {len(val) // args.seq_len * args.seq_len} held-out bytes; "
+          f"size {args.size}, T={args.seq_len}, batch {args.batch}, lr {args.lr}, {args.steps} steps")
+    rows = [run(name, args, batches, val) for name in names]
+    steps = sorted(rows[0]["val_bpb"])
+    print(f"\n{'variant':24s} {'params':>8s} {'s/step':>7s} " + " ".join(f"{'@' + str(s):>7s}" for s in steps))
+    for r in rows:
+        print(f"{r['variant']:24s} {r['params'] / 1e6:7.2f}M {r['s_per_step']:7.2f} "
+              + " ".join(f"{r['val_bpb'][s]:7.3f}" for s in steps))
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
