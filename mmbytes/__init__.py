@@ -1,7 +1,6 @@
-"""mmbytes: generative modeling on raw file bytes with MEGABYTE-style multiscale transformers."""
+"""mmbytes: generative modeling on raw file bytes with byte-level architectures (MEGABYTE, SpaceByte, ...)."""
 
-from mmbytes.config import MegabyteConfig
-from mmbytes.model import Megabyte
+from mmbytes.model import SIZES, Megabyte, MegabyteConfig, SpaceByte, SpaceByteConfig, build, config_from_name
 
-__all__ = ["Megabyte", "MegabyteConfig"]
+__all__ = ["SIZES", "Megabyte", "MegabyteConfig", "SpaceByte", "SpaceByteConfig", "build", "config_from_name"]
 __version__ = "0.1.0"

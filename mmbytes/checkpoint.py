@@ -12,40 +12,40 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from mmbytes.config import MegabyteConfig
-from mmbytes.model import Megabyte
+from mmbytes.model.registry import build, config_from_dict, config_from_name
 
 
 class ConfigMismatchError(ValueError):
     """A checkpoint's model configuration differs from the one this run asks for."""
 
 
-def checkpoint_config(ckpt: dict[str, Any]) -> MegabyteConfig | None:
+def checkpoint_config(ckpt: dict[str, Any]) -> Any | None:
     """The model configuration a ``ByteLM`` checkpoint was trained with (None if it is not one)."""
     stored = (ckpt.get("mmbytes") or {}).get("config")
     if stored is not None:  # the resolved config, saved since named sizes may change between versions
-        known = {f.name for f in fields(MegabyteConfig)}
-        return MegabyteConfig(**{k: v for k, v in stored.items() if k in known})
+        return config_from_dict(stored)
     hp = ckpt.get("hyper_parameters") or {}
     if "size" not in hp:
         return None
-    return MegabyteConfig.from_name(hp["size"], **(hp.get("overrides") or {}))
+    return config_from_name(hp["size"], **(hp.get("overrides") or {}))
 
 
 RUNTIME_FIELDS = ("checkpointing", "dropout")  # free to change on resume: the weights mean the same either way
 
 
-def config_difference(theirs: MegabyteConfig, ours: MegabyteConfig) -> list[str]:
-    """The fields, runtime options aside, in which two configs differ."""
-    return [f.name for f in fields(MegabyteConfig)
+def config_difference(theirs: Any, ours: Any) -> list[str]:
+    """The fields, runtime options aside, in which two configs differ (``arch`` alone for two architectures)."""
+    if type(theirs) is not type(ours):
+        return ["arch"]
+    return [f.name for f in fields(ours)
             if f.name not in RUNTIME_FIELDS and getattr(theirs, f.name) != getattr(ours, f.name)]
 
 
-def check_config(theirs: MegabyteConfig | None, ours: MegabyteConfig, where: str | Path = "") -> None:
+def check_config(theirs: Any | None, ours: Any, where: str | Path = "") -> None:
     """Raise ``ConfigMismatchError`` naming every field in which the checkpoint's config differs from this run's."""
     diff = config_difference(theirs, ours) if theirs is not None else []
     if diff:
-        def show(cfg: MegabyteConfig) -> str:
+        def show(cfg: Any) -> str:
             return ", ".join(f"{name}={getattr(cfg, name)}" for name in diff)
 
         raise ConfigMismatchError(f"{where}{': ' if where else ''}checkpoint has {show(theirs)}; "
@@ -64,9 +64,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu",
-               expect: MegabyteConfig | None = None) -> tuple[Megabyte, dict[str, Any]]:
-    """The model of a ``mmbytes.lit.ByteLM`` checkpoint, in eval mode, and the checkpoint's hyperparameters.
-    With ``expect``, a checkpoint of another configuration is refused with the differing fields named."""
+               expect: Any | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model of a ``mmbytes.lit.ByteLM`` checkpoint (any architecture), in eval mode on ``map_location``, and the
+    checkpoint's hyperparameters. With ``expect``, a checkpoint of another configuration is refused with the
+    differing fields named."""
     ckpt = load_checkpoint(path, map_location)
     hp = ckpt.get("hyper_parameters", {})
     config = checkpoint_config(ckpt)
@@ -74,10 +75,10 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu",
         raise ValueError(f"{path}: not a mmbytes ByteLM checkpoint (no model size in its hyperparameters)")
     if expect is not None:
         check_config(config, expect, path)
-    model = Megabyte(config)
+    model = build(config)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
-    return model.eval(), hp
+    return model.to(map_location).eval(), hp
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

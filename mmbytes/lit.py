@@ -10,9 +10,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from mmbytes.checkpoint import check_config, checkpoint_config
-from mmbytes.config import MegabyteConfig
 from mmbytes.metrics import BitsPerByte
-from mmbytes.model import Megabyte
+from mmbytes.model.registry import build, config_from_name, config_to_dict
 
 
 class NonFiniteLossError(RuntimeError):
@@ -35,8 +34,8 @@ class ByteLM(L.LightningModule):
     ) -> None:
         """
         Args:
-            size: named model size (``debug``, ``small``, ``base``, ``transformer-small``, ...; see
-                ``mmbytes.config.NAMED``).
+            size: named model size of any architecture (``debug``, ``small``, ``base``, ``transformer-small``,
+                ``spacebyte-small``, ...; see ``mmbytes.model.registry.SIZES``).
             overrides: config fields that replace those of the named size, e.g. ``{patch_size: 4}``.
             lr: peak learning rate of AdamW.
             weight_decay: AdamW weight decay, applied to matrices (and embeddings, see ``decay_embeddings``), never
@@ -53,8 +52,10 @@ class ByteLM(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.config = MegabyteConfig.from_name(size, **(overrides or {}))
-        self.model = Megabyte(self.config)
+        self.config = config_from_name(size, **(overrides or {}))
+        self.model = build(self.config)
+        if strided_eval and not hasattr(self.model, "nll_strided"):
+            raise ValueError(f"strided_eval needs fixed patches (MEGABYTE); {size!r} is {self.config.arch}")
         self.bits = torch.nn.ModuleDict({f"{stage}{kind}": BitsPerByte() for stage in ("val", "test")
                                          for kind in ("", "_strided")})
         self.skipped_steps = 0  # non-finite losses skipped in all (kept in checkpoints)
@@ -95,6 +96,8 @@ class ByteLM(L.LightningModule):
         self.log("train/loss", loss)
         self.log("train/bpb", loss / math.log(2), prog_bar=True)
         self.log("train/skipped_steps", float(self.skipped_steps))
+        for name, value in getattr(self.model, "stats", {}).items():  # e.g. SpaceByte's share of capped bytes
+            self.log(f"train/{name}", value)
         return loss
 
     def _skip_step(self) -> None:
@@ -113,7 +116,7 @@ class ByteLM(L.LightningModule):
         return None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mmbytes"] = {"config": self.config.to_dict(), "skipped_steps": self.skipped_steps}
+        checkpoint["mmbytes"] = {"config": config_to_dict(self.config), "skipped_steps": self.skipped_steps}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint of another architecture is refused by name, before its weights meet this model."""

@@ -9,20 +9,20 @@ import argparse
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from mmbytes.model import Megabyte
 from mmbytes.model.generate import generate
 
 SUFFIX = {"text": ".txt", "raw": ".bin", "image": ".png", "audio": ".wav"}
 
 
 @torch.no_grad()
-def sample_bytes(model: Megabyte, num: int, num_bytes: int, prompt: bytes = b"", *, temperature: float = 1.0,
+def sample_bytes(model: nn.Module, num: int, num_bytes: int, prompt: bytes = b"", *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                  progress: bool = False) -> list[bytes]:
     """``num`` independent continuations of ``prompt``, each ``num_bytes`` long (prompt included when it fits)."""
-    device = model.global_pad.device
+    device = next(model.parameters()).device
     p = torch.tensor(list(prompt[:num_bytes]), dtype=torch.long, device=device).expand(num, -1)
     g = torch.Generator(device).manual_seed(seed)
     new = num_bytes - p.shape[1]
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model, _ = load_model(args.ckpt, map_location=args.device)
     data_hp = load_checkpoint(args.ckpt).get("datamodule_hyper_parameters") or {}
-    meta = codec_meta(args.modality, data_hp, args, model.config.patch_size)
+    meta = codec_meta(args.modality, data_hp, args, getattr(model.config, "patch_size", 1))
     if args.modality == "audio":
         num_bytes = int(args.seconds * meta["sample_rate"]) * 2
     else:

@@ -16,8 +16,8 @@ import torch
 
 from datamodules import ByteDataModule
 from mmbytes.checkpoint import AtomicCheckpointIO, ConfigMismatchError, atomic_save, load_model
-from mmbytes.config import MegabyteConfig
 from mmbytes.lit import ByteLM, NonFiniteLossError
+from mmbytes.model.megabyte import MegabyteConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"

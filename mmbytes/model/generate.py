@@ -1,11 +1,10 @@
-"""Patch-by-patch generation with a KV cache per stage (MEGABYTE, Yu et al., 2023, section 2.3 and 6).
+"""One generation loop for every architecture, over each model's own cache.
 
-The global model advances one patch at a time with its own cache; the local model then decodes the patch's P bytes
-one by one with a per-patch cache that is cleared for every patch. With middle stages the same step recurses: a
-middle model advances one sub-patch at a time inside the current patch, and the local model decodes each sub-patch.
-A prompt is prefilled in parallel at every stage: all its whole patches in one global call, the whole sub-patches of
-its last, partial patch in one call of the stage below, and so on down to its last bytes in one local call.
-``generate_reference`` runs the full model for every byte; it is the slow decoder the fast one is tested against.
+A model makes its cache (``new_cache``), takes the prompt in parallel (``prefill``) and then one byte at a time
+(``step``); each returns the logits of the next byte. MEGABYTE advances its global model one patch at a time and
+decodes the bytes of a patch with a cache cleared for every patch (Yu et al., 2023, section 2.3); SpaceByte runs its
+global blocks one cached step whenever a byte opens a word. ``generate_reference`` runs the full model for every
+byte; it is the slow decoder the fast one is tested against.
 """
 
 from __future__ import annotations
@@ -14,9 +13,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
-from mmbytes.model.megabyte import Megabyte
+from torch import Tensor, nn
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -38,81 +35,53 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
 
 
 @torch.no_grad()
-def generate(model: Megabyte, prompt: Tensor, num_bytes: int, *, temperature: float = 1.0, top_k: int | None = None,
+def generate(model: nn.Module, prompt: Tensor, num_bytes: int, *, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, generator: torch.Generator | None = None,
              on_logits: Callable[[int, Tensor], None] | None = None,
              on_progress: Callable[[int], None] | None = None) -> Tensor:
-    """Continue ``prompt`` (B, L0) by ``num_bytes`` bytes; returns (B, L0 + num_bytes).
+    """Continue ``prompt`` (B, L0) by ``num_bytes`` bytes with any model of the registry; returns (B, L0 + num_bytes).
 
     ``on_logits(t, logits)`` sees the (B, 256) logits that chose byte t (tests compare them with the reference);
-    ``on_progress(n)`` is called with the number of bytes made after each global patch.
+    ``on_progress(n)`` is called with the number of bytes made so far after each byte.
     """
     if num_bytes <= 0:
         return prompt.long().clone()
     was_training = model.training
     model.eval()
-    B, L0 = prompt.shape
-    total = L0 + num_bytes
-    device, dtype = prompt.device, model.global_pad.dtype
-    out = torch.zeros(B, total, dtype=torch.long, device=device)
-    out[:, :L0] = prompt
-    stages = model.stages()
-    sizes = [s.patch for s in stages]
-    # one cache per stage: the global one holds every patch; below it, a stage holds the units of one parent unit
-    # and is cleared whenever its parent advances
-    caches = [stages[0].model.make_caches(B, -(-total // sizes[0]), device, dtype)]
-    for s, above in zip(stages[1:], sizes, strict=False):
-        caches.append(s.model.make_caches(B, above // s.patch, device, dtype))
-    t = L0  # bytes known so far
-
-    def decode(i: int, up: Tensor | None, start: int) -> None:
-        """Decode the bytes of one parent unit, starting at byte ``start``, through stage i and those below it.
-        ``up``: the projected parent output, one slice per unit (B, n, width); None for the global stage."""
-        nonlocal t
-        s, cache = stages[i], caches[i]
-        for c in cache:
-            c.reset()
-        known = (t - start) // s.patch  # whole units already known (from the prompt): prefilled in one call
-        inputs = torch.cat([s.pad.expand(B, 1, -1), s.embed(out[:, start : start + known * s.patch])], dim=1)
-        if up is not None:
-            inputs = inputs + up[:, : known + 1]
-        h = s.model(inputs, cache)[:, -1]  # output for unit `known`
-        for j in range(known, up.shape[1] if up is not None else -(-total // s.patch)):
-            unit = start + j * s.patch
-            if i + 1 == len(stages):  # the last stage predicts a byte
-                logits = model.head(h)
-                if on_logits is not None:
-                    on_logits(t, logits)
-                out[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
-                t += 1
-            else:
-                below = stages[i + 1]
-                decode(i + 1, below.up(h, s.patch), unit)
-            if i == 0 and on_progress is not None:
-                on_progress(t - L0)
-            if t == total or (up is not None and j + 1 == up.shape[1]):
-                return
-            nxt = s.embed(out[:, unit : unit + s.patch])  # the stage advances by the unit just finished
-            h = s.model(nxt if up is None else nxt + up[:, j + 1 : j + 2], cache)[:, -1]
-
-    decode(0, None, 0)
-    model.train(was_training)
+    try:
+        B, L0 = prompt.shape
+        total = L0 + num_bytes
+        cache = model.new_cache(B, total, prompt.device, next(model.parameters()).dtype)
+        out = torch.zeros(B, total, dtype=torch.long, device=prompt.device)
+        out[:, :L0] = prompt
+        logits = model.prefill(out[:, :L0], cache)
+        for t in range(L0, total):
+            if on_logits is not None:
+                on_logits(t, logits)
+            out[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
+            if on_progress is not None:
+                on_progress(t + 1 - L0)
+            if t + 1 < total:
+                logits = model.step(out[:, t], cache)
+    finally:
+        model.train(was_training)
     return out
 
 
 @torch.no_grad()
-def generate_reference(model: Megabyte, prompt: Tensor, num_bytes: int, *, temperature: float = 1.0,
+def generate_reference(model: nn.Module, prompt: Tensor, num_bytes: int, *, temperature: float = 1.0,
                        top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
                        on_logits: Callable[[int, Tensor], None] | None = None) -> Tensor:
     """The slow decoder: a full forward pass over everything so far for every byte."""
     was_training = model.training
     model.eval()
-    B, L0 = prompt.shape
-    out = F.pad(prompt.long(), (0, num_bytes))
-    for t in range(L0, L0 + num_bytes):
-        logits = model(out[:, : t + 1])[:, t]  # position t sees bytes < t only; out[:, t] is a placeholder
-        if on_logits is not None:
-            on_logits(t, logits)
-        out[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
-    model.train(was_training)
+    try:
+        out = F.pad(prompt.long(), (0, num_bytes))
+        for t in range(prompt.shape[1], out.shape[1]):
+            logits = model(out[:, : t + 1])[:, t]  # position t sees bytes < t only; out[:, t] is a placeholder
+            if on_logits is not None:
+                on_logits(t, logits)
+            out[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
+    finally:
+        model.train(was_training)
     return out

@@ -15,30 +15,90 @@ CHECKPOINT_TOKENS = 2**17
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values of one attention layer; ``pos`` is how many positions are filled. ``last`` keeps
-    the block's inputs at the newest position (for token shift), one slot per shifted sublayer."""
+    """Preallocated keys and values of one attention layer; ``pos`` is how many positions were written. With a
+    ``window`` it is a ring of the last ``window`` positions (sliding-window attention): keys carry their rotary
+    position already, so their order in the ring does not matter. ``last`` keeps the block's inputs at the newest
+    position (for token shift), one slot per shifted sublayer."""
 
-    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, device=None, dtype=None) -> None:
+    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, device=None, dtype=None,
+                 window: int = 0) -> None:
         super().__init__()
-        shape = (batch, n_head, max_len, head_dim)
+        self.window = window
+        shape = (batch, n_head, min(max_len, window) if window else max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.pos = 0
         self.last: list[Tensor | None] = [None, None]
 
-    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append (B, H, L, hd) keys and values; return all filled positions."""
-        end = self.pos + k.shape[2]
-        if end > self.k.shape[2]:
-            raise RuntimeError(f"KV cache overflow: {end} positions > capacity {self.k.shape[2]}")
-        self.k[:, :, self.pos : end] = k
-        self.v[:, :, self.pos : end] = v
-        self.pos = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def write(self, k: Tensor, v: Tensor) -> None:
+        """Append (B, H, L, hd) keys and values (a ring keeps only the newest ``window``)."""
+        L, cap = k.shape[2], self.k.shape[2]
+        if self.window:
+            keep = min(L, cap)
+            slots = torch.arange(self.pos + L - keep, self.pos + L, device=k.device) % cap
+            self.k[:, :, slots], self.v[:, :, slots] = k[:, :, L - keep :], v[:, :, L - keep :]
+        else:
+            if self.pos + L > cap:
+                raise RuntimeError(f"KV cache overflow: {self.pos + L} positions > capacity {cap}")
+            self.k[:, :, self.pos : self.pos + L], self.v[:, :, self.pos : self.pos + L] = k, v
+        self.pos += L
+
+    def keys(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Every key and value a new query may see, and a mask (None: all of them)."""
+        n = min(self.pos, self.k.shape[2])
+        return self.k[:, :, :n], self.v[:, :, :n], None
+
+    def recall(self, slot: int) -> Tensor | None:
+        """The shifted half of a sublayer's input at the newest position (None before the first)."""
+        return self.last[slot] if self.pos > 0 else None
+
+    def remember(self, slot: int, x: Tensor) -> None:
+        self.last[slot] = x[:, -1:, x.shape[-1] // 2 :]
 
     def reset(self) -> None:
         self.pos = 0
         self.last = [None, None]
+
+
+class RowKVCache(KVCache):
+    """A KV cache whose rows advance separately (SpaceByte's global blocks: each row takes a step only where its
+    bytes open a word). ``n`` (B,) counts each row's positions; ``step`` writes one position per row at its own
+    ``n`` and ``commit(rows)`` advances only the rows that really took the step."""
+
+    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, device=None, dtype=None) -> None:
+        super().__init__(batch, n_head, max_len, head_dim, device, dtype)
+        self.n = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def write(self, k: Tensor, v: Tensor) -> None:
+        if self.pos == 0:  # prefill: every row's slots from 0; ``set_lengths`` then says how many are real
+            super().write(k, v)
+            return
+        rows = torch.arange(k.shape[0], device=k.device)
+        if int(self.n.max()) >= self.k.shape[2]:
+            raise RuntimeError(f"KV cache overflow: capacity {self.k.shape[2]}")
+        self.k[rows, :, self.n], self.v[rows, :, self.n] = k[:, :, 0], v[:, :, 0]
+        self.pos += 1
+
+    def keys(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        S = int(self.n.max()) + 1  # each row sees its own positions and the one just written at n
+        mask = torch.arange(S, device=self.n.device) <= self.n[:, None]  # (B, S)
+        return self.k[:, :, :S], self.v[:, :, :S], mask[:, None, None, :]
+
+    def set_lengths(self, n: Tensor) -> None:
+        """Each row's real positions, set before a prefill (rows are padded at the end)."""
+        self.n = n.clone()
+
+    def remember(self, slot: int, x: Tensor) -> None:
+        if x.shape[1] > 1:  # prefill: each row's newest real position, not the padding after it
+            x = x[torch.arange(x.shape[0], device=x.device), (self.n - 1).clamp(min=0)][:, None]
+        super().remember(slot, x)
+
+    def commit(self, rows: Tensor) -> None:
+        self.n = self.n + rows.long()
+
+    def reset(self) -> None:
+        super().reset()
+        self.n.zero_()
 
 
 def token_shift(x: Tensor, prev: Tensor | None) -> Tensor:
@@ -60,12 +120,20 @@ class Rotary(nn.Module):
 
     def forward(self, start: int, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         end = start + length
+        self._grow(end)
+        return self._cos[start:end].to(dtype), self._sin[start:end].to(dtype)
+
+    def rows(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin (B, 1, 1, hd) of one position per row."""
+        self._grow(int(positions.max()) + 1)
+        return self._cos[positions][:, None, None].to(dtype), self._sin[positions][:, None, None].to(dtype)
+
+    def _grow(self, end: int) -> None:
         if self._cos is None or self._cos.shape[0] < end or self._cos.device != self.inv_freq.device:
             n = max(end, 2 * (0 if self._cos is None else self._cos.shape[0]), 64)
             freqs = torch.outer(torch.arange(n, device=self.inv_freq.device, dtype=torch.float32), self.inv_freq)
             emb = torch.cat([freqs, freqs], dim=-1)  # (n, hd)
             self._cos, self._sin = emb.cos(), emb.sin()
-        return self._cos[start:end].to(dtype), self._sin[start:end].to(dtype)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -73,10 +141,35 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
+    """Causal attention in which each query sees itself and the ``window - 1`` positions before it, computed block by
+    block: queries in blocks of ``window`` attend to their own block and the one before, so the cost is
+    O(T * window), not O(T^2). (B, H, T, hd) in and out."""
+    B, H, T, hd = q.shape
+    W = window
+    pad = -T % W
+    if pad:  # padded queries are dropped; padded keys come after every real query, so no real query sees them
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    n = (T + pad) // W
+    qb, kb, vb = (t.view(B, H, n, W, hd) for t in (q, k, v))  # (B, H, n, W, hd)
+    k2 = torch.cat([F.pad(kb, (0, 0, 0, 0, 1, 0))[:, :, :-1], kb], dim=3)  # (B, H, n, 2W, hd): block before + own
+    v2 = torch.cat([F.pad(vb, (0, 0, 0, 0, 1, 0))[:, :, :-1], vb], dim=3)
+    i = torch.arange(W, device=q.device)[:, None]
+    j = torch.arange(2 * W, device=q.device)[None, :]
+    mask = (j > i) & (j <= i + W)  # (W, 2W): key j of the two blocks sits at offset j - W from the query block
+    mask = mask.expand(n, W, 2 * W).clone()
+    mask[0, :, :W] = False  # the first block has no block before it
+    y = F.scaled_dot_product_attention(qb, k2, v2, attn_mask=mask)  # (B, H, n, W, hd)
+    return y.reshape(B, H, n * W, hd)[:, :, :T]
+
+
 class Attention(nn.Module):
-    def __init__(self, d: int, n_head: int, dropout: float) -> None:
+    """Causal self-attention; ``window`` > 0 limits each query to itself and the ``window - 1`` positions before it.
+    With a cache, a fresh cache takes the whole input (prefill) and a started one one position at a time."""
+
+    def __init__(self, d: int, n_head: int, dropout: float, window: int = 0) -> None:
         super().__init__()
-        self.n_head, self.head_dim = n_head, d // n_head
+        self.n_head, self.head_dim, self.window = n_head, d // n_head, window
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.proj = nn.Linear(d, d, bias=False)
         self.dropout = dropout
@@ -85,19 +178,19 @@ class Attention(nn.Module):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        start = 0
+        fresh = cache is None or cache.pos == 0
         if cache is not None:
-            start = cache.pos
-            k, v = cache.update(k, v)
-        if start == 0:
-            mask, causal = None, True
-        elif L == 1:
-            mask, causal = None, False  # one new query sees every cached key
-        else:  # prefill continuing a cache: query i sits at position start + i
-            mask = torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+            cache.write(k, v)
+        if fresh and self.window and L > self.window:
+            y = window_attention(q, k, v, self.window)
+        elif fresh:
+            drop = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        elif L == 1:  # one new query sees every cached key (the ring of a windowed cache holds just the window)
+            k, v, mask = cache.keys()
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            raise ValueError("a started KV cache takes one position at a time")
         return self.proj(y.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
 
 
@@ -116,38 +209,44 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm block; with ``shift``, each sublayer reads its input token-shifted (see ``token_shift``)."""
 
-    def __init__(self, d: int, n_head: int, mlp_ratio: float, dropout: float, shift: bool = False) -> None:
+    def __init__(self, d: int, n_head: int, mlp_ratio: float, dropout: float, shift: bool = False,
+                 window: int = 0) -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(d, eps=1e-6), nn.RMSNorm(d, eps=1e-6)
-        self.attn = Attention(d, n_head, dropout)
+        self.attn = Attention(d, n_head, dropout, window)
         self.mlp = MLP(d, mlp_ratio, dropout)
         self.drop = nn.Dropout(dropout)
         self.shift = shift
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
-        prev = cache.last if cache is not None and cache.pos > 0 else [None, None]  # read before attention fills it
-        new = [None, None]
+        shift = self.shift
+        prev = [cache.recall(0), cache.recall(1)] if shift and cache is not None else [None, None]  # before writing
         h = x
-        if self.shift:
-            new[0], h = x[:, -1:, x.shape[-1] // 2 :], token_shift(x, prev[0])
+        if shift:
+            h = token_shift(x, prev[0])
+            if cache is not None:
+                cache.remember(0, x)
         x = x + self.drop(self.attn(self.norm1(h), cos, sin, cache))
         h = x
-        if self.shift:
-            new[1], h = x[:, -1:, x.shape[-1] // 2 :], token_shift(x, prev[1])
+        if shift:
+            h = token_shift(x, prev[1])
             if cache is not None:
-                cache.last = new
+                cache.remember(1, x)
         return x + self.mlp(self.norm2(h))
 
 
 class Transformer(nn.Module):
-    """A causal pre-norm transformer stack with a final norm. Positions are rotary, so any length works."""
+    """A causal pre-norm transformer stack, with a final norm unless ``final_norm`` is False (a stack whose output
+    goes on in a residual stream). Positions are rotary, so any length works; ``window`` > 0 makes the attention
+    sliding-window."""
 
     def __init__(self, d: int, n_layer: int, n_head: int, mlp_ratio: float, dropout: float, rope_base: float,
-                 checkpointing: bool = False, token_shift: bool = False) -> None:
+                 checkpointing: bool = False, token_shift: bool = False, window: int = 0,
+                 final_norm: bool = True) -> None:
         super().__init__()
-        self.d, self.n_head, self.checkpointing = d, n_head, checkpointing
-        self.blocks = nn.ModuleList(Block(d, n_head, mlp_ratio, dropout, token_shift) for _ in range(n_layer))
-        self.norm = nn.RMSNorm(d, eps=1e-6)
+        self.d, self.n_head, self.checkpointing, self.window = d, n_head, checkpointing, window
+        self.blocks = nn.ModuleList(Block(d, n_head, mlp_ratio, dropout, token_shift, window) for _ in range(n_layer))
+        self.norm = nn.RMSNorm(d, eps=1e-6) if final_norm else nn.Identity()
         self.rotary = Rotary(d // n_head, rope_base)
 
     def reset_parameters(self) -> None:
@@ -159,9 +258,12 @@ class Transformer(nn.Module):
             for proj in (block.attn.proj, block.mlp.proj):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * len(self.blocks)))
 
-    def forward(self, x: Tensor, caches: list[KVCache] | None = None) -> Tensor:
-        start = caches[0].pos if caches else 0
-        cos, sin = self.rotary(start, x.shape[1], x.dtype)
+    def forward(self, x: Tensor, caches: list[KVCache] | None = None, positions: Tensor | None = None) -> Tensor:
+        """x (B, L, d). With ``positions`` (B,), x holds one position per row at that row's own index (row caches)."""
+        if positions is not None:
+            cos, sin = self.rotary.rows(positions, x.dtype)
+        else:
+            cos, sin = self.rotary(caches[0].pos if caches else 0, x.shape[1], x.dtype)
         for i, block in enumerate(self.blocks):
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 # only the block's input is kept; its intermediates are recomputed in the backward pass. The rows of
@@ -173,6 +275,9 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, caches[i] if caches else None)
         return self.norm(x)
 
-    def make_caches(self, batch: int, max_len: int, device=None, dtype=None) -> list[KVCache]:
+    def make_caches(self, batch: int, max_len: int, device=None, dtype=None, rows: bool = False) -> list[KVCache]:
+        """One cache per block; ``rows``: caches whose rows advance separately (``RowKVCache``)."""
         hd = self.d // self.n_head
-        return [KVCache(batch, self.n_head, max_len, hd, device, dtype) for _ in self.blocks]
+        if rows:
+            return [RowKVCache(batch, self.n_head, max_len, hd, device, dtype) for _ in self.blocks]
+        return [KVCache(batch, self.n_head, max_len, hd, device, dtype, self.window) for _ in self.blocks]

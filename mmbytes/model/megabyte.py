@@ -4,20 +4,167 @@ Shapes: B batch, T bytes, P patch size, K = T / P patches, D_G per-byte global w
 Position information is rotary: the global model rotates by patch index, the local model by byte index inside the
 patch; a byte's slot inside the concatenated patch vector already tells the global model where in the patch it is.
 Learned absolute tables are avoided so the same weights run at any T (up to million-byte sequences).
+
+``MegabyteConfig`` holds the architecture's fields; its named sizes (``SIZES``) join the one namespace of
+``mmbytes.model.registry``. The byte-level Transformer baseline of the paper (section 5) is the same config with
+``arch="transformer"``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mmbytes.config import MegabyteConfig
 from mmbytes.model.layers import Transformer
+
+
+@dataclass(frozen=True)
+class MegabyteConfig:
+    arch: Literal["megabyte", "transformer"] = "megabyte"
+    """``megabyte``: global model over patches + local model inside each patch. ``transformer``: one flat causal
+    transformer over bytes (the paper's baseline); it uses the global stack with patch_size 1 and no local model."""
+    patch_size: int = 8
+    """P, bytes per patch."""
+    d_global: int = 32
+    """D_G, per-byte embedding width of the global model; the global transformer is P * D_G wide."""
+    n_layer_global: int = 2
+    """Blocks in the global transformer."""
+    n_head_global: int = 4
+    """Attention heads in the global transformer."""
+    mid_patch_sizes: tuple[int, ...] = ()
+    """Patch sizes of middle stages between the global and the local model (the multiscale generalization of the
+    paper): ``patch_size=64, mid_patch_sizes=(8,)`` runs the global model over 64-byte patches, a middle model over
+    the eight 8-byte sub-patches inside each, and the local model over the bytes of each sub-patch. Each size divides
+    the one above it."""
+    d_mid: tuple[int, ...] = ()
+    """Per-byte embedding width of each middle stage; its transformer is mid_patch_size * d_mid wide."""
+    n_layer_mid: tuple[int, ...] = ()
+    """Blocks of each middle transformer."""
+    n_head_mid: tuple[int, ...] = ()
+    """Attention heads of each middle transformer."""
+    d_local: int = 64
+    """D_L, width of the local transformer."""
+    n_layer_local: int = 2
+    """Blocks in the local transformer."""
+    n_head_local: int = 2
+    """Attention heads in the local transformer."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of the block width."""
+    dropout: float = 0.0
+    """Dropout on attention output and MLP output during training."""
+    rope_base: float = 10000.0
+    """Base of the rotary position embedding (patch index in the global model, byte index in the local one)."""
+    checkpointing: bool = False
+    """Recompute each block in the backward pass instead of storing its activations (saves memory on long T)."""
+    token_shift: bool = False
+    """Token shift (RWKV; as in MEGABYTE-pytorch): every attention and MLP sublayer reads the second half of its
+    input channels from the previous position of its stage (patch, sub-patch or byte). Causal and cached."""
+    embed_std: float = 0.02
+    """Initial standard deviation of the byte embeddings and the trainable padding units (the paper's GPT-2 form:
+    0.02; 1.0 keeps a byte's identity above the noise the blocks add at initialisation)."""
+    patch_embed: Literal["concat", "project"] = "concat"
+    """How the global model sees a patch. ``concat`` (paper): the P byte embeddings of width D_G concatenated.
+    ``project``: byte embeddings of width ``d_embed`` concatenated, then LayerNorm -> Linear -> LayerNorm to P * D_G
+    (MEGABYTE-pytorch)."""
+    d_embed: int = 0
+    """Byte embedding width of ``patch_embed: project`` (0: D_L)."""
+    global_to_local: Literal["slice", "full"] = "slice"
+    """How a patch's global output reaches its bytes. ``slice`` (paper, w^GL): byte i of the patch gets slice i of
+    the global output, projected D_G -> D_L. ``full``: one projection of the whole global vector to all P positions
+    (P*D_G -> P*D_L; MEGABYTE-pytorch). Middle stages follow the same choice."""
+    vocab_size: int = 256
+    """Byte values. All 256 are data: none is reserved for padding."""
+
+    def __post_init__(self) -> None:
+        for name in ("mid_patch_sizes", "d_mid", "n_layer_mid", "n_head_mid"):  # YAML and checkpoints give lists
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        mids = (self.mid_patch_sizes, self.d_mid, self.n_layer_mid, self.n_head_mid)
+        if len({len(m) for m in mids}) != 1:
+            raise ValueError("mid_patch_sizes, d_mid, n_layer_mid and n_head_mid need one entry per middle stage, "
+                             f"got {[len(m) for m in mids]}")
+        sizes = (self.patch_size, *self.mid_patch_sizes)
+        for above, below in zip(sizes, sizes[1:], strict=False):
+            if below < 2 or below >= above or above % below:
+                raise ValueError(f"patch sizes {sizes}: each middle patch size must be at least 2, smaller than the "
+                                 "one above it and divide it")
+        if self.arch == "transformer":
+            if self.patch_size != 1 or self.n_layer_local != 0 or self.mid_patch_sizes:
+                raise ValueError("arch='transformer' needs patch_size=1 and n_layer_local=0: one flat stack over bytes")
+        elif self.arch == "megabyte":
+            if self.patch_size < 1 or self.n_layer_local < 1:
+                raise ValueError("arch='megabyte' needs patch_size >= 1 and n_layer_local >= 1")
+        else:
+            raise ValueError(f"unknown arch {self.arch!r}: expected 'megabyte' or 'transformer'")
+        if self.patch_embed not in ("concat", "project") or self.global_to_local not in ("slice", "full"):
+            raise ValueError(f"patch_embed must be 'concat' or 'project' (got {self.patch_embed!r}) and "
+                             f"global_to_local 'slice' or 'full' (got {self.global_to_local!r})")
+        widths = [(self.d_global_model, self.n_head_global, "global"), (self.d_local, self.n_head_local, "local")]
+        mid = zip(sizes[1:], self.d_mid, self.n_head_mid, strict=True)
+        widths += [(p * d, h, f"middle {i}") for i, (p, d, h) in enumerate(mid)]
+        for width, heads, what in widths:
+            if heads and width % heads:
+                raise ValueError(f"{what} width {width} is not divisible by its {heads} heads")
+
+    @property
+    def d_global_model(self) -> int:
+        """Width of the global transformer: a patch's P byte embeddings concatenated."""
+        return self.patch_size * self.d_global
+
+    @property
+    def stages(self) -> list[tuple[int, int, int, int]]:
+        """(patch size, per-byte width, layers, heads) of every stage from the global model down; the local model is
+        the last stage, with patch size 1 (one byte per position)."""
+        out = [(self.patch_size, self.d_global, self.n_layer_global, self.n_head_global)]
+        out += list(zip(self.mid_patch_sizes, self.d_mid, self.n_layer_mid, self.n_head_mid, strict=True))
+        if self.n_layer_local:
+            out.append((1, self.d_local, self.n_layer_local, self.n_head_local))
+        return out
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> MegabyteConfig:
+        from mmbytes.model.registry import config_from_name
+
+        return config_from_name(name, **overrides)
+
+
+def _transformer(d: int, n_layer: int, n_head: int) -> MegabyteConfig:
+    return MegabyteConfig(arch="transformer", patch_size=1, d_global=d, n_layer_global=n_layer, n_head_global=n_head,
+                          d_local=d, n_layer_local=0, n_head_local=0)
+
+
+SIZES: dict[str, MegabyteConfig] = {
+    # a training step in a few milliseconds on a CPU: for tests
+    "debug": MegabyteConfig(patch_size=4, d_global=16, n_layer_global=2, n_head_global=2,
+                            d_local=32, n_layer_local=1, n_head_local=2),
+    # the same with a middle stage: 8-byte patches, 2-byte sub-patches, bytes
+    "debug-long": MegabyteConfig(patch_size=8, d_global=8, n_layer_global=1, n_head_global=2,
+                                 mid_patch_sizes=(2,), d_mid=(16,), n_layer_mid=(1,), n_head_mid=(2,),
+                                 d_local=16, n_layer_local=1, n_head_local=2),
+    # ~10M parameters: 7.1M global (P*D_G = 384) + 3.2M local
+    "small": MegabyteConfig(patch_size=8, d_global=48, n_layer_global=4, n_head_global=6,
+                            d_local=256, n_layer_local=4, n_head_local=4),
+    # ~100M parameters: 85M global (P*D_G = 768) + 12.6M local
+    "base": MegabyteConfig(patch_size=8, d_global=96, n_layer_global=12, n_head_global=12,
+                           d_local=512, n_layer_local=4, n_head_local=8),
+    # three stages for million-byte sequences: 64-byte global patches (16,384 of them at T = 2**20), 8-byte middle
+    # patches, bytes; 12.6M global + 1.6M middle + 0.5M local
+    "long": MegabyteConfig(patch_size=64, d_global=8, n_layer_global=4, n_head_global=8,
+                           mid_patch_sizes=(8,), d_mid=(32,), n_layer_mid=(2,), n_head_mid=(4,),
+                           d_local=128, n_layer_local=2, n_head_local=4, checkpointing=True),
+    # flat byte-level Transformers with the parameter count of the size they are named after
+    "transformer-debug": _transformer(64, 2, 2),
+    "transformer-small": _transformer(384, 6, 6),
+    "transformer-base": _transformer(768, 14, 12),
+}
+
+LEGACY = {"token_shift": False, "embed_std": 0.02, "patch_embed": "concat", "d_embed": 0, "global_to_local": "slice"}
+"""Values of fields that configs stored before the field existed were trained with (the paper's form)."""
 
 
 class Megabyte(nn.Module):
@@ -175,6 +322,98 @@ class Megabyte(nn.Module):
         return out if mask is None else torch.where(mask, out, 0.0)
 
 
+    # -- training FLOPs, counted as computed (``torch.utils.flop_counter`` agrees; see tests/test_interface.py)
+
+    def flops_per_byte(self, seq_len: int) -> float:
+        """Training FLOPs per byte (forward + backward = 3 x forward) at ``seq_len``: every matmul and attention as
+        computed (causal SDPA charged for all its query-key pairs, as kernels without causal skipping compute them);
+        embeddings, norms and the softmax are free."""
+        c, T = self.config, seq_len
+        P = c.patch_size
+        Tp = -(-T // P) * P  # padded to whole patches, as the model runs it
+        fwd = c.n_layer_global * (Tp // P) * block_flops(P * c.d_global, Tp // P, c.mlp_ratio)
+        if c.patch_embed == "project":
+            fwd += (Tp // P) * 2 * P * self.global_embed.embedding_dim * P * c.d_global
+        full = c.global_to_local == "full"
+        width_above, p_above = c.d_global, P
+        for p, width, n_layer, _ in self.config.stages[1:]:
+            units, per_parent = Tp // p, p_above // p
+            fwd += n_layer * units * block_flops(p * width, per_parent, c.mlp_ratio)
+            fwd += (Tp // p_above) * 2 * (p_above * width_above) * (p_above * width) if full else \
+                units * 2 * (p * width_above) * (p * width)
+            width_above, p_above = width, p
+        fwd += T * 2 * self.head.in_features * c.vocab_size
+        return 3 * fwd / T
+
+    # -- cached generation (mmbytes.model.generate): the global model advances one patch at a time with its own cache;
+    # a stage below it decodes the units of one parent unit with a cache cleared whenever the parent advances
+
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> MegabyteCache:
+        stages = self.stages()
+        kv = [stages[0].model.make_caches(batch, -(-max_len // stages[0].patch), device, dtype)]
+        kv += [s.model.make_caches(batch, above.patch // s.patch, device, dtype)
+               for above, s in zip(stages, stages[1:], strict=False)]
+        buf = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        return MegabyteCache(buf, 0, kv, [None] * len(stages))
+
+    def prefill(self, prompt: Tensor, cache: MegabyteCache) -> Tensor:
+        """Take in the prompt (B, L0), in parallel at every stage: its whole patches in one global call, the whole
+        sub-patches of its last partial patch in one call of the stage below, and so on. Returns the next logits."""
+        B, L0 = prompt.shape
+        cache.buf[:, :L0] = prompt
+        cache.t = L0
+        stages, h, start = self.stages(), None, 0
+        for i, s in enumerate(stages):
+            for c in cache.kv[i]:
+                c.reset()
+            up = None if i == 0 else s.up(h, stages[i - 1].patch)  # (B, units in the parent, width)
+            cache.up[i] = up
+            known = (L0 - start) // s.patch  # whole units of this stage already known
+            inputs = torch.cat([s.pad.expand(B, 1, -1), s.embed(cache.buf[:, start : start + known * s.patch])], 1)
+            if up is not None:
+                inputs = inputs + up[:, : known + 1]
+            h = s.model(inputs, cache.kv[i])[:, -1]  # output for the unit the next byte falls in
+            start += known * s.patch
+        return self.head(h)
+
+    def step(self, byte: Tensor, cache: MegabyteCache) -> Tensor:
+        """Append one byte per row (B,); return the logits of the byte after it. The highest stage whose unit just
+        ended advances by that unit; every stage below it starts a new unit from its parent's fresh output."""
+        cache.buf[:, cache.t] = byte
+        t = cache.t = cache.t + 1
+        stages = self.stages()
+        top = next(i for i, s in enumerate(stages) if t % s.patch == 0)
+        s = stages[top]
+        inputs = s.embed(cache.buf[:, t - s.patch : t])  # (B, 1, width): the unit just finished
+        if top > 0:
+            inputs = inputs + cache.up[top][:, (t % stages[top - 1].patch) // s.patch].unsqueeze(1)
+        h = s.model(inputs, cache.kv[top])[:, -1]
+        for i in range(top + 1, len(stages)):
+            s = stages[i]
+            for c in cache.kv[i]:
+                c.reset()
+            cache.up[i] = s.up(h, stages[i - 1].patch)
+            h = s.model(s.pad.expand(h.shape[0], 1, -1) + cache.up[i][:, :1], cache.kv[i])[:, -1]
+        return self.head(h)
+
+
+@dataclass
+class MegabyteCache:
+    """Generation state: the bytes so far (``buf``, ``t`` of them known), a KV cache per stage and, below the global
+    model, the projected output of the current parent unit (one slice per unit)."""
+
+    buf: Tensor
+    t: int
+    kv: list
+    up: list
+
+
+def block_flops(d: int, keys: int, mlp_ratio: float) -> float:
+    """Forward FLOPs per position of one pre-norm block of width d whose attention sees ``keys`` keys: q, k, v and
+    output projections, the two MLP matmuls, and the query-key and attention-value products."""
+    return 2 * 4 * d * d + 2 * 2 * d * int(d * mlp_ratio) + 4 * keys * d
+
+
 class Stage(NamedTuple):
     """One level of the hierarchy: ``model`` runs over units of ``patch`` bytes; ``proj`` maps the parent's output
     slice for a unit to its width (None for the global model); ``embed`` maps bytes (N, L*patch) to unit inputs
@@ -197,4 +436,5 @@ class Stage(NamedTuple):
 
 
 def _ce(weight: Tensor, h: Tensor, target: Tensor) -> Tensor:
-    return F.cross_entropy(F.linear(h, weight).float(), target, reduction="none")
+    logits = F.linear(h, weight)  # bf16/fp16 logits are scored in fp32; fp32 and fp64 as they are
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target, reduction="none")

@@ -1,0 +1,68 @@
+"""Every architecture's named sizes in one namespace, and the one way to build a model from a name or a stored config.
+
+Each architecture lives in its own module of ``mmbytes/model/``: a config dataclass with an ``arch`` field and
+documented fields, a ``SIZES`` dict of named configs, and a plain-torch model that answers the calls every user of a
+model makes (the Lightning module, the CLI, the generator, the benches):
+
+- ``forward(x) -> logits (B, T, 256)``: position t predicts byte t from bytes < t;
+- ``nll(x, mask=None) -> (B, T)`` nats, zero where ``mask`` is False;
+- ``flops_per_byte(seq_len)``: analytic training FLOPs (forward + backward) per byte at that sequence length;
+- ``new_cache(batch, max_len, device, dtype)``, ``prefill(prompt, cache)``, ``step(byte, cache)``: cached generation,
+  each returning the (B, 256) logits of the next byte (see ``mmbytes.model.generate``).
+
+A fourth architecture is a new module with those pieces and one entry in ``ARCHITECTURES``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields, replace
+from typing import Any
+
+from torch import nn
+
+from mmbytes.model import megabyte, spacebyte
+
+ARCHITECTURES: dict[str, tuple[type, type[nn.Module], Any]] = {
+    # arch -> (config class, model class, module holding SIZES and LEGACY)
+    "megabyte": (megabyte.MegabyteConfig, megabyte.Megabyte, megabyte),
+    "transformer": (megabyte.MegabyteConfig, megabyte.Megabyte, megabyte),  # the flat baseline: MEGABYTE with P = 1
+    "spacebyte": (spacebyte.SpaceByteConfig, spacebyte.SpaceByte, spacebyte),
+}
+
+SIZES: dict[str, Any] = {name: config for _, _, module in {id(a[2]): a for a in ARCHITECTURES.values()}.values()
+                         for name, config in module.SIZES.items()}
+"""Every named size of every architecture: ``debug``/``small``/``base`` are MEGABYTE, ``transformer-*`` the flat
+byte Transformer, ``spacebyte-*`` SpaceByte."""
+
+
+def config_from_name(name: str, **overrides: Any):
+    """The config of a named size, with fields replaced by ``overrides`` (unknown fields are refused by name)."""
+    if name not in SIZES:
+        raise ValueError(f"unknown model size {name!r}; known: {', '.join(SIZES)}")
+    base = SIZES[name]
+    known = {f.name for f in fields(base)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown config fields {unknown} for {name!r}; known: {sorted(known)}")
+    return replace(base, **overrides)
+
+
+def config_to_dict(config) -> dict[str, Any]:
+    return asdict(config)
+
+
+def config_from_dict(stored: dict[str, Any]):
+    """A config saved with ``config_to_dict``; its ``arch`` picks the class. Fields it lacks (saved before they
+    existed) take the values such models were trained with; fields this version does not know are dropped."""
+    arch = stored.get("arch", "megabyte")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    cls, _, module = ARCHITECTURES[arch]
+    known = {f.name for f in fields(cls)}
+    return cls(**{**getattr(module, "LEGACY", {}), **{k: v for k, v in stored.items() if k in known}})
+
+
+def build(config_or_name, **overrides: Any) -> nn.Module:
+    """A freshly initialised model from a config or a named size (with overrides)."""
+    config = config_from_name(config_or_name, **overrides) if isinstance(config_or_name, str) else config_or_name
+    return ARCHITECTURES[config.arch][1](config)

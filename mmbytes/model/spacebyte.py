@@ -1,0 +1,296 @@
+"""SpaceByte (Slagle, 2024, arXiv 2404.14408): byte-level local blocks, with wide global blocks applied only where a
+word starts.
+
+Section 2 of the paper: byte embeddings -> the first half of the local blocks (sliding-window causal attention) ->
+the residual stream at the global positions is gathered, widened to D by zero channels (the local activations in
+the last D_L channels, as in the reference code), run through causal global blocks over those positions, narrowed
+back and returned to the same byte positions -> the second half of the local blocks -> norm -> 256 logits.
+
+Where mmbytes differs from the reference code: every byte is scored (the reference drops from the loss every byte
+after the (T_G + 1)-th boundary; here, boundaries beyond the cap T_G are simply not global positions, and the share
+of bytes that go on without a fresh global position is reported in ``stats``); all 256 byte values are data (a
+learned start vector replaces the in-band BOS byte 255); positions are rotary (byte index in the local blocks,
+global index in the global blocks) rather than learned tables.
+
+Shapes: B batch, T bytes, D_L local width, D global width, G global positions of a batch (at most T_G).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from mmbytes.model import patching
+from mmbytes.model.layers import Transformer
+from mmbytes.model.megabyte import _ce, block_flops
+
+
+@dataclass(frozen=True)
+class SpaceByteConfig:
+    arch: Literal["spacebyte"] = "spacebyte"
+    """Architecture name in checkpoints and the registry."""
+    patching: Literal["spacelike", "fixed"] = "spacelike"
+    """Where the global blocks run: ``spacelike`` (the paper: where a word starts) or ``fixed`` (every
+    ``patch_size`` bytes: the paper's fixed-patch ablation)."""
+    patch_size: int = 6
+    """Bytes per patch of ``patching: fixed``."""
+    d_local: int = 256
+    """D_L, width of the local (byte) blocks."""
+    n_layer_local: int = 4
+    """Local blocks; the first half runs before the global blocks, the rest after."""
+    n_head_local: int = 4
+    """Attention heads of the local blocks."""
+    window: int = 0
+    """W, how many bytes a local attention query sees (itself included); 0: D_L, the paper's choice."""
+    d_global: int = 384
+    """D, width of the global blocks (at least D_L)."""
+    n_layer_global: int = 4
+    """Global blocks."""
+    n_head_global: int = 6
+    """Attention heads of the global blocks."""
+    context: int = 8192
+    """The training sequence length T the global cap is set for."""
+    global_ratio: float = 1 / 6
+    """T_G = ceil(context * global_ratio) global positions at most per sequence (the paper: T/6 for prose, T/8 for
+    code). Boundaries after the T_G-th are not global positions; every byte is still scored."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of the block width."""
+    dropout: float = 0.0
+    """Dropout on attention and MLP outputs in training."""
+    rope_base: float = 10000.0
+    """Base of the rotary position embeddings."""
+    token_shift: bool = False
+    """Token shift in every block (see ``MegabyteConfig.token_shift``)."""
+    embed_std: float = 0.02
+    """Initial standard deviation of the byte embeddings and the start vector."""
+    checkpointing: bool = False
+    """Recompute each block in the backward pass instead of storing its activations."""
+    vocab_size: int = 256
+    """Byte values. All 256 are data."""
+
+    def __post_init__(self) -> None:
+        if self.patching not in ("spacelike", "fixed"):
+            raise ValueError(f"patching must be 'spacelike' or 'fixed', got {self.patching!r}")
+        if self.d_global < self.d_local:
+            raise ValueError(f"d_global ({self.d_global}) must be at least d_local ({self.d_local}): the global "
+                             "blocks widen the local stream with zero channels")
+        if self.n_layer_local < 2 or self.n_layer_global < 1:
+            raise ValueError("SpaceByte needs at least 2 local blocks (half before, half after) and 1 global block")
+        for width, heads, what in ((self.d_local, self.n_head_local, "local"),
+                                   (self.d_global, self.n_head_global, "global")):
+            if width % heads:
+                raise ValueError(f"{what} width {width} is not divisible by its {heads} heads")
+        if self.patch_size < 1 or self.context < 1 or not 0 < self.global_ratio <= 1:
+            raise ValueError("patch_size and context must be positive and global_ratio in (0, 1]")
+
+    @property
+    def max_global(self) -> int:
+        """T_G, the cap on global positions per sequence."""
+        return math.ceil(self.context * self.global_ratio)
+
+    @property
+    def local_window(self) -> int:
+        return self.window or self.d_local
+
+
+SIZES: dict[str, SpaceByteConfig] = {
+    # for tests: a window of 8 bytes and a cap of 11 global positions, both reached by short test sequences
+    "spacebyte-debug": SpaceByteConfig(d_local=32, n_layer_local=2, n_head_local=2, window=8, d_global=64,
+                                       n_layer_global=2, n_head_global=2, context=64),
+    "spacebyte-fixed-debug": SpaceByteConfig(patching="fixed", patch_size=6, d_local=32, n_layer_local=2,
+                                             n_head_local=2, window=8, d_global=64, n_layer_global=2,
+                                             n_head_global=2, context=64),
+    # ~10M parameters: 7.1M global (D = 384, as MEGABYTE small's global model) + 3.2M local (D_L = 256, W = 256)
+    "spacebyte-small": SpaceByteConfig(),
+    "spacebyte-fixed-small": SpaceByteConfig(patching="fixed", patch_size=6),
+}
+
+
+class SpaceByte(nn.Module):
+    """``SpaceByte(config)(x)`` maps bytes (B, T) to logits (B, T, 256); position t predicts byte t from bytes < t."""
+
+    def __init__(self, config: SpaceByteConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        block = dict(mlp_ratio=c.mlp_ratio, dropout=c.dropout, rope_base=c.rope_base, checkpointing=c.checkpointing,
+                     token_shift=c.token_shift)
+        half = c.n_layer_local // 2
+        self.embed = nn.Embedding(c.vocab_size, c.d_local)
+        self.start = nn.Parameter(torch.empty(c.d_local))  # the input of position 0: no in-band BOS byte
+        self.local_in = Transformer(c.d_local, half, c.n_head_local, window=c.local_window, final_norm=False, **block)
+        self.global_model = Transformer(c.d_global, c.n_layer_global, c.n_head_global, final_norm=False, **block)
+        self.local_out = Transformer(c.d_local, c.n_layer_local - half, c.n_head_local, window=c.local_window,
+                                     **block)
+        self.head = nn.Linear(c.d_local, c.vocab_size, bias=False)
+        self.stats: dict[str, float] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in (self.local_in, self.global_model, self.local_out):
+            m.reset_parameters()
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.normal_(self.embed.weight, std=self.config.embed_std)
+        nn.init.normal_(self.start, std=self.config.embed_std)
+
+    def num_params(self, part: str = "all") -> int:
+        modules = {"all": self, "global": self.global_model, "local": [self.local_in, self.local_out]}[part]
+        modules = modules if isinstance(modules, list) else [modules]
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    # -- where the global blocks run
+
+    def starts(self, x: Tensor, offset: int = 0) -> Tensor:
+        """(B, T) True where byte t starts a patch (before the cap), for bytes x whose first byte is at ``offset``."""
+        if self.config.patching == "fixed":
+            return patching.fixed_starts(x, self.config.patch_size, offset)
+        return patching.spacelike_starts(x)
+
+    def global_positions(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Capped global positions of bytes x (B, T): the mask (B, T) and their indices (B, G), padded at the end of
+        each row with position 0 (padding slots come after a row's real ones, so causal attention keeps them out)."""
+        starts = self.starts(x)
+        glob = patching.cap_starts(starts, self.config.max_global)
+        counts = glob.sum(1)
+        G = int(counts.max())
+        rank = glob.long().cumsum(1) - 1
+        idx = torch.zeros(x.shape[0], G, dtype=torch.long, device=x.device)
+        b, t = glob.nonzero(as_tuple=True)
+        idx[b, rank[b, t]] = t
+        if self.training:
+            last = lambda m: torch.where(m, torch.arange(m.shape[1], device=m.device), -1).cummax(1).values  # noqa: E731
+            self.stats = {"spacebyte_overflow": (last(starts) != last(glob)).float().mean().detach(),
+                          "spacebyte_global_share": glob.float().mean().detach()}
+        return glob, idx
+
+    def widen(self, h: Tensor) -> Tensor:
+        """(..., D_L) -> (..., D): zero channels first, the local activations last (the reference code's layout)."""
+        return F.pad(h, (self.config.d_global - self.config.d_local, 0))
+
+    def narrow(self, g: Tensor) -> Tensor:
+        return g[..., -self.config.d_local :]
+
+    # -- training and scoring
+
+    def inputs(self, x: Tensor) -> Tensor:
+        """Position t's input is byte t-1 (the start vector at t = 0): (B, T, D_L)."""
+        e = self.embed(x[:, :-1])
+        return torch.cat([self.start.to(e.dtype).expand(x.shape[0], 1, -1), e], dim=1)
+
+    def hidden(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.long:
+            x = x.long()
+        h = self.local_in(self.inputs(x))  # (B, T, D_L)
+        glob, idx = self.global_positions(x)
+        real = torch.arange(idx.shape[1], device=x.device) < glob.sum(1, keepdim=True)  # (B, G) real slots
+        gathered = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))  # (B, G, D_L)
+        g_in = self.widen(gathered)
+        g_out = self.global_model(g_in)  # (B, G, D): causal over the global positions
+        delta = self.narrow(g_out - g_in) * real[..., None]  # what the global blocks added to the residual stream
+        h = h.scatter_add(1, idx[..., None].expand(-1, -1, h.shape[-1]), delta)
+        return self.local_out(h)  # (B, T, D_L), final norm included
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.hidden(x))
+
+    def nll(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768) -> Tensor:
+        """Negative log-likelihood in nats of every byte, (B, T), zero where ``mask`` is False."""
+        h = self.hidden(x)
+        B, T, D = h.shape
+        h, target = h.reshape(B * T, D), x.reshape(B * T).long()
+        grad = torch.is_grad_enabled()
+        parts = [checkpoint(_ce, self.head.weight, h[i : i + chunk], target[i : i + chunk], use_reentrant=False)
+                 if grad and B * T > chunk else _ce(self.head.weight, h[i : i + chunk], target[i : i + chunk])
+                 for i in range(0, B * T, chunk)]
+        out = torch.cat(parts).view(B, T)
+        return out if mask is None else torch.where(mask, out, 0.0)
+
+    def flops_per_byte(self, seq_len: int) -> float:
+        """Training FLOPs per byte (3 x forward) at ``seq_len``, as computed: local attention in blocks of W (2W keys
+        per query once T > W), the global blocks charged for ceil(T * global_ratio) positions, at most T_G (the
+        paper's accounting: a sequence pays for its share of global slots whatever its text), the head. Embeddings,
+        norms, the gather and scatter are free."""
+        c, T = self.config, seq_len
+        W = c.local_window
+        if T > W:  # projections and MLP on T positions; attention on T padded to whole blocks, 2W keys each
+            Tp = -(-T // W) * W
+            local = T * block_flops(c.d_local, 0, c.mlp_ratio) + Tp * 4 * 2 * W * c.d_local
+        else:
+            local = T * block_flops(c.d_local, T, c.mlp_ratio)
+        G = min(c.max_global, math.ceil(T * c.global_ratio))
+        fwd = c.n_layer_local * local + c.n_layer_global * G * block_flops(c.d_global, G, c.mlp_ratio)
+        fwd += T * 2 * c.d_local * c.vocab_size
+        return 3 * fwd / T
+
+    # -- cached generation: local blocks keep a sliding-window cache; a row whose new byte opens a word takes one
+    # cached step of the global blocks (rows advance separately)
+
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> SpaceByteCache:
+        return SpaceByteCache(
+            buf=torch.zeros(batch, max_len, dtype=torch.long, device=device), t=0,
+            local_in=self.local_in.make_caches(batch, max_len + 1, device, dtype),
+            # one slot beyond the cap: a row at the cap writes its discarded step there while other rows step
+            glob=self.global_model.make_caches(batch, min(self.config.max_global, max_len + 1) + 1, device, dtype,
+                                               rows=True),
+            local_out=self.local_out.make_caches(batch, max_len + 1, device, dtype),
+            count=torch.zeros(batch, dtype=torch.long, device=device))
+
+    def prefill(self, prompt: Tensor, cache: SpaceByteCache) -> Tensor:
+        """Positions 0..L0 (the start and the prompt's bytes) in one parallel pass; the logits of byte L0."""
+        B, L0 = prompt.shape
+        cache.buf[:, :L0] = prompt
+        cache.t = L0
+        x = F.pad(cache.buf[:, :L0], (0, 1))  # the byte at L0 is not known yet; no position <= L0 depends on it
+        h = self.local_in(self.inputs(x), cache.local_in)
+        glob, idx = self.global_positions(x)
+        counts = glob.sum(1)
+        real = torch.arange(idx.shape[1], device=x.device) < counts[:, None]
+        gathered = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
+        g_in = self.widen(gathered)
+        for c in cache.glob:
+            c.set_lengths(counts)
+        g_out = self.global_model(g_in, cache.glob)
+        cache.count = counts
+        delta = self.narrow(g_out - g_in) * real[..., None]
+        h = h.scatter_add(1, idx[..., None].expand(-1, -1, h.shape[-1]), delta)
+        return self.head(self.local_out(h, cache.local_out)[:, -1])
+
+    def step(self, byte: Tensor, cache: SpaceByteCache) -> Tensor:
+        """Append one byte per row (B,); return the logits of the byte after it."""
+        t = cache.t
+        cache.buf[:, t] = byte
+        cache.t = t + 1
+        lo = max(0, t - 1)  # the rules look back two bytes at most (fixed: at the absolute index)
+        opens = self.starts(F.pad(cache.buf[:, lo : t + 1], (0, 1)), lo)[:, -1]  # does position t + 1 start a patch
+        opens = opens & (cache.count < self.config.max_global)
+        h = self.local_in(self.embed(byte)[:, None], cache.local_in)  # (B, 1, D_L)
+        if bool(opens.any()):
+            kept = [list(c.last) for c in cache.glob]
+            g_in = self.widen(h)
+            g_out = self.global_model(g_in, cache.glob, positions=cache.count)  # each row at its own global index
+            h = h + self.narrow(g_out - g_in) * opens[:, None, None]
+            for c, old in zip(cache.glob, kept, strict=True):
+                c.commit(opens)
+                if c.last[0] is not None and old[0] is not None:  # token shift: only stepping rows move on
+                    c.last = [torch.where(opens[:, None, None], new, prev) for new, prev in zip(c.last, old,
+                                                                                               strict=True)]
+            cache.count = cache.count + opens.long()
+        return self.head(self.local_out(h, cache.local_out)[:, -1])
+
+
+@dataclass
+class SpaceByteCache:
+    """Generation state: the bytes so far (``t`` known), sliding-window caches of the local blocks, row caches of
+    the global blocks and each row's number of global positions."""
+
+    buf: Tensor
+    t: int
+    local_in: list
+    glob: list
+    local_out: list
+    count: Tensor
