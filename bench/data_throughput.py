@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from datamodules import ByteDataModule
-from mmbytes import Megabyte, MegabyteConfig
+from mmbytes.model import build
 from mmbytes.shards import write_shards
 
 SETS = {  # modality: (codec, sources under --data, codec options, files at most)
@@ -39,7 +39,7 @@ def files_of(root: Path, sources: list[str], limit: int | None) -> list[Path]:
 
 
 def train_bytes_per_s(seq_len: int, steps: int = 3) -> float:
-    model = Megabyte(MegabyteConfig.from_name("small")).train()
+    model = build("small").train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, 256, (1, seq_len))
     times = []

@@ -1,11 +1,15 @@
-"""Generation speed: cached MEGABYTE against its full-forward reference and a cached byte-level Transformer.
+"""Generation speed: any models of the registry with their own caches, and the full-forward reference decoder.
 
-All three decode ``--bytes`` bytes (batch 1, sampling at temperature 1) with models of equal parameter count, in
-the same process. Running the reference decoder for all 8192 bytes would take most of an hour on a laptop CPU, so by
-default its cost is measured as the time of one full forward pass at ``--ref-points`` lengths and integrated over
-every length 1..N (piecewise linear); ``--ref-full`` runs it for real.
+Every model of ``--models`` decodes ``--bytes`` bytes (batch 1, sampling at temperature 1, freshly initialised
+weights) with ``mmbytes.model.generate.generate``, in the same process; each model's bytes/s is also given as a
+ratio to the first ``transformer-*`` model, if any. The reference decoder (``generate_reference``: a full forward
+pass for every byte) is measured for the models of ``--ref-models`` (default: the first of ``--models``). Running it
+for all 8192 bytes would take most of an hour on a laptop CPU, so by default its cost is measured as the time of one
+full forward pass at ``--ref-points`` lengths and integrated over every length 1..N (piecewise linear);
+``--ref-full`` runs it for real.
 
     python bench/generate_speed.py --json bench/generate_speed.json
+    python bench/generate_speed.py --models small,spacebyte-small,transformer-small --ref-models all
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from mmbytes import Megabyte, MegabyteConfig
+from mmbytes.model import SIZES, build
 from mmbytes.model.generate import generate, generate_reference
 
 
@@ -28,7 +33,7 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def cached_bytes_per_s(model: Megabyte, n: int, seed: int = 0) -> float:
+def cached_bytes_per_s(model: nn.Module, n: int, seed: int = 0) -> float:
     empty = torch.zeros(1, 0, dtype=torch.long)
     generate(model, empty, min(n, 256))  # warm up allocators and kernels
     g = torch.Generator().manual_seed(seed)
@@ -36,7 +41,7 @@ def cached_bytes_per_s(model: Megabyte, n: int, seed: int = 0) -> float:
 
 
 @torch.no_grad()
-def reference_bytes_per_s(model: Megabyte, n: int, points: list[int], full: bool) -> tuple[float, str]:
+def reference_bytes_per_s(model: nn.Module, n: int, points: list[int], full: bool) -> tuple[float, str]:
     if full:
         return n / timed(lambda: generate_reference(model, torch.zeros(1, 0, dtype=torch.long), n)), "measured"
     x = torch.randint(0, 256, (1, n))
@@ -47,36 +52,59 @@ def reference_bytes_per_s(model: Megabyte, n: int, points: list[int], full: bool
     return n / total, f"integrated from forward passes at lengths {lengths}"
 
 
+def names_of(arg: str) -> list[str]:
+    return [m.strip() for m in arg.split(",") if m.strip()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bytes", type=int, default=8192)
-    ap.add_argument("--megabyte", default="small")
-    ap.add_argument("--transformer", default="transformer-small")
+    ap.add_argument("--models", default="small,transformer-small,spacebyte-small",
+                    help=f"comma-separated registry names, of: {', '.join(SIZES)}")
+    ap.add_argument("--ref-models", default=None,
+                    help="comma-separated models of --models to run the reference decoder for, 'all', or 'none' "
+                         "(default: the first of --models)")
     ap.add_argument("--ref-points", type=int, nargs="+", default=[256, 1024, 2048, 4096, 6144])
     ap.add_argument("--ref-full", action="store_true", help="run the reference decoder for every byte")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    names = names_of(args.models)
+    unknown = [m for m in names if m not in SIZES]
+    if not names or unknown:
+        ap.error(f"unknown model {unknown}; known: {', '.join(SIZES)}")
+    refs = names[:1] if args.ref_models is None else names if args.ref_models == "all" else \
+        [] if args.ref_models == "none" else names_of(args.ref_models)
+    if set(refs) - set(names):
+        ap.error(f"--ref-models {sorted(set(refs) - set(names))} are not in --models")
 
-    torch.manual_seed(0)
-    mb = Megabyte(MegabyteConfig.from_name(args.megabyte)).eval()
-    tf = Megabyte(MegabyteConfig.from_name(args.transformer)).eval()
-    cached = cached_bytes_per_s(mb, args.bytes)
-    transformer = cached_bytes_per_s(tf, args.bytes)
-    reference, how = reference_bytes_per_s(mb, args.bytes, args.ref_points, args.ref_full)
-    result = {"cached_bytes_per_s": cached, "reference_bytes_per_s": reference,
-              "transformer_cached_bytes_per_s": transformer, "cache_speedup": cached / reference,
-              "megabyte_vs_transformer": cached / transformer, "bytes": args.bytes,
-              "megabyte_params": mb.num_params(), "transformer_params": tf.num_params(),
-              "threads": torch.get_num_threads(), "reference_method": how}
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        model = build(name).eval()
+        row = {"model": name, "arch": model.config.arch, "params": model.num_params(),
+               "cached_bytes_per_s": cached_bytes_per_s(model, args.bytes)}
+        if name in refs:
+            ref, how = reference_bytes_per_s(model, args.bytes, args.ref_points, args.ref_full)
+            row.update(reference_bytes_per_s=ref, cache_speedup=row["cached_bytes_per_s"] / ref, reference_method=how)
+        rows.append(row)
+    base = next((r for r in rows if r["model"].startswith("transformer-")), None)
+    for r in rows:
+        r["vs_transformer"] = r["cached_bytes_per_s"] / base["cached_bytes_per_s"] if base else None
+
     print(f"generating {args.bytes} bytes, batch 1, {torch.get_num_threads()} threads")
-    print(f"{'decoder':38s} {'params':>8s} {'bytes/s':>10s}")
-    print(f"{'MEGABYTE ' + args.megabyte + ', two-level KV cache':38s} {mb.num_params() / 1e6:7.2f}M {cached:10.1f}")
-    print(f"{'MEGABYTE ' + args.megabyte + ', full forward per byte':38s} {mb.num_params() / 1e6:7.2f}M "
-          f"{reference:10.2f}  ({how})")
-    print(f"{args.transformer + ', KV cache':38s} {tf.num_params() / 1e6:7.2f}M {transformer:10.1f}")
-    print(f"cache speedup {result['cache_speedup']:.1f}x, "
-          f"MEGABYTE vs Transformer {result['megabyte_vs_transformer']:.2f}x")
+    vs = f"vs {base['model']}" if base else "vs transformer"
+    print(f"{'decoder':44s} {'params':>8s} {'bytes/s':>10s} {vs:>22s}")
+    for r in rows:
+        ratio = f"{r['vs_transformer']:.2f}x" if base else "-"
+        print(f"{r['model'] + ' (' + r['arch'] + '), KV cache':44s} {r['params'] / 1e6:7.2f}M "
+              f"{r['cached_bytes_per_s']:10.1f} {ratio:>22s}")
+        if "reference_bytes_per_s" in r:
+            print(f"{r['model'] + ', full forward per byte':44s} {r['params'] / 1e6:7.2f}M "
+                  f"{r['reference_bytes_per_s']:10.2f}  (cache speedup {r['cache_speedup']:.1f}x; "
+                  f"{r['reference_method']})")
     if args.json:
+        result = {"bytes": args.bytes, "threads": torch.get_num_threads(),
+                  "baseline": base["model"] if base else None, "rows": rows}
         args.json.write_text(json.dumps(result, indent=2))
 
 

@@ -29,10 +29,10 @@ def one(size: str, T: int, steps: int) -> None:
 
     import torch
 
-    from mmbytes import Megabyte, MegabyteConfig
+    from mmbytes.model import build
 
     torch.manual_seed(0)
-    model = Megabyte(MegabyteConfig.from_name(size)).train()
+    model = build(size).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, 256, (1, T))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

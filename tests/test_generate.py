@@ -4,19 +4,23 @@ import torch
 from mmbytes import Megabyte, MegabyteConfig
 from mmbytes.model.generate import generate, generate_reference, sample_next
 
+FORMS = {"paper": dict(token_shift=False, embed_std=0.02, patch_embed="concat", global_to_local="slice"),
+         "shift-project-full": dict(token_shift=True, embed_std=1.0, patch_embed="project", global_to_local="full")}
 
-def model(name: str) -> Megabyte:
+
+def model(name: str, **form) -> Megabyte:
     if name == "four-stages":  # 16-byte patches, 8- and 2-byte sub-patches, bytes
         return Megabyte(MegabyteConfig.from_name("debug", patch_size=16, d_global=4, mid_patch_sizes=(8, 2),
                                                  d_mid=(8, 16), n_layer_mid=(1, 1), n_head_mid=(2, 2), d_local=16,
-                                                 n_head_local=2)).double().eval()
-    return Megabyte(MegabyteConfig.from_name(name)).double().eval()
+                                                 n_head_local=2, **form)).double().eval()
+    return Megabyte(MegabyteConfig.from_name(name, **form)).double().eval()
 
 
 @pytest.mark.parametrize("name", ["debug", "debug-long", "four-stages", "transformer-debug"])
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("prompt_len", [0, 1, 3, 4, 9, 27])  # empty, inside the first patch, whole patches, both
-def test_cached_logits_equal_reference_at_every_step(name, prompt_len):
-    m = model(name)
+def test_cached_logits_equal_reference_at_every_step(name, form, prompt_len):
+    m = model(name, **FORMS[form])
     prompt = torch.randint(0, 256, (2, prompt_len))
     fast, slow = {}, {}
     out_fast = generate(m, prompt, 13, temperature=0, on_logits=lambda t, x: fast.__setitem__(t, x))

@@ -6,6 +6,10 @@ import torch
 from mmbytes import Megabyte, MegabyteConfig
 
 SIZES = ["debug", "debug-long", "transformer-debug"]  # two stages, three stages, flat
+FORMS = {  # the paper's exact form and MEGABYTE-pytorch's choices (token shift, unit embeddings, projections)
+    "paper": dict(token_shift=False, embed_std=0.02, patch_embed="concat", global_to_local="slice"),
+    "shift-project-full": dict(token_shift=True, embed_std=1.0, patch_embed="project", global_to_local="full"),
+}
 
 
 def model(name: str, **kw) -> Megabyte:
@@ -27,9 +31,10 @@ def leaks(m: Megabyte, T: int) -> list[int]:
 
 
 @pytest.mark.parametrize("name", SIZES)
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("T", [16, 19])  # a multiple of P and an odd length (internally padded)
-def test_strict_causality(name, T):
-    assert leaks(model(name), T) == []
+def test_strict_causality(name, form, T):
+    assert leaks(model(name, **FORMS[form]), T) == []
 
 
 FOUR_STAGES = dict(patch_size=16, d_global=4, mid_patch_sizes=(8, 2), d_mid=(8, 16), n_layer_mid=(1, 1),
@@ -159,17 +164,6 @@ def test_config_rejects_bad_fields():
     assert cfg.mid_patch_sizes == (2,) and cfg == MegabyteConfig.from_name("debug-long", **{
         k: getattr(cfg, k) for k in ("d_global", "n_layer_global", "n_head_global", "d_local", "n_layer_local",
                                      "n_head_local")})
-
-
-def test_debug_step_is_fast():
-    import time
-
-    m = model("debug").train()
-    x = torch.randint(0, 256, (8, 512))
-    m.nll(x).mean().backward()  # warm up
-    start = time.perf_counter()
-    m.nll(x).mean().backward()
-    assert time.perf_counter() - start < 1.0
 
 
 def test_strided_nll_takes_each_byte_from_the_pass_where_it_is_late_in_its_patch():
