@@ -64,10 +64,11 @@ class MegabyteConfig:
     """Recompute each block in the backward pass instead of storing its activations (saves memory on long T)."""
     token_shift: bool = False
     """Token shift (RWKV; as in MEGABYTE-pytorch): every attention and MLP sublayer reads the second half of its
-    input channels from the previous position of its stage (patch, sub-patch or byte). Causal and cached."""
+    input channels from the previous position of its stage (patch, sub-patch or byte). Causal and cached. Better
+    at 150 steps on text, worse over the quickstart (README, Measured): off by default, as in the paper."""
     embed_std: float = 0.02
     """Initial standard deviation of the byte embeddings and the trainable padding units (the paper's GPT-2 form:
-    0.02; 1.0 keeps a byte's identity above the noise the blocks add at initialisation)."""
+    0.02; 1.0, with token shift, learned faster early on text)."""
     patch_embed: Literal["concat", "project"] = "concat"
     """How the global model sees a patch. ``concat`` (paper): the P byte embeddings of width D_G concatenated.
     ``project``: byte embeddings of width ``d_embed`` concatenated, then LayerNorm -> Linear -> LayerNorm to P * D_G

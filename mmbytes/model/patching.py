@@ -40,3 +40,14 @@ def cap_starts(starts: Tensor, max_count: int) -> Tensor:
     """Keep the first ``max_count`` starts of each row; later boundaries are not patch starts (the patch goes on).
     Incremental too: the count only looks back."""
     return starts & (starts.long().cumsum(-1) <= max_count)
+
+
+def latest_start(starts: Tensor) -> Tensor:
+    """Index of the patch each byte is in (its most recent start at or before it), (B, T)."""
+    t = torch.arange(starts.shape[-1], device=starts.device)
+    return torch.where(starts, t, -1).cummax(-1).values
+
+
+def overflow_share(starts: Tensor, kept: Tensor) -> Tensor:
+    """Share of bytes whose patch start was dropped by a cap (``kept``: the starts left)."""
+    return (latest_start(starts) != latest_start(kept)).float().mean()

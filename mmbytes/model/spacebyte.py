@@ -66,9 +66,9 @@ class SpaceByteConfig:
     rope_base: float = 10000.0
     """Base of the rotary position embeddings."""
     token_shift: bool = False
-    """Token shift in every block (see ``MegabyteConfig.token_shift``)."""
+    """Token shift in every block (see ``MegabyteConfig.token_shift``; off by default, as MEGABYTE's)."""
     embed_std: float = 0.02
-    """Initial standard deviation of the byte embeddings and the start vector."""
+    """Initial standard deviation of the byte embeddings and the start vector (as MEGABYTE's default)."""
     checkpointing: bool = False
     """Recompute each block in the backward pass instead of storing its activations."""
     vocab_size: int = 256
@@ -163,8 +163,7 @@ class SpaceByte(nn.Module):
         b, t = glob.nonzero(as_tuple=True)
         idx[b, rank[b, t]] = t
         if self.training:
-            last = lambda m: torch.where(m, torch.arange(m.shape[1], device=m.device), -1).cummax(1).values  # noqa: E731
-            self.stats = {"spacebyte_overflow": (last(starts) != last(glob)).float().mean().detach(),
+            self.stats = {"spacebyte_overflow": patching.overflow_share(starts, glob).detach(),
                           "spacebyte_global_share": glob.float().mean().detach()}
         return glob, idx
 
