@@ -293,19 +293,7 @@ class Megabyte(nn.Module):
         Logits are made ``chunk`` positions at a time (recomputed in the backward pass) so no (B*T, 256) float32
         tensor outlives its chunk: at T = 2**20 that tensor alone would be 1 GiB.
         """
-        h = self.hidden(x)
-        B, T, D = h.shape
-        h, target = h.reshape(B * T, D), x.reshape(B * T).long()
-        if B * T <= chunk:
-            out = _ce(self.head.weight, h, target)
-        else:
-            grad = torch.is_grad_enabled()
-            parts = [checkpoint(_ce, self.head.weight, h[i : i + chunk], target[i : i + chunk], use_reentrant=False)
-                     if grad else _ce(self.head.weight, h[i : i + chunk], target[i : i + chunk])
-                     for i in range(0, B * T, chunk)]
-            out = torch.cat(parts)
-        out = out.view(B, T)
-        return out if mask is None else torch.where(mask, out, 0.0)
+        return chunked_nll(self.head.weight, self.hidden(x), x, mask, chunk)
 
     def nll_strided(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768) -> Tensor:
         """Strided inference (paper section 3.3): a second pass offset by P/2 bytes, and each byte scored by the
@@ -434,6 +422,22 @@ class Stage(NamedTuple):
         if self.full:
             return self.proj(parent).view(parent.shape[0], n, -1)
         return self.proj(parent.view(parent.shape[0], n, -1))
+
+
+def chunked_nll(weight: Tensor, h: Tensor, x: Tensor, mask: Tensor | None, chunk: int) -> Tensor:
+    """Nats (B, T) of bytes x under the head ``weight`` applied to hidden states h (B, T, D), ``chunk`` positions at
+    a time (recomputed in the backward pass) so no (B*T, 256) float32 tensor outlives its chunk."""
+    B, T, D = h.shape
+    h, target = h.reshape(B * T, D), x.reshape(B * T).long()
+    if B * T <= chunk:
+        out = _ce(weight, h, target)
+    else:
+        grad = torch.is_grad_enabled()
+        out = torch.cat([checkpoint(_ce, weight, h[i : i + chunk], target[i : i + chunk], use_reentrant=False)
+                         if grad else _ce(weight, h[i : i + chunk], target[i : i + chunk])
+                         for i in range(0, B * T, chunk)])
+    out = out.view(B, T)
+    return out if mask is None else torch.where(mask, out, 0.0)
 
 
 def _ce(weight: Tensor, h: Tensor, target: Tensor) -> Tensor:

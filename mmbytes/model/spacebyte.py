@@ -24,11 +24,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from mmbytes.model import patching
 from mmbytes.model.layers import Transformer
-from mmbytes.model.megabyte import _ce, block_flops
+from mmbytes.model.megabyte import block_flops, chunked_nll
 
 
 @dataclass(frozen=True)
@@ -185,29 +184,29 @@ class SpaceByte(nn.Module):
         if x.dtype != torch.long:
             x = x.long()
         h = self.local_in(self.inputs(x))  # (B, T, D_L)
+        return self.local_out(self.global_pass(h, x)[0])  # (B, T, D_L), final norm included
+
+    def global_pass(self, h: Tensor, x: Tensor, caches: list | None = None) -> tuple[Tensor, Tensor]:
+        """Gather the residual stream h (B, T, D_L) at the global positions of bytes x, run the global blocks over
+        them (filling ``caches`` if given) and add what they wrote back at the same positions. Returns the new stream
+        and each row's number of global positions."""
         glob, idx = self.global_positions(x)
-        real = torch.arange(idx.shape[1], device=x.device) < glob.sum(1, keepdim=True)  # (B, G) real slots
+        counts = glob.sum(1)
+        real = torch.arange(idx.shape[1], device=x.device) < counts[:, None]  # (B, G) real slots
         gathered = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))  # (B, G, D_L)
         g_in = self.widen(gathered)
-        g_out = self.global_model(g_in)  # (B, G, D): causal over the global positions
+        for c in caches or []:
+            c.set_lengths(counts)
+        g_out = self.global_model(g_in, caches)  # (B, G, D): causal over the global positions
         delta = self.narrow(g_out - g_in) * real[..., None]  # what the global blocks added to the residual stream
-        h = h.scatter_add(1, idx[..., None].expand(-1, -1, h.shape[-1]), delta)
-        return self.local_out(h)  # (B, T, D_L), final norm included
+        return h.scatter_add(1, idx[..., None].expand(-1, -1, h.shape[-1]), delta), counts
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.hidden(x))
 
     def nll(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768) -> Tensor:
         """Negative log-likelihood in nats of every byte, (B, T), zero where ``mask`` is False."""
-        h = self.hidden(x)
-        B, T, D = h.shape
-        h, target = h.reshape(B * T, D), x.reshape(B * T).long()
-        grad = torch.is_grad_enabled()
-        parts = [checkpoint(_ce, self.head.weight, h[i : i + chunk], target[i : i + chunk], use_reentrant=False)
-                 if grad and B * T > chunk else _ce(self.head.weight, h[i : i + chunk], target[i : i + chunk])
-                 for i in range(0, B * T, chunk)]
-        out = torch.cat(parts).view(B, T)
-        return out if mask is None else torch.where(mask, out, 0.0)
+        return chunked_nll(self.head.weight, self.hidden(x), x, mask, chunk)
 
     def flops_per_byte(self, seq_len: int) -> float:
         """Training FLOPs per byte (3 x forward) at ``seq_len``, as computed: local attention in blocks of W (2W keys
@@ -246,17 +245,7 @@ class SpaceByte(nn.Module):
         cache.t = L0
         x = F.pad(cache.buf[:, :L0], (0, 1))  # the byte at L0 is not known yet; no position <= L0 depends on it
         h = self.local_in(self.inputs(x), cache.local_in)
-        glob, idx = self.global_positions(x)
-        counts = glob.sum(1)
-        real = torch.arange(idx.shape[1], device=x.device) < counts[:, None]
-        gathered = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
-        g_in = self.widen(gathered)
-        for c in cache.glob:
-            c.set_lengths(counts)
-        g_out = self.global_model(g_in, cache.glob)
-        cache.count = counts
-        delta = self.narrow(g_out - g_in) * real[..., None]
-        h = h.scatter_add(1, idx[..., None].expand(-1, -1, h.shape[-1]), delta)
+        h, cache.count = self.global_pass(h, x, cache.glob)
         return self.head(self.local_out(h, cache.local_out)[:, -1])
 
     def step(self, byte: Tensor, cache: SpaceByteCache) -> Tensor:
