@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from mmbytes.model.registry import build, config_from_dict, config_from_name
+from mmbytes.model.registry import build, config_from_dict, config_from_name, config_to_dict
 
 
 class ConfigMismatchError(ValueError):
@@ -116,3 +116,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_save(checkpoint, path)
+
+
+def load_entropy_model(path: str | Path) -> dict[str, Any]:
+    """A byte model's checkpoint as BLT's entropy model: its stored ``config`` (a dict), its ``state`` dict and the
+    thresholds ``mmbytes calibrate`` stored with it (``calibration``, None if it was not calibrated)."""
+    ckpt = load_checkpoint(path)
+    config = checkpoint_config(ckpt)
+    if config is None:
+        raise ValueError(f"{path}: not a mmbytes ByteLM checkpoint (no model size in its hyperparameters)")
+    if getattr(config, "per_modality", False) or config.arch == "blt":
+        raise ValueError(f"{path}: a BLT checkpoint cannot serve as an entropy model; give a byte model's")
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    return {"config": config_to_dict(config), "state": state,
+            "calibration": (ckpt.get("mmbytes") or {}).get("calibration")}

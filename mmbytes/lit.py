@@ -31,6 +31,7 @@ class ByteLM(L.LightningModule):
         strided_eval: bool = False,
         max_bad_steps: int = 8,
         decay_embeddings: bool = True,
+        entropy_ckpt: str | None = None,
     ) -> None:
         """
         Args:
@@ -49,11 +50,25 @@ class ByteLM(L.LightningModule):
             max_bad_steps: a step whose loss is NaN or infinite is skipped (no update) and counted in
                 ``train/skipped_steps``; this many in a row stop training with ``NonFiniteLossError``.
             decay_embeddings: apply weight decay to the byte embedding tables too.
+            entropy_ckpt: BLT: the checkpoint of its entropy model (any byte model trained with ``mmbytes fit``,
+                best with thresholds stored by ``mmbytes calibrate``); frozen inside the BLT model and saved with it.
+                Without it a BLT size carries a randomly initialised entropy model.
         """
         super().__init__()
         self.save_hyperparameters()
-        self.config = config_from_name(size, **(overrides or {}))
+        overrides = dict(overrides or {})
+        entropy = None
+        if entropy_ckpt:
+            from mmbytes.checkpoint import load_entropy_model
+
+            entropy = load_entropy_model(entropy_ckpt)
+            overrides["entropy"] = entropy["config"]
+        self.config = config_from_name(size, **overrides)
         self.model = build(self.config)
+        if entropy is not None and not self.model.set_entropy(entropy["state"], entropy["calibration"], entropy_ckpt):
+            rank_zero_warn(f"{entropy_ckpt}: no thresholds stored (run `mmbytes calibrate`); every modality uses "
+                           f"threshold={self.config.threshold}")
+        self.per_modality = getattr(self.model, "per_modality", False)
         if strided_eval and not hasattr(self.model, "nll_strided"):
             raise ValueError(f"strided_eval needs fixed patches (MEGABYTE); {size!r} is {self.config.arch}")
         self.bits = torch.nn.ModuleDict({f"{stage}{kind}": BitsPerByte() for stage in ("val", "test")
@@ -85,7 +100,7 @@ class ByteLM(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         mask = batch["mask"]
-        nats = self.model.nll(batch["x"], mask).sum()
+        nats = self.model.nll(batch["x"], mask, **self._modality(batch)).sum()
         loss = nats / mask.sum().clamp(min=1)  # mean nats per real byte
         finite = bool(torch.isfinite(loss))
         if self._trainer is not None:  # one decision for all processes: a rank that skips alone would hang DDP
@@ -125,9 +140,13 @@ class ByteLM(L.LightningModule):
 
     def _score(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         x, mask, modality = batch["x"], batch["mask"], batch.get("modality")
-        self.bits[stage].update(self.model.nll(x, mask).sum(1), mask.sum(1), modality)
+        self.bits[stage].update(self.model.nll(x, mask, **self._modality(batch)).sum(1), mask.sum(1), modality)
         if self.hparams.strided_eval:
             self.bits[f"{stage}_strided"].update(self.model.nll_strided(x, mask).sum(1), mask.sum(1), modality)
+
+    def _modality(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The rows' modality ids for a model whose patching depends on them (BLT's thresholds)."""
+        return {"modality": batch["modality"]} if self.per_modality and "modality" in batch else {}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._score(batch, "val")
@@ -138,7 +157,7 @@ class ByteLM(L.LightningModule):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Scores each window: summed nats, real bytes and bits per byte."""
         mask = batch["mask"]
-        nats = self.model.nll(batch["x"], mask).sum(1)
+        nats = self.model.nll(batch["x"], mask, **self._modality(batch)).sum(1)
         count = mask.sum(1)
         return {"nats": nats, "count": count, "bpb": nats / count.clamp(min=1) / math.log(2)}
 

@@ -11,7 +11,8 @@ from mmbytes.model import SIZES, build, config_from_name, patching
 from mmbytes.model.generate import generate, generate_reference
 from mmbytes.model.registry import config_from_dict, config_to_dict
 
-DEBUG = ["debug", "debug-long", "transformer-debug", "spacebyte-debug", "spacebyte-fixed-debug"]
+DEBUG = ["debug", "debug-long", "transformer-debug", "spacebyte-debug", "spacebyte-fixed-debug", "blt-fixed-debug"]
+EVERY = [*DEBUG, "blt-debug", "blt-entropy-debug"]  # BLT with entropy patches: its FLOPs test is in test_blt.py
 SPACEBYTE = ["spacebyte-debug", "spacebyte-fixed-debug"]
 TEXT = Path(__file__).resolve().parents[1] / "samples" / "text"
 
@@ -38,7 +39,7 @@ def leaks(m, x: torch.Tensor, change) -> list[int]:
 # -- one interface
 
 
-@pytest.mark.parametrize("name", DEBUG)
+@pytest.mark.parametrize("name", EVERY)
 def test_every_size_answers_the_model_interface(name):
     m = build(name).eval()
     x = torch.randint(0, 256, (2, 37))
@@ -75,7 +76,7 @@ def test_named_sizes_share_one_namespace_and_refuse_unknown_names_and_fields():
         config_from_name("spacebyte-debug", patch_count=3)
 
 
-@pytest.mark.parametrize("name", DEBUG)
+@pytest.mark.parametrize("name", EVERY)
 def test_a_stored_config_builds_the_same_architecture(name):
     config = config_from_name(name)
     assert config_from_dict(config_to_dict(config)) == config

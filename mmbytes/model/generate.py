@@ -34,15 +34,22 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def modality_kwargs(model: nn.Module, modality: Tensor | None) -> dict:
+    """``{"modality": ids}`` for a model whose patching depends on each row's modality (BLT's per-modality entropy
+    thresholds: ``per_modality = True``), else nothing."""
+    return {"modality": modality} if modality is not None and getattr(model, "per_modality", False) else {}
+
+
 @torch.no_grad()
 def generate(model: nn.Module, prompt: Tensor, num_bytes: int, *, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, generator: torch.Generator | None = None,
              on_logits: Callable[[int, Tensor], None] | None = None,
-             on_progress: Callable[[int], None] | None = None) -> Tensor:
+             on_progress: Callable[[int], None] | None = None, modality: Tensor | None = None) -> Tensor:
     """Continue ``prompt`` (B, L0) by ``num_bytes`` bytes with any model of the registry; returns (B, L0 + num_bytes).
 
     ``on_logits(t, logits)`` sees the (B, 256) logits that chose byte t (tests compare them with the reference);
-    ``on_progress(n)`` is called with the number of bytes made so far after each byte.
+    ``on_progress(n)`` is called with the number of bytes made so far after each byte; ``modality`` (B,) ids of
+    ``mmbytes.codecs.MODALITIES`` reach models whose patching depends on them (``modality_kwargs``).
     """
     if num_bytes <= 0:
         return prompt.long().clone()
@@ -51,7 +58,8 @@ def generate(model: nn.Module, prompt: Tensor, num_bytes: int, *, temperature: f
     try:
         B, L0 = prompt.shape
         total = L0 + num_bytes
-        cache = model.new_cache(B, total, prompt.device, next(model.parameters()).dtype)
+        cache = model.new_cache(B, total, prompt.device, next(model.parameters()).dtype,
+                                **modality_kwargs(model, modality))
         out = torch.zeros(B, total, dtype=torch.long, device=prompt.device)
         out[:, :L0] = prompt
         logits = model.prefill(out[:, :L0], cache)
@@ -71,14 +79,15 @@ def generate(model: nn.Module, prompt: Tensor, num_bytes: int, *, temperature: f
 @torch.no_grad()
 def generate_reference(model: nn.Module, prompt: Tensor, num_bytes: int, *, temperature: float = 1.0,
                        top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-                       on_logits: Callable[[int, Tensor], None] | None = None) -> Tensor:
+                       on_logits: Callable[[int, Tensor], None] | None = None,
+                       modality: Tensor | None = None) -> Tensor:
     """The slow decoder: a full forward pass over everything so far for every byte."""
     was_training = model.training
     model.eval()
     try:
         out = F.pad(prompt.long(), (0, num_bytes))
         for t in range(prompt.shape[1], out.shape[1]):
-            logits = model(out[:, : t + 1])[:, t]  # position t sees bytes < t only; out[:, t] is a placeholder
+            logits = model(out[:, : t + 1], **modality_kwargs(model, modality))[:, t]  # position t sees bytes < t only; out[:, t] is a placeholder
             if on_logits is not None:
                 on_logits(t, logits)
             out[:, t] = sample_next(logits, temperature, top_k, top_p, generator)

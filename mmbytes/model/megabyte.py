@@ -79,6 +79,10 @@ class MegabyteConfig:
     """How a patch's global output reaches its bytes. ``slice`` (paper, w^GL): byte i of the patch gets slice i of
     the global output, projected D_G -> D_L. ``full``: one projection of the whole global vector to all P positions
     (P*D_G -> P*D_L; MEGABYTE-pytorch). Middle stages follow the same choice."""
+    window: int = 0
+    """Sliding-window attention of the global model, in its positions (bytes for ``transformer``): each position
+    sees itself and the ``window - 1`` before it; 0: full causal attention. BLT's entropy model is a windowed byte
+    transformer (Pagnoni et al., 2024: window 512)."""
     vocab_size: int = 256
     """Byte values. All 256 are data: none is reserved for padding."""
 
@@ -164,7 +168,8 @@ SIZES: dict[str, MegabyteConfig] = {
     "transformer-base": _transformer(768, 14, 12),
 }
 
-LEGACY = {"token_shift": False, "embed_std": 0.02, "patch_embed": "concat", "d_embed": 0, "global_to_local": "slice"}
+LEGACY = {"window": 0, "token_shift": False, "embed_std": 0.02, "patch_embed": "concat", "d_embed": 0,
+          "global_to_local": "slice"}
 """Values of fields that configs stored before the field existed were trained with (the paper's form)."""
 
 
@@ -185,7 +190,7 @@ class Megabyte(nn.Module):
             self.global_embed = nn.Embedding(c.vocab_size, de)
             self.patch_proj = nn.Sequential(nn.LayerNorm(P * de), nn.Linear(P * de, P * DG), nn.LayerNorm(P * DG))
         self.global_pad = nn.Parameter(torch.empty(P * DG))  # the trainable padding patch
-        self.global_model = Transformer(P * DG, c.n_layer_global, c.n_head_global, **block)
+        self.global_model = Transformer(P * DG, c.n_layer_global, c.n_head_global, window=c.window, **block)
         # middle stages (none in the two-stage model of the paper): each sees its parent's output for its sub-patch,
         # projected, plus its own embeddings of the sub-patches before it inside the parent
         self.mid_embed, self.mid_proj, self.mid_models = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
@@ -320,7 +325,13 @@ class Megabyte(nn.Module):
         c, T = self.config, seq_len
         P = c.patch_size
         Tp = -(-T // P) * P  # padded to whole patches, as the model runs it
-        fwd = c.n_layer_global * (Tp // P) * block_flops(P * c.d_global, Tp // P, c.mlp_ratio)
+        K = Tp // P
+        if c.window and K > c.window:  # windowed attention in blocks of W queries, 2W keys each
+            Kp = -(-K // c.window) * c.window
+            fwd = c.n_layer_global * (K * block_flops(P * c.d_global, 0, c.mlp_ratio)
+                                      + Kp * 4 * 2 * c.window * P * c.d_global)
+        else:
+            fwd = c.n_layer_global * K * block_flops(P * c.d_global, K, c.mlp_ratio)
         if c.patch_embed == "project":
             fwd += (Tp // P) * 2 * P * self.global_embed.embedding_dim * P * c.d_global
         full = c.global_to_local == "full"

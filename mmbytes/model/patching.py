@@ -51,3 +51,58 @@ def latest_start(starts: Tensor) -> Tensor:
 def overflow_share(starts: Tensor, kept: Tensor) -> Tensor:
     """Share of bytes whose patch start was dropped by a cap (``kept``: the starts left)."""
     return (latest_start(starts) != latest_start(kept)).float().mean()
+
+
+def limit_length(starts: Tensor, max_len: int) -> Tensor:
+    """BLT's ``max_patch_len``: a patch that reaches ``max_len`` bytes is cut (every ``max_len``-th byte after the
+    latest start opens a new patch). 0: no limit. Incremental: it looks back to the latest start only."""
+    if max_len <= 0:
+        return starts
+    t = torch.arange(starts.shape[-1], device=starts.device)
+    return starts | ((t - latest_start(starts)) % max_len == 0)
+
+
+def _per_row(theta: Tensor | float, h: Tensor) -> Tensor:
+    theta = torch.as_tensor(theta, dtype=h.dtype, device=h.device)
+    return theta[:, None] if theta.dim() == 1 else theta
+
+
+def entropy_starts(h: Tensor, theta: Tensor | float, max_len: int = 0) -> Tensor:
+    """BLT's global threshold (Pagnoni et al., 2024, section 2.3): byte t starts a patch when the entropy ``h[t]`` of
+    the entropy model's next-byte distribution at t (computed from bytes < t) exceeds ``theta`` (a number, or one per
+    row (B,)). h: (B, T) nats."""
+    starts = h > _per_row(theta, h)
+    starts[..., 0] = True
+    return limit_length(starts, max_len)
+
+
+def monotonic_starts(h: Tensor, theta: Tensor | float, max_len: int = 0) -> Tensor:
+    """BLT's approximate monotonic rule: byte t starts a patch when the entropy rises by more than ``theta`` over
+    the previous position's, h[t] - h[t-1] > theta."""
+    rise = h - torch.nn.functional.pad(h[..., :-1], (1, 0))
+    starts = rise > _per_row(theta, h)
+    starts[..., 0] = True
+    return limit_length(starts, max_len)
+
+
+ENTROPY_RULES = {"entropy": entropy_starts, "monotonic": monotonic_starts}
+
+
+def calibrate_threshold(entropies: list[Tensor], target: float, rule: str = "entropy", max_len: int = 0,
+                        iters: int = 60) -> tuple[float, float]:
+    """The threshold at which ``rule`` cuts the given entropy rows (each (T,) nats, e.g. windows of one modality)
+    into patches of ``target`` bytes on average (bytes / patch starts), by bisection (more threshold, fewer starts).
+    Returns (threshold, the mean patch size it gives). A target below what the rule can reach gives its extreme."""
+    fn = ENTROPY_RULES[rule]
+    total = sum(int(h.numel()) for h in entropies)
+
+    def mean_size(theta: float) -> float:
+        return total / sum(int(fn(h[None], theta, max_len).sum()) for h in entropies)
+
+    values = torch.cat([h.flatten() for h in entropies]).double()
+    bound = 2 * float(values.abs().max()) + 1.0
+    lo, hi = -bound, bound  # below every entropy and every rise, above every one (both rules)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_size(mid) < target else (lo, mid)
+    return hi, mean_size(hi)

@@ -20,19 +20,21 @@ from typing import Any
 
 from torch import nn
 
-from mmbytes.model import megabyte, spacebyte
+from mmbytes.model import blt, megabyte, spacebyte
 
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module], Any]] = {
     # arch -> (config class, model class, module holding SIZES and LEGACY)
     "megabyte": (megabyte.MegabyteConfig, megabyte.Megabyte, megabyte),
     "transformer": (megabyte.MegabyteConfig, megabyte.Megabyte, megabyte),  # the flat baseline: MEGABYTE with P = 1
     "spacebyte": (spacebyte.SpaceByteConfig, spacebyte.SpaceByte, spacebyte),
+    "blt": (blt.BLTConfig, blt.BLT, blt),
 }
 
 SIZES: dict[str, Any] = {name: config for _, _, module in {id(a[2]): a for a in ARCHITECTURES.values()}.values()
                          for name, config in module.SIZES.items()}
 """Every named size of every architecture: ``debug``/``small``/``base`` are MEGABYTE, ``transformer-*`` the flat
-byte Transformer, ``spacebyte-*`` SpaceByte."""
+byte Transformer, ``spacebyte-*`` SpaceByte, ``blt-*`` BLT (``blt-entropy-*``: its entropy models, flat windowed
+byte Transformers)."""
 
 
 def config_from_name(name: str, **overrides: Any):
