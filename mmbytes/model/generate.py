@@ -87,7 +87,8 @@ def generate_reference(model: nn.Module, prompt: Tensor, num_bytes: int, *, temp
     try:
         out = F.pad(prompt.long(), (0, num_bytes))
         for t in range(prompt.shape[1], out.shape[1]):
-            logits = model(out[:, : t + 1], **modality_kwargs(model, modality))[:, t]  # position t sees bytes < t only; out[:, t] is a placeholder
+            # position t sees bytes < t only; out[:, t] is a placeholder
+            logits = model(out[:, : t + 1], **modality_kwargs(model, modality))[:, t]
             if on_logits is not None:
                 on_logits(t, logits)
             out[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
