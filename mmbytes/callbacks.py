@@ -55,7 +55,7 @@ class SampleWriter(L.Callback):
             return
         self._last_step = step
         num_bytes = sample_length(self.modality, self.meta, self.num_bytes)
-        samples = sample_bytes(pl_module.model, self.num, num_bytes, self.prompt, **self.kw)
+        samples = sample_bytes(pl_module.model, self.num, num_bytes, self.prompt, modality=self.modality, **self.kw)
         out = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step_{step}"
         paths = write_samples(samples, self.modality, self.meta, out)
         self._log_tensorboard(trainer, paths, samples, step)

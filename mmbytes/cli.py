@@ -3,6 +3,7 @@
     mmbytes fit --config recipes/quickstart.yaml
     mmbytes shards samples/ --out data/mine --codec auto
     mmbytes sample --ckpt runs/quickstart/version_0/checkpoints/last.ckpt --modality text --num 4 --out out/
+    mmbytes calibrate --ckpt ENTROPY.ckpt --data data/mixed --out runs/entropy_calibrated
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ EXTRA = {
     "shards": ("mmbytes.shards", "write webdataset shards + manifest from files"),
     "sample": ("mmbytes.sample", "generate PNG / WAV / text / raw files from a checkpoint"),
     "compare": ("mmbytes.compare", "byte model vs VQ-VAE + prior on the same validation files: report, plots"),
+    "calibrate": ("mmbytes.entropy:calibrate_main", "BLT: per-modality entropy thresholds for a mean patch size"),
+    "patches": ("mmbytes.entropy:patches_main", "BLT: PNG of a file's entropy curve and patch boundaries"),
 }
 
 
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in EXTRA:
         import importlib
 
-        importlib.import_module(EXTRA[argv[0]][0]).main(argv[1:])
+        module, _, function = EXTRA[argv[0]][0].partition(":")
+        getattr(importlib.import_module(module), function or "main")(argv[1:])
         return
     if not argv or argv[0] in ("-h", "--help"):
         print("mmbytes commands besides LightningCLI's fit/validate/test/predict:")

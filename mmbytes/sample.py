@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from mmbytes.codecs import MODALITIES
 from mmbytes.model.generate import generate
 
 SUFFIX = {"text": ".txt", "raw": ".bin", "image": ".png", "audio": ".wav"}
@@ -20,15 +21,17 @@ SUFFIX = {"text": ".txt", "raw": ".bin", "image": ".png", "audio": ".wav"}
 @torch.no_grad()
 def sample_bytes(model: nn.Module, num: int, num_bytes: int, prompt: bytes = b"", *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 progress: bool = False) -> list[bytes]:
-    """``num`` independent continuations of ``prompt``, each ``num_bytes`` long (prompt included when it fits)."""
+                 progress: bool = False, modality: str | None = None) -> list[bytes]:
+    """``num`` independent continuations of ``prompt``, each ``num_bytes`` long (prompt included when it fits).
+    ``modality`` picks a BLT model's threshold for the samples."""
     device = next(model.parameters()).device
     p = torch.tensor(list(prompt[:num_bytes]), dtype=torch.long, device=device).expand(num, -1)
     g = torch.Generator(device).manual_seed(seed)
     new = num_bytes - p.shape[1]
     with tqdm(total=new * num, unit="B", unit_scale=True, desc="sampling", disable=not progress) as bar:
+        ids = None if modality is None else torch.full((num,), MODALITIES.index(modality), device=device)
         out = generate(model, p, new, temperature=temperature, top_k=top_k, top_p=top_p, generator=g,
-                       on_progress=lambda n: bar.update(n * num - bar.n))
+                       on_progress=lambda n: bar.update(n * num - bar.n), modality=ids)
     return [bytes(row.tolist()) for row in out.to(torch.uint8).cpu()]
 
 
@@ -137,6 +140,6 @@ def main(argv: list[str] | None = None) -> None:
             prompt = get_codec(args.modality).encode(args.prompt)[0]
             num_bytes += len(prompt)
     samples = sample_bytes(model, args.num, num_bytes, prompt, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, seed=args.seed, progress=True)
+                           top_p=args.top_p, seed=args.seed, progress=True, modality=args.modality)
     for path in write_samples(samples, args.modality, meta, args.out):
         print(path)

@@ -1,5 +1,6 @@
 """BLT: entropy patches, hash n-grams, per-patch cross-attention, causality, cached generation, thresholds."""
 
+import json
 import os
 import subprocess
 import sys
@@ -323,3 +324,82 @@ def test_windowed_entropy_transformer_cached_logits_equal_the_reference_past_its
     z[0, 5] = (z[0, 5] + 1) % 256
     with torch.no_grad():
         assert not torch.allclose(m(y)[0, 21], m(z)[0, 21]) and torch.allclose(m(y)[0, 22], m(z)[0, 22], atol=1e-12)
+
+
+# -- where users see it: entropy model -> calibrate -> BLT -> sample and picture, through the CLI
+
+
+LAST_ONLY = json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}])
+
+
+@pytest.fixture(scope="module")
+def blt_run(tmp_path_factory):
+    from mmbytes.cli import main
+
+    tmp = tmp_path_factory.mktemp("blt")
+
+    def fit(name: str, size: str, *extra: str) -> Path:
+        main(["fit", "--config", str(SAMPLES.parent / "recipes" / "quickstart.yaml"),
+              "--data.sources", f"[{SAMPLES}]", "--data.data_dir", str(tmp / "shards"), "--data.seq_len", "256",
+              "--data.num_workers", "0", "--data.train_batches_per_epoch", "3", "--model.size", size,
+              "--model.overrides", "{}", "--trainer.max_steps", "3", "--trainer.callbacks", LAST_ONLY,
+              "--trainer.logger.init_args.save_dir", str(tmp / "runs"), "--trainer.logger.init_args.name", name,
+              "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1", *extra])
+        return tmp / "runs" / name / "version_0"
+
+    entropy = fit("entropy", "blt-entropy-debug") / "checkpoints" / "last.ckpt"
+    main(["calibrate", "--ckpt", str(entropy), "--data", str(tmp / "shards"), "--windows", "8", "--seq-len", "256",
+          "--patch-size", "3", "--out", str(tmp / "calibrated")])
+    version = fit("blt", "blt-debug", "--model.entropy_ckpt", str(tmp / "calibrated" / "entropy.ckpt"))
+    return tmp, version
+
+
+def test_calibrate_stores_per_modality_thresholds_with_the_entropy_model(blt_run):
+    tmp, _ = blt_run
+    report = json.loads((tmp / "calibrated" / "calibration.json").read_text())
+    assert set(report["modalities"]) == {"text", "image", "audio", "raw"}  # the samples hold all four
+    for r in report["modalities"].values():
+        assert r["patch_size"] == pytest.approx(3, rel=0.1)
+    ckpt = torch.load(tmp / "calibrated" / "entropy.ckpt", weights_only=True)
+    assert ckpt["mmbytes"]["calibration"]["thresholds"] == {m: report["modalities"][m]["threshold"]
+                                                            for m in MODALITIES}
+
+
+def test_blt_trains_with_its_calibrated_entropy_model_and_logs_patch_sizes_per_modality(blt_run, tmp_path):
+    tmp, version = blt_run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(version))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/bpb", "val/bpb", "val/bpb_text", "train/patch_size"} <= tags
+    assert any(t.startswith("train/patch_size_") for t in tags)
+    # the checkpoint carries the entropy model and the thresholds: it loads with the entropy file gone
+    from mmbytes.checkpoint import load_model
+
+    ckpt = version / "checkpoints" / "last.ckpt"
+    (tmp / "calibrated" / "entropy.ckpt").rename(tmp_path / "moved.ckpt")
+    try:
+        model, _ = load_model(ckpt)
+    finally:
+        (tmp_path / "moved.ckpt").rename(tmp / "calibrated" / "entropy.ckpt")
+    report = json.loads((tmp / "calibrated" / "calibration.json").read_text())
+    assert model.theta.tolist() == pytest.approx([report["modalities"][m]["threshold"] for m in MODALITIES])
+    trained = torch.load(tmp / "calibrated" / "entropy.ckpt", weights_only=True)["state_dict"]
+    assert torch.equal(model.entropy_model.head.weight, trained["model.head.weight"])  # frozen: unchanged
+
+
+def test_blt_sample_and_patch_picture_commands(blt_run, tmp_path):
+    from mmbytes.cli import main
+
+    tmp, version = blt_run
+    main(["sample", "--ckpt", str(version / "checkpoints" / "last.ckpt"), "--modality", "text", "--num", "2",
+          "--bytes", "40", "--out", str(tmp_path / "samples")])
+    assert len(list((tmp_path / "samples").glob("text_*.txt"))) == 2
+    files = [SAMPLES / "text" / "tinyshakespeare.txt", SAMPLES / "images" / "cifar10_cat_0000.jpg"]
+    main(["patches", "--ckpt", str(tmp / "calibrated" / "entropy.ckpt"), *map(str, files), "--bytes", "80",
+          "--out", str(tmp_path / "pictures")])
+    from PIL import Image
+
+    for f in files:
+        assert Image.open(tmp_path / "pictures" / f"{f.name}.patches.png").size[0] > 500
