@@ -329,7 +329,8 @@ def test_windowed_entropy_transformer_cached_logits_equal_the_reference_past_its
 # -- where users see it: entropy model -> calibrate -> BLT -> sample and picture, through the CLI
 
 
-LAST_ONLY = json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}])
+LAST_ONLY = json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                         "init_args": {"save_last": True}}])
 
 
 @pytest.fixture(scope="module")
