@@ -59,7 +59,7 @@ def names_of(arg: str) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bytes", type=int, default=8192)
-    ap.add_argument("--models", default="small,transformer-small,spacebyte-small",
+    ap.add_argument("--models", default="small,transformer-small,spacebyte-small,blt-small",
                     help=f"comma-separated registry names, of: {', '.join(SIZES)}")
     ap.add_argument("--ref-models", default=None,
                     help="comma-separated models of --models to run the reference decoder for, 'all', or 'none' "
@@ -81,6 +81,9 @@ def main() -> None:
     for name in names:
         torch.manual_seed(0)
         model = build(name).eval()
+        if hasattr(model, "calibrate_"):  # BLT: thresholds for its mean patch size on real text, as users calibrate
+            text = (Path(__file__).resolve().parents[1] / "samples" / "text" / "tinyshakespeare.txt").read_bytes()
+            model.calibrate_(torch.tensor(list(text[: 4 * 2048])).view(4, 2048))
         row = {"model": name, "arch": model.config.arch, "params": model.num_params(),
                "cached_bytes_per_s": cached_bytes_per_s(model, args.bytes)}
         if name in refs:

@@ -59,6 +59,8 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, 
 def measure(name: str, x: torch.Tensor, steps: int, warmup: int, dtype: torch.dtype) -> dict:
     torch.manual_seed(0)
     model = build(name).to(x.device).train()
+    if hasattr(model, "calibrate_"):  # BLT: thresholds for its mean patch size on these bytes, as a user calibrates
+        model.calibrate_(x)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.1)
     autocast = (lambda: torch.autocast(x.device.type, dtype=dtype)) if dtype != torch.float32 else \
         contextlib.nullcontext
@@ -81,7 +83,8 @@ def measure(name: str, x: torch.Tensor, steps: int, warmup: int, dtype: torch.dt
         sync(x.device)
         times.append(time.perf_counter() - start)
     t = sorted(times)[len(times) // 2]  # median: robust to a noisy neighbour
-    return {"model": name, "arch": model.config.arch, "params": model.num_params(), "step_s": t,
+    extra = {"patch_size": float(model.stats["patch_size"])} if "patch_size" in getattr(model, "stats", {}) else {}
+    return {**extra, "model": name, "arch": model.config.arch, "params": model.num_params(), "step_s": t,
             "bytes_per_s": x.numel() / t, "gflops_per_step": flops / 1e9, "achieved_gflops": flops / t / 1e9}
 
 
@@ -89,7 +92,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--models", default="small,transformer-small,spacebyte-small",
+    ap.add_argument("--models", default="small,transformer-small,spacebyte-small,blt-small",
                     help=f"comma-separated registry names, of: {', '.join(SIZES)}")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -123,7 +126,8 @@ def main() -> None:
     for r in rows:
         ratio = f"{r['vs_transformer']:.2f}x" if base else "-"
         print(f"{r['model']:22s} {r['params'] / 1e6:7.2f}M {r['step_s']:8.3f} {r['bytes_per_s']:10.0f} "
-              f"{r['gflops_per_step']:11.1f} {r['achieved_gflops']:8.1f} {r['mfu']:6.1%} {ratio:>20s}")
+              f"{r['gflops_per_step']:11.1f} {r['achieved_gflops']:8.1f} {r['mfu']:6.1%} {ratio:>20s}"
+              + (f"  (mean patch {r['patch_size']:.2f} bytes)" if "patch_size" in r else ""))
     if args.json:
         result = {"seq_len": args.seq_len, "batch": args.batch, "device": str(device), "dtype": args.dtype,
                   "threads": threads, "matmul_peak_gflops": peak, "flops": "analytic model.flops_per_byte",

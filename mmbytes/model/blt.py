@@ -304,6 +304,17 @@ class BLT(nn.Module):
             self.theta[MODALITIES.index(name)] = float(theta)
         return True
 
+    def calibrate_(self, x: Tensor, patch_size: float | None = None) -> float:
+        """Set every modality's threshold so that the rule cuts bytes x (B, T) into patches of ``patch_size`` bytes
+        on average (default: the config's); returns it. (``mmbytes calibrate`` does this per modality on shards.)"""
+        if self.entropy_model is None:
+            return float("nan")
+        c = self.config
+        theta, _ = patching.calibrate_threshold(list(self.entropies(x)), patch_size or c.patch_size, c.patching,
+                                                c.max_patch_len)
+        self.theta.fill_(theta)
+        return theta
+
     # -- patches
 
     def thresholds(self, modality: Tensor | None, batch: int) -> Tensor:
