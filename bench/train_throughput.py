@@ -83,7 +83,20 @@ def measure(name: str, x: torch.Tensor, steps: int, warmup: int, dtype: torch.dt
         sync(x.device)
         times.append(time.perf_counter() - start)
     t = sorted(times)[len(times) // 2]  # median: robust to a noisy neighbour
-    extra = {"patch_size": float(model.stats["patch_size"])} if "patch_size" in getattr(model, "stats", {}) else {}
+    extra = {}
+    if getattr(model, "entropy_model", None) is not None:  # BLT: what its frozen entropy model's pass costs per step
+        ent = []
+        for _ in range(steps):
+            sync(x.device)
+            start = time.perf_counter()
+            with autocast():
+                model.entropies(x)
+            sync(x.device)
+            ent.append(time.perf_counter() - start)
+        extra = {"entropy_s": sorted(ent)[len(ent) // 2],
+                 "entropy_flops_share": model.entropy_flops_per_byte(x.shape[1]) / model.flops_per_byte(x.shape[1])}
+    if "patch_size" in getattr(model, "stats", {}):
+        extra["patch_size"] = float(model.stats["patch_size"])
     return {**extra, "model": name, "arch": model.config.arch, "params": model.num_params(), "step_s": t,
             "bytes_per_s": x.numel() / t, "gflops_per_step": flops / 1e9, "achieved_gflops": flops / t / 1e9}
 
@@ -127,7 +140,9 @@ def main() -> None:
         ratio = f"{r['vs_transformer']:.2f}x" if base else "-"
         print(f"{r['model']:22s} {r['params'] / 1e6:7.2f}M {r['step_s']:8.3f} {r['bytes_per_s']:10.0f} "
               f"{r['gflops_per_step']:11.1f} {r['achieved_gflops']:8.1f} {r['mfu']:6.1%} {ratio:>20s}"
-              + (f"  (mean patch {r['patch_size']:.2f} bytes)" if "patch_size" in r else ""))
+              + (f"  (mean patch {r['patch_size']:.2f} bytes)" if "patch_size" in r else "")
+              + (f" entropy pass {r['entropy_s'] / r['step_s']:.0%} of the step time, "
+                 f"{r['entropy_flops_share']:.0%} of its FLOPs" if "entropy_s" in r else ""))
     if args.json:
         result = {"seq_len": args.seq_len, "batch": args.batch, "device": str(device), "dtype": args.dtype,
                   "threads": threads, "matmul_peak_gflops": peak, "flops": "analytic model.flops_per_byte",

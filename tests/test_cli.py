@@ -23,17 +23,28 @@ def test_every_recipe_parses_and_builds(recipe, tmp_path, monkeypatch):
     assert cli.trainer.gradient_clip_val == 1.0
 
 
-def test_transformer_recipe_differs_from_text_only_in_the_model():
+@pytest.mark.parametrize("recipe,size", [("transformer.yaml", "transformer-small"), ("spacebyte.yaml", "spacebyte-small"),
+                                         ("spacebyte_fixed.yaml", "spacebyte-fixed-small")])
+def test_architecture_recipes_differ_from_text_only_in_the_model(recipe, size):
     def load(name):
         import yaml
 
         return yaml.safe_load((ROOT / "recipes" / name).read_text())
 
-    text, base = load("text.yaml"), load("transformer.yaml")
-    assert text["data"] == base["data"]
+    text, other = load("text.yaml"), load(recipe)
+    assert text["data"] == other["data"]
     assert {k: v for k, v in text["trainer"].items() if k != "logger"} == \
-           {k: v for k, v in base["trainer"].items() if k != "logger"}
-    assert (text["model"]["init_args"]["size"], base["model"]["init_args"]["size"]) == ("small", "transformer-small")
+           {k: v for k, v in other["trainer"].items() if k != "logger"}
+    assert (text["model"]["init_args"]["size"], other["model"]["init_args"]["size"]) == ("small", size)
+
+
+def test_blt_recipes_train_on_the_same_shards():
+    import yaml
+
+    entropy, blt = (yaml.safe_load((ROOT / "recipes" / n).read_text()) for n in ("blt_entropy.yaml", "blt.yaml"))
+    assert entropy["data"]["init_args"]["data_dir"] == blt["data"]["init_args"]["data_dir"]
+    assert entropy["data"]["init_args"]["sources"] == blt["data"]["init_args"]["sources"]
+    assert "entropy_ckpt" in blt["model"]["init_args"]
 
 
 def test_warmup_then_cosine():
