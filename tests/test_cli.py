@@ -23,7 +23,8 @@ def test_every_recipe_parses_and_builds(recipe, tmp_path, monkeypatch):
     assert cli.trainer.gradient_clip_val == 1.0
 
 
-@pytest.mark.parametrize("recipe,size", [("transformer.yaml", "transformer-small"), ("spacebyte.yaml", "spacebyte-small"),
+@pytest.mark.parametrize("recipe,size", [("transformer.yaml", "transformer-small"),
+                                         ("spacebyte.yaml", "spacebyte-small"),
                                          ("spacebyte_fixed.yaml", "spacebyte-fixed-small")])
 def test_architecture_recipes_differ_from_text_only_in_the_model(recipe, size):
     def load(name):
