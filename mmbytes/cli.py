@@ -52,8 +52,7 @@ class MmbytesCLI(LightningCLI):
         from pathlib import Path
 
         from mmbytes.checkpoint import check_config, checkpoint_config
-        from mmbytes.lit import ByteLM
-        from mmbytes.model.registry import config_from_name
+        from mmbytes.lit import ByteLM, model_config
 
         ckpt_path = self.config[sub].get("ckpt_path")
         if init is None or "size" not in init or not ckpt_path or not Path(ckpt_path).is_file():  # not a ByteLM
@@ -64,8 +63,8 @@ class MmbytesCLI(LightningCLI):
         import torch
 
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        check_config(checkpoint_config(ckpt), config_from_name(init.get("size"), **(init.get("overrides") or {})),
-                     ckpt_path)
+        check_config(checkpoint_config(ckpt), model_config(init.get("size"), init.get("overrides"),
+                                                           init.get("entropy_ckpt")), ckpt_path)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning takes every model argument from a given checkpoint's hyperparameters. The architecture must come

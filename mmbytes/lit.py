@@ -56,14 +56,12 @@ class ByteLM(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        overrides = dict(overrides or {})
         entropy = None
         if entropy_ckpt:
             from mmbytes.checkpoint import load_entropy_model
 
             entropy = load_entropy_model(entropy_ckpt)
-            overrides["entropy"] = entropy["config"]
-        self.config = config_from_name(size, **overrides)
+        self.config = model_config(size, overrides, entropy)
         self.model = build(self.config)
         if entropy is not None and not self.model.set_entropy(entropy["state"], entropy["calibration"], entropy_ckpt):
             rank_zero_warn(f"{entropy_ckpt}: no thresholds stored (run `mmbytes calibrate`); every modality uses "
@@ -182,6 +180,19 @@ class ByteLM(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def model_config(size: str, overrides: dict[str, Any] | None = None, entropy: dict[str, Any] | str | None = None):
+    """The config ``ByteLM(size, overrides, entropy_ckpt)`` builds: the named size with the overrides, and for BLT the
+    config of the entropy model in ``entropy`` (a checkpoint path or ``load_entropy_model``'s result)."""
+    overrides = dict(overrides or {})
+    if entropy is not None:
+        if isinstance(entropy, str):
+            from mmbytes.checkpoint import load_entropy_model
+
+            entropy = load_entropy_model(entropy)
+        overrides["entropy"] = entropy["config"]
+    return config_from_name(size, **overrides)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:

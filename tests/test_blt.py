@@ -339,11 +339,11 @@ def blt_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("blt")
 
-    def fit(name: str, size: str, *extra: str) -> Path:
+    def fit(name: str, size: str, *extra: str, steps: int = 3) -> Path:
         main(["fit", "--config", str(SAMPLES.parent / "recipes" / "quickstart.yaml"),
               "--data.sources", f"[{SAMPLES}]", "--data.data_dir", str(tmp / "shards"), "--data.seq_len", "256",
               "--data.num_workers", "0", "--data.train_batches_per_epoch", "3", "--model.size", size,
-              "--model.overrides", "{}", "--trainer.max_steps", "3", "--trainer.callbacks", LAST_ONLY,
+              "--model.overrides", "{}", "--trainer.max_steps", str(steps), "--trainer.callbacks", LAST_ONLY,
               "--trainer.logger.init_args.save_dir", str(tmp / "runs"), "--trainer.logger.init_args.name", name,
               "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1", *extra])
         return tmp / "runs" / name / "version_0"
@@ -352,11 +352,11 @@ def blt_run(tmp_path_factory):
     main(["calibrate", "--ckpt", str(entropy), "--data", str(tmp / "shards"), "--windows", "8", "--seq-len", "256",
           "--patch-size", "3", "--out", str(tmp / "calibrated")])
     version = fit("blt", "blt-debug", "--model.entropy_ckpt", str(tmp / "calibrated" / "entropy.ckpt"))
-    return tmp, version
+    return tmp, version, fit
 
 
 def test_calibrate_stores_per_modality_thresholds_with_the_entropy_model(blt_run):
-    tmp, _ = blt_run
+    tmp, _, _ = blt_run
     report = json.loads((tmp / "calibrated" / "calibration.json").read_text())
     assert set(report["modalities"]) == {"text", "image", "audio", "raw"}  # the samples hold all four
     for r in report["modalities"].values():
@@ -367,7 +367,7 @@ def test_calibrate_stores_per_modality_thresholds_with_the_entropy_model(blt_run
 
 
 def test_blt_trains_with_its_calibrated_entropy_model_and_logs_patch_sizes_per_modality(blt_run, tmp_path):
-    tmp, version = blt_run
+    tmp, version, _ = blt_run
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(version))
@@ -393,7 +393,7 @@ def test_blt_trains_with_its_calibrated_entropy_model_and_logs_patch_sizes_per_m
 def test_blt_sample_and_patch_picture_commands(blt_run, tmp_path):
     from mmbytes.cli import main
 
-    tmp, version = blt_run
+    tmp, version, _ = blt_run
     main(["sample", "--ckpt", str(version / "checkpoints" / "last.ckpt"), "--modality", "text", "--num", "2",
           "--bytes", "40", "--out", str(tmp_path / "samples")])
     assert len(list((tmp_path / "samples").glob("text_*.txt"))) == 2
@@ -404,3 +404,11 @@ def test_blt_sample_and_patch_picture_commands(blt_run, tmp_path):
 
     for f in files:
         assert Image.open(tmp_path / "pictures" / f"{f.name}.patches.png").size[0] > 500
+
+
+def test_a_blt_run_resumes_from_its_checkpoint_with_its_entropy_model(blt_run):
+    tmp, version, fit = blt_run
+    last = version / "checkpoints" / "last.ckpt"
+    resumed = fit("blt", "blt-debug", "--model.entropy_ckpt", str(tmp / "calibrated" / "entropy.ckpt"),
+                  "--ckpt_path", str(last), steps=5)
+    assert torch.load(resumed.parent / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
