@@ -143,9 +143,10 @@ def format_table(result: dict) -> str:
 # -- the picture
 
 
-def plot_patches(data: bytes, h: Tensor, starts: Tensor, theta: float, out: Path, title: str = "") -> Path:
+def plot_patches(data: bytes, h: Tensor, starts: Tensor, theta: float, out: Path, title: str = "",
+                 text: bool = True) -> Path:
     """Entropy of each byte's prediction, the threshold, and a line where each patch starts (the paper's figure 4);
-    printable bytes are written under the curve."""
+    with ``text``, printable bytes are written under the curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,7 +158,7 @@ def plot_patches(data: bytes, h: Tensor, starts: Tensor, theta: float, out: Path
     ax.axhline(theta / math.log(2), color="tab:red", lw=0.8, ls="--", label=f"threshold {theta / math.log(2):.2f}")
     for t in starts.nonzero().flatten().tolist():
         ax.axvline(t - 0.5, color="0.6", lw=0.6)
-    if n <= 400:
+    if text and n <= 400:
         ax.set_xticks(range(n))
         ax.set_xticklabels([chr(b) if 32 < b < 127 else "·" if b == 32 else "" for b in data], fontsize=6,
                            family="monospace")
@@ -215,6 +216,6 @@ def patches_main(argv: list[str] | None = None) -> None:
         shown = slice(args.offset, args.offset + args.bytes)
         out = plot_patches(bytes(window[shown]), h[shown], starts[shown], theta, args.out / f"{path.name}.patches.png",
                            f"{path.name} ({modality}): bytes {args.offset}-{args.offset + len(window[shown])}, "
-                           f"{int(starts[shown].sum())} patches")
+                           f"{int(starts[shown].sum())} patches", text=modality in ("text", "raw"))
         print(out)
 
