@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from mmbytes.codecs import MODALITIES
 from mmbytes.model import patching
+from mmbytes.model.blt import entropy_of
 
 
 @torch.no_grad()
@@ -40,8 +41,7 @@ def entropies(model: nn.Module, windows: list[np.ndarray], batch_size: int = 16)
         for j in range(0, len(idx), batch_size):
             part = idx[j : j + batch_size]
             x = torch.as_tensor(np.stack([windows[i] for i in part]), device=device).long()
-            logp = model(x).float().log_softmax(-1)
-            h = -(logp.exp() * logp).sum(-1).cpu()
+            h = entropy_of(model(x)).float().cpu()
             for row, i in enumerate(part):
                 out[i] = h[row]
     return out

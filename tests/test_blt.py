@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mmbytes.codecs import MODALITIES
 from mmbytes.model import build, patching
-from mmbytes.model.blt import ngram_ids
+from mmbytes.model.blt import entropy_of, ngram_ids
 from mmbytes.model.generate import generate, generate_reference
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
@@ -71,8 +71,7 @@ ENTROPY = build("blt-entropy-debug").double().eval()
 
 def _entropy(x):
     with torch.no_grad():
-        logp = ENTROPY(x).log_softmax(-1)
-        return -(logp.exp() * logp).sum(-1)
+        return entropy_of(ENTROPY(x))
 
 
 _H = _entropy(real_bytes(600).view(4, 150))
@@ -141,7 +140,7 @@ def test_hash_ngram_ids_depend_only_on_the_bytes_ending_there():
 
 
 def test_hash_ngram_ids_are_the_same_in_another_process_with_another_hash_seed():
-    code = ("import torch; from mmbytes.model.blt import ngram_ids; "
+    code = ("import torch; from mmbytes.model.blt import entropy_of, ngram_ids; "
             "x = torch.tensor([list(b'byte latent transformer')]); "
             "print([t.tolist() for t in ngram_ids(x, (3, 5, 8), 500)])")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}

@@ -166,6 +166,12 @@ def ngram_ids(x: Tensor, ngrams: tuple[int, ...], vocab: int) -> list[Tensor]:
     return [out[n] for n in ngrams]
 
 
+def entropy_of(logits: Tensor) -> Tensor:
+    """Entropy in nats of the distributions given by logits (..., 256), in float32 at least."""
+    logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
 class PatchCrossAttention(nn.Module):
     """Pre-norm multi-head cross-attention in BLT's two forms, both over one patch at a time:
 
@@ -327,9 +333,7 @@ class BLT(nn.Module):
     def entropies(self, x: Tensor) -> Tensor:
         """Next-byte entropy (B, T) in nats of the entropy model at every position (position t: its distribution of
         byte t given bytes < t), in float32 at least. Rows are independent (one batched pass)."""
-        logits = self.entropy_model(x)
-        logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
-        return -(logp.exp() * logp).sum(-1)
+        return entropy_of(self.entropy_model(x))
 
     def starts(self, x: Tensor, modality: Tensor | None = None) -> Tensor:
         """(B, T) True where byte t starts a patch (byte 0 always does); depends on bytes < t only."""
@@ -450,7 +454,7 @@ class BLT(nn.Module):
         x = F.pad(cache.buf[:, :L0], (0, 1))  # the byte at L0 is not known yet; no position <= L0 depends on it
         starts = self._starts_with(x, cache.theta)
         if cache.ent is not None:  # the entropy model's cache, for the bytes to come
-            cache.entropy = self._entropy_of(self.entropy_model.prefill(x[:, :L0], cache.ent))
+            cache.entropy = entropy_of(self.entropy_model.prefill(x[:, :L0], cache.ent))
         pid = starts.long().cumsum(1) - 1  # (B, L0 + 1)
         done = pid[:, L0]  # patches finished before byte L0 (L0's own patch index)
         h = self.encoder(self.embed_bytes(x[:, :L0]), cache.enc) if L0 else x.new_zeros(B, 0, self.config.d_local,
@@ -491,10 +495,6 @@ class BLT(nn.Module):
         zero = torch.zeros(h.shape[0], 1, dtype=torch.long, device=h.device)
         return self.head(self.decode(h, cache.g[:, None], zero, cache.dec)[:, -1])
 
-    def _entropy_of(self, logits: Tensor) -> Tensor:
-        logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
-        return -(logp.exp() * logp).sum(-1)
-
     def _starts_with(self, x: Tensor, theta: Tensor) -> Tensor:
         c = self.config
         if not c.uses_entropy:
@@ -506,7 +506,7 @@ class BLT(nn.Module):
         c, t = self.config, cache.t - 1
         if c.uses_entropy:
             prev = cache.entropy
-            cache.entropy = self._entropy_of(self.entropy_model.step(byte, cache.ent))
+            cache.entropy = entropy_of(self.entropy_model.step(byte, cache.ent))
             h = torch.stack([prev, cache.entropy], dim=1)  # the rules look back one position at most
             opens = patching.ENTROPY_RULES[c.patching](h, cache.theta)[:, 1]
         elif c.patching == "fixed":
