@@ -3,6 +3,7 @@
     mmbytes fit --config recipes/quickstart.yaml
     mmbytes shards samples/ --out data/mine --codec auto
     mmbytes sample --ckpt runs/quickstart/version_0/checkpoints/last.ckpt --modality text --num 4 --out out/
+    mmbytes compress --ckpt runs/quickstart/version_0/checkpoints/last.ckpt notes.txt --out packed/
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ EXTRA = {
     "shards": ("mmbytes.shards", "write webdataset shards + manifest from files"),
     "sample": ("mmbytes.sample", "generate PNG / WAV / text / raw files from a checkpoint"),
     "compare": ("mmbytes.compare", "byte model vs VQ-VAE + prior on the same validation files: report, plots"),
+    "compress": ("mmbytes.compress", "compress files losslessly with a trained model (arithmetic coding) -> .mmbz"),
+    "decompress": ("mmbytes.compress:main_decompress", "decompress .mmbz files with the model that compressed them"),
 }
 
 
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in EXTRA:
         import importlib
 
-        importlib.import_module(EXTRA[argv[0]][0]).main(argv[1:])
+        module, _, func = EXTRA[argv[0]][0].partition(":")
+        getattr(importlib.import_module(module), func or "main")(argv[1:])
         return
     if not argv or argv[0] in ("-h", "--help"):
         print("mmbytes commands besides LightningCLI's fit/validate/test/predict:")
