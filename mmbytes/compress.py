@@ -640,7 +640,8 @@ def main(argv: list[str] | None = None, command: str = "compress") -> None:
                         "rows to code in parallel")
         ap.add_argument("--batch", type=int, default=16, help="rows coded together (chunks of one or many files)")
         ap.add_argument("--raw", action="store_true", help="code every file as stored (no pixel or sample mode)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the model runs; decompress on the kind of device the files were compressed on")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     try:
@@ -650,19 +651,27 @@ def main(argv: list[str] | None = None, command: str = "compress") -> None:
     model, data_hp = load(args.ckpt, args.device)
     failed = 0
     if decompress:
+        targets = [args.out / (rel.with_name(rel.name[: -len(SUFFIX)]) if rel.name.endswith(SUFFIX) else rel)
+                   for _, rel in files]
+        if len(set(targets)) < len(targets):
+            twice = sorted({str(t) for t in targets if targets.count(t) > 1})
+            sys.exit(f"mmbytes decompress: two inputs would be written to the same file: {', '.join(twice)}")
         items = [(p.read_bytes(), str(p)) for p, _ in files]
         results = decompress_files(model, items, progress=not args.quiet)
-        for (p, rel), result in zip(files, results, strict=True):
+        for (p, _), target, result in zip(files, targets, results, strict=True):
             if isinstance(result, CompressionError):
                 print(f"mmbytes decompress: {result}", file=sys.stderr)
                 failed += 1
                 continue
-            target = args.out / (rel.with_name(rel.name[: -len(SUFFIX)]) if rel.name.endswith(SUFFIX) else rel)
             atomic_write(target, result)
             print(f"{p} -> {target} ({len(result):,} bytes)")
     else:
         modalities, image_options, seq_len = trained_codecs(data_hp)
         items = [(p.read_bytes(), str(p), args.out / rel.with_name(rel.name + SUFFIX)) for p, rel in files]
+        targets = [target for _, _, target in items]
+        if len(set(targets)) < len(targets):
+            twice = sorted({str(t) for t in targets if targets.count(t) > 1})
+            sys.exit(f"mmbytes compress: two inputs would be written to the same file: {', '.join(twice)}")
         results = compress_files(model, items, chunk=args.chunk or seq_len or 4096, batch=args.batch,
                                  modalities=modalities, image_options=image_options, raw_only=args.raw,
                                  progress=not args.quiet)

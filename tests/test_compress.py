@@ -26,7 +26,7 @@ SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 DEBUG_SIZES = [name for name in SIZES if "debug" in name]  # every architecture's test size (a new one joins by name)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny models on a shared CPU: one thread avoids waiting on busy cores at every step."""
     threads = torch.get_num_threads()
@@ -133,8 +133,6 @@ def test_row_independence_of_architectures_that_share_batches():
 def trained():
     """The debug MEGABYTE after 60 steps on the first half of tinyshakespeare: peaked distributions."""
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     text = torch.tensor(list(real("tinyshakespeare.txt")[:500_000]))
     model = build("debug")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -144,7 +142,6 @@ def trained():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    torch.set_num_threads(threads)
     return model.eval()
 
 
