@@ -642,8 +642,12 @@ def main(argv: list[str] | None = None, command: str = "compress") -> None:
         ap.add_argument("--raw", action="store_true", help="code every file as stored (no pixel or sample mode)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where the model runs; decompress on the kind of device the files were compressed on")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: a step runs small matrices, which more threads slow down on a "
+                    "busy machine; more help large models on idle cores)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     try:
         files = walk(args.inputs, SUFFIX if decompress else None)
     except CompressionError as e:
