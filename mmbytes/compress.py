@@ -77,9 +77,11 @@ class CompressionError(ValueError):
 
 def model_hash(model: nn.Module) -> bytes:
     """SHA-256 of the model's config and weights (names, dtypes, shapes, values): the first 8 bytes go in the header."""
-    from dataclasses import asdict
+    from dataclasses import asdict, is_dataclass
 
-    h = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True, default=str).encode())
+    config = model.config
+    h = hashlib.sha256(json.dumps(asdict(config) if is_dataclass(config) else repr(config), sort_keys=True,
+                                  default=str).encode())
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -640,6 +642,9 @@ def main(argv: list[str] | None = None, command: str = "compress") -> None:
                         "rows to code in parallel")
         ap.add_argument("--batch", type=int, default=16, help="rows coded together (chunks of one or many files)")
         ap.add_argument("--raw", action="store_true", help="code every file as stored (no pixel or sample mode)")
+        ap.add_argument("--verify", action="store_true",
+                        help="decompress every file before writing it and write only those that come back exact "
+                        "(twice the time)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where the model runs; decompress on the kind of device the files were compressed on")
     ap.add_argument("--threads", type=int, default=1,
@@ -679,7 +684,14 @@ def main(argv: list[str] | None = None, command: str = "compress") -> None:
         results = compress_files(model, items, chunk=args.chunk or seq_len or 4096, batch=args.batch,
                                  modalities=modalities, image_options=image_options, raw_only=args.raw,
                                  progress=not args.quiet)
-        for (_, name, target), (packed, stats) in zip(items, results, strict=True):
+        checked = decompress_files(model, [(p, s["name"]) for p, s in results], progress=not args.quiet) \
+            if args.verify else [data for data, _, _ in items]
+        for (data, name, target), (packed, stats), back in zip(items, results, checked, strict=True):
+            if back != data:
+                print(f"mmbytes compress: {name}: did not decompress to the original ({back}); not written",
+                      file=sys.stderr)
+                failed += 1
+                continue
             atomic_write(target, packed)
             rate = stats["compressed"] / max(stats["original"], 1)
             print(f"{name} -> {target} ({stats['mode']}: {stats['original']:,} -> {stats['compressed']:,} bytes, "

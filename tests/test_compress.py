@@ -211,7 +211,8 @@ def test_cli_compresses_and_decompresses_folders_and_refuses_damaged_files(tmp_p
     (src / "sub" / "a.txt").write_bytes(real("libpython3.11-stdlib_python3.11_antigravity.py"))
     (src / "tone.wav").write_bytes(real("sound_icons_cembalo-10.wav"))
     (src / "empty").write_bytes(b"")
-    main(["compress", "--ckpt", str(ckpt), str(src), "--out", str(tmp_path / "z"), "--quiet", "--batch", "8"])
+    main(["compress", "--ckpt", str(ckpt), str(src), "--out", str(tmp_path / "z"), "--quiet", "--batch", "8",
+          "--verify"])
     packed = sorted(p.relative_to(tmp_path / "z").as_posix() for p in (tmp_path / "z").rglob("*") if p.is_file())
     assert packed == ["in/empty.mmbz", "in/sub/a.txt.mmbz", "in/tone.wav.mmbz"]
     assert "(audio: 3,954 ->" in capsys.readouterr().out
