@@ -76,14 +76,15 @@ def test_round_trip_real_files_of_every_modality():
         "wav": real("sound_icons_cembalo-10.wav"),  # 16-bit mono PCM: samples coded, RIFF header stored
         "ppm": saved(pixels, "PPM"),  # the CIFAR-10 cat's pixels in an uncompressed container
         "bmp": saved(pixels, "BMP"),
+        "tiff": saved(pixels, "TIFF"),
         "png": real("icon_devices_printer.png"),  # compressed containers: coded as stored
         "jpeg": real("cifar10_cat_0000.jpg"),
         "gzip": real("alsa-utils_man_man1_aconnect.1.gz"),
         "pdf": real("pypdf_008-reportlab-inline-image_inline-image.pdf"),
     }
-    stats = round_trip(model, files, chunk=1024, batch=16, image_options={"order": "patch", "tile": 4})
-    assert [s["mode"] for s in stats] == ["audio", "image", "image", "raw", "raw", "raw", "raw"]
-    assert [s["container"] for s in stats[:3]] == [44, len(files["ppm"]) - 3072, len(files["bmp"]) - 3072]
+    stats = round_trip(model, files, chunk=1024, batch=24, image_options={"order": "patch", "tile": 4})
+    assert [s["mode"] for s in stats] == ["audio", "image", "image", "image", "raw", "raw", "raw", "raw"]
+    assert [s["container"] for s in stats[:4]] == [44, *(len(files[k]) - 3072 for k in ("ppm", "bmp", "tiff"))]
 
 
 def test_plans_keep_the_container_and_code_samples_and_pixels_in_the_model_order():
