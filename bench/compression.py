@@ -6,8 +6,8 @@ The files are the validation side of the shards ``recipes/compression.yaml`` tra
 container the model codes pixel by pixel and every codec starts from), FSDD spoken digits (WAV as stored), pieces of
 the held-out 64 KiB text chunks, and mixed files. Rates are compressed bytes / original bytes over all files of a
 modality, every header included (the .mmbz header, gzip's, PNG's, ...); the model itself is not counted. ``gap``
-is the .mmbz size over the model's NLL of the coded bytes (the ideal code length), ``header`` the share of it that
-is .mmbz header and stored container bytes.
+is the .mmbz size over the model's NLL of the coded bytes (the ideal code length), ``coder`` the same for the coded
+streams alone, ``header`` the share of the .mmbz size that is header and stored container bytes.
 
     python bench/compression.py --ckpt runs/compression/version_0/checkpoints/last.ckpt --json bench/compression.json
 """
@@ -143,12 +143,13 @@ def main() -> None:
         print(f"{modality}: {len(files)} files, {total:,} bytes, done in {t2 - t0:.0f} s", flush=True)
     cols = [c for c in COLUMNS if any(c in r for r in rows)]
     head = f"{'modality':9s} {'files':>5s} {'bytes':>8s} {'mmbytes':>8s} " + " ".join(f"{c:>8s}" for c in cols)
-    head += f" {'gap':>6s} {'header':>6s} {'enc KB/s':>8s} {'dec KB/s':>8s}"
+    head += f" {'gap':>6s} {'coder':>6s} {'header':>6s} {'enc KB/s':>8s} {'dec KB/s':>8s}"
     print(head)
     for r in rows:
         line = f"{r['modality']:9s} {r['files']:5d} {r['bytes']:8,d} {r['mmbytes']:8.1%} "
         line += " ".join(f"{r[c]:8.1%}" if c in r else f"{'':8s}" for c in cols)
-        line += f" {r['gap']:6.2%} {r['header_share']:6.2%} {r['encode_kb_s']:8.2f} {r['decode_kb_s']:8.2f}"
+        line += f" {r['gap']:6.2%} {r['payload_gap']:6.2%} {r['header_share']:6.2%} {r['encode_kb_s']:8.2f}"
+        line += f" {r['decode_kb_s']:8.2f}"
         print(line)
     if args.json:
         machine = {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "device": args.device,
