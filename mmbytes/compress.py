@@ -590,9 +590,12 @@ def _by_layout(jobs: list[Job]) -> dict[tuple[int, int, bool], list[Job]]:
 # -- files and the command line
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, rename over it."""
+def atomic_write(path: Path, data: bytes, root: Path) -> None:
+    """Write to a temporary file beside ``path``, fsync, rename over it (a link at ``path`` is replaced, not
+    followed). Refuses a folder on the way that leads outside ``root`` (a link left in the output folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.resolve().is_relative_to(root.resolve()):
+        raise CompressionError(f"{path}: its folder leads outside {root}; not written")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -675,7 +678,12 @@ def main(argv: list[str] | None = None, command: str = "compress") -> None:
                 print(f"mmbytes decompress: {result}", file=sys.stderr)
                 failed += 1
                 continue
-            atomic_write(target, result)
+            try:
+                atomic_write(target, result, args.out)
+            except CompressionError as e:
+                print(f"mmbytes decompress: {e}", file=sys.stderr)
+                failed += 1
+                continue
             print(f"{p} -> {target} ({len(result):,} bytes)")
     else:
         modalities, image_options, seq_len = trained_codecs(data_hp)
@@ -695,10 +703,15 @@ def main(argv: list[str] | None = None, command: str = "compress") -> None:
                       file=sys.stderr)
                 failed += 1
                 continue
-            atomic_write(target, packed)
-            rate = stats["compressed"] / max(stats["original"], 1)
-            print(f"{name} -> {target} ({stats['mode']}: {stats['original']:,} -> {stats['compressed']:,} bytes, "
-                  f"{rate:.1%})")
+            try:
+                atomic_write(target, packed, args.out)
+            except CompressionError as e:
+                print(f"mmbytes compress: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            rate = f", {stats['compressed'] / stats['original']:.1%}" if stats["original"] else ""
+            print(f"{name} -> {target} ({stats['mode']}: {stats['original']:,} -> {stats['compressed']:,} bytes"
+                  f"{rate})")
     if failed:
         sys.exit(f"mmbytes {command}: {failed} of {len(files)} files refused")
 

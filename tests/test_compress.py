@@ -227,3 +227,12 @@ def test_cli_compresses_and_decompresses_folders_and_refuses_damaged_files(tmp_p
         main(["decompress", "--ckpt", str(ckpt), str(bad), "--out", str(tmp_path / "again"), "--quiet"])
     assert f"{bad}: truncated" in capsys.readouterr().err
     assert not (tmp_path / "again").exists() or not any((tmp_path / "again").rglob("*"))
+    # a link left in the output folder does not lead the output outside it
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "sub").symlink_to(tmp_path / "elsewhere")  # where the folder sub/ would go
+    with pytest.raises(SystemExit, match="refused"):
+        main(["compress", "--ckpt", str(ckpt), str(src / "empty"), str(src / "sub"), "--out", str(tmp_path / "linked"),
+              "--quiet"])
+    assert "leads outside" in capsys.readouterr().err
+    assert not any((tmp_path / "elsewhere").iterdir())
