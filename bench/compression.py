@@ -118,7 +118,7 @@ def main() -> None:
     for modality, files in sets.items():
         originals = [d for _, d in files]
         t0 = time.perf_counter()
-        packed = compress_files(model, [(d, n, None) for n, d in files], chunk=chunk, batch=args.batch,
+        packed = compress_files(model, [(d, n) for n, d in files], chunk=chunk, batch=args.batch,
                                 modalities=modalities, image_options=image_options)
         t1 = time.perf_counter()
         back = decompress_files(model, [(p, s["name"]) for p, s in packed])

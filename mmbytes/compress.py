@@ -438,15 +438,15 @@ def code_batch(model: nn.Module, rows: dict[int, Row], batch: int, chunk: int, e
 
 @dataclass
 class Job:
-    """One file being compressed or decompressed."""
+    """One file being compressed or decompressed: its name, header, chunks (one ``Row`` each) and, when compressing,
+    its plan and bytes; ``index`` is its place in the caller's list."""
 
     name: str
-    out: Path
+    index: int
     header: Header | None = None
+    rows: list[Row] = field(default_factory=list)
     plan: Plan | None = None
     original: bytes | None = None
-    rows: list[Row] = field(default_factory=list)
-    error: str | None = None
 
 
 def schedule(jobs: list[Job], batch: int, shared: bool) -> list[tuple[int, dict[int, Row]]]:
@@ -480,10 +480,10 @@ def run_groups(model: nn.Module, groups: list[tuple[int, int, dict[int, Row]]], 
             code_batch(model, rows, batch, chunk, encode, on_step=bar.update)
 
 
-def compress_files(model: nn.Module, inputs: list[tuple[bytes, str, Path]], *, chunk: int = 4096, batch: int = 16,
+def compress_files(model: nn.Module, inputs: list[tuple[bytes, str]], *, chunk: int = 4096, batch: int = 16,
                    modalities: Iterable[str] = MODES, image_options: dict | None = None, raw_only: bool = False,
                    progress: bool = False) -> list[tuple[bytes, dict]]:
-    """Compress ``(data, name, out path)`` items; returns ``(mmbz bytes, stats)`` per item. All chunks of all files
+    """Compress ``(data, name)`` items; returns ``(mmbz bytes, stats)`` per item. All chunks of all files
     are coded in batches of ``batch`` rows (of each file alone for architectures with row-dependent kernels)."""
     import constriction
 
@@ -493,9 +493,9 @@ def compress_files(model: nn.Module, inputs: list[tuple[bytes, str, Path]], *, c
     device = next(model.parameters()).device.type
     shared = rows_independent(model)
     jobs = []
-    for data, name, out in inputs:
+    for k, (data, name) in enumerate(inputs):
         plan = plan_file(data, set(modalities), image_options or {}, raw_only)
-        job = Job(name, out, plan=plan, original=data)
+        job = Job(name, k, plan=plan, original=data)
         body = np.frombuffer(plan.body, dtype=np.uint8)
         job.rows = [Row(min(chunk, len(body) - i), body[i : i + chunk], constriction.stream.queue.RangeEncoder())
                     for i in range(0, len(body), chunk)]
@@ -550,11 +550,10 @@ def decompress_files(model: nn.Module, inputs: list[tuple[bytes, str]], *, progr
         except CompressionError as e:
             results[k] = e
             continue
-        job = Job(name, Path(name), header=h)
+        job = Job(name, k, header=h)
         job.rows = [Row(n, np.zeros(n, dtype=np.uint8),
                         constriction.stream.queue.RangeDecoder(np.frombuffer(s, dtype="<u4").astype(np.uint32)))
                     for n, s in zip(h.chunk_lengths(), streams, strict=True)]
-        job.original = k
         jobs.append(job)
     groups = []
     for (rows, chunk, sh), members in _by_layout(jobs).items():
@@ -566,16 +565,15 @@ def decompress_files(model: nn.Module, inputs: list[tuple[bytes, str]], *, progr
         try:
             data = rebuild(body, h.mode, h.prefix, h.suffix, h.image)
         except ValueError as e:
-            data = None
-            results[job.original] = CompressionError(f"{job.name}: corrupt ({e})")
+            results[job.index] = CompressionError(f"{job.name}: corrupt ({e})")
             continue
         if len(data) != h.length or hashlib.sha256(data).digest()[:8] != h.digest:
             where = f" (compressed on {h.device}, decoded on {device})" if h.device != device else ""
-            results[job.original] = CompressionError(
+            results[job.index] = CompressionError(
                 f"{job.name}: decoded bytes do not match the original's checksum{where}; nothing written. The model's "
                 "distributions were not reproduced bit for bit (another device, torch version or thread setup?)")
         else:
-            results[job.original] = data
+            results[job.index] = data
     return results
 
 
@@ -593,9 +591,13 @@ def _by_layout(jobs: list[Job]) -> dict[tuple[int, int, bool], list[Job]]:
 def atomic_write(path: Path, data: bytes, root: Path) -> None:
     """Write to a temporary file beside ``path``, fsync, rename over it (a link at ``path`` is replaced, not
     followed). Refuses a folder on the way that leads outside ``root`` (a link left in the output folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.parent.resolve().is_relative_to(root.resolve()):
+    root.mkdir(parents=True, exist_ok=True)
+    existing = path.parent
+    while not existing.exists():  # check before making folders: mkdir would follow a link out of ``root``
+        existing = existing.parent
+    if not existing.resolve().is_relative_to(root.resolve()):
         raise CompressionError(f"{path}: its folder leads outside {root}; not written")
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -692,9 +694,9 @@ def main(argv: list[str] | None = None, command: str = "compress") -> None:
         if len(set(targets)) < len(targets):
             twice = sorted({str(t) for t in targets if targets.count(t) > 1})
             sys.exit(f"mmbytes compress: two inputs would be written to the same file: {', '.join(twice)}")
-        results = compress_files(model, items, chunk=args.chunk or seq_len or 4096, batch=args.batch,
-                                 modalities=modalities, image_options=image_options, raw_only=args.raw,
-                                 progress=not args.quiet)
+        results = compress_files(model, [(data, name) for data, name, _ in items], chunk=args.chunk or seq_len or 4096,
+                                 batch=args.batch, modalities=modalities, image_options=image_options,
+                                 raw_only=args.raw, progress=not args.quiet)
         checked = decompress_files(model, [(p, s["name"]) for p, s in results], progress=not args.quiet) \
             if args.verify else [data for data, _, _ in items]
         for (data, name, target), (packed, stats), back in zip(items, results, checked, strict=True):

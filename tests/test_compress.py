@@ -51,7 +51,7 @@ def saved(im: Image.Image, fmt: str) -> bytes:
 
 
 def round_trip(model, files: dict[str, bytes], **kw) -> list[dict]:
-    packed = compress_files(model, [(data, name, None) for name, data in files.items()], **kw)
+    packed = compress_files(model, [(data, name) for name, data in files.items()], **kw)
     out = decompress_files(model, [(p, s["name"]) for p, s in packed])
     for (name, data), back in zip(files.items(), out, strict=True):
         assert back == data, f"{name}: {back!r}"[:200]
@@ -148,7 +148,7 @@ def trained():
 
 def test_compressed_size_is_the_model_nll(trained):
     held_out = real("tinyshakespeare.txt")[-2048:]
-    (packed, stats), = compress_files(trained, [(held_out, "held-out", None)], chunk=2048, batch=4)
+    (packed, stats), = compress_files(trained, [(held_out, "held-out")], chunk=2048, batch=4)
     with torch.no_grad():
         nll_bits = trained.nll(torch.tensor([list(held_out)])).sum().item() / math.log(2)
     header, streams = unpack(packed, "held-out")
@@ -162,7 +162,7 @@ def test_compressed_size_is_the_model_nll(trained):
 @pytest.fixture(scope="module")
 def packed_text(trained):
     data = real("libpython3.11-stdlib_python3.11_this.py")
-    (packed, _), = compress_files(trained, [(data, "this.py", None)], chunk=512, batch=2)
+    (packed, _), = compress_files(trained, [(data, "this.py")], chunk=512, batch=2)
     return data, packed
 
 
