@@ -8,7 +8,7 @@ validation windows of every set, so each modality's bits per byte are exact.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import partial
+from functools import cached_property, partial
 from typing import Any, Literal
 
 import lightning as L
@@ -72,8 +72,15 @@ class MixedDataModule(L.LightningDataModule):
         if len(weights) != len(sets):
             raise ValueError(f"{len(weights)} weights for {len(sets)} sets")
         self.weights = weights
-        shared = {"seq_len": seq_len, "batch_size": batch_size, "seed": seed, "shuffle_buffer": shuffle_buffer}
-        self.children = [ByteDataModule(**{**s, **shared}) for s in sets]
+
+    @cached_property
+    def children(self) -> list[ByteDataModule]:
+        """One ``ByteDataModule`` per set. Made on first use, not in ``__init__``: while LightningCLI instantiates this
+        module, every ``save_hyperparameters`` call inside it would record this module's arguments, not the set's."""
+        hp = self.hparams
+        shared = {"seq_len": hp.seq_len, "batch_size": hp.batch_size, "seed": hp.seed,
+                  "shuffle_buffer": hp.shuffle_buffer}
+        return [ByteDataModule(**{**s, **shared}) for s in hp.sets]
 
     def prepare_data(self) -> None:
         for child in self.children:

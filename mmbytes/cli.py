@@ -4,6 +4,7 @@
     mmbytes shards samples/ --out data/mine --codec auto
     mmbytes sample --ckpt runs/quickstart/version_0/checkpoints/last.ckpt --modality text --num 4 --out out/
     mmbytes calibrate --ckpt ENTROPY.ckpt --data data/mixed --out runs/entropy_calibrated
+    mmbytes compress --ckpt runs/quickstart/version_0/checkpoints/last.ckpt notes.txt --out packed/
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ EXTRA = {
     "compare": ("mmbytes.compare", "byte model vs VQ-VAE + prior on the same validation files: report, plots"),
     "calibrate": ("mmbytes.entropy:calibrate_main", "BLT: per-modality entropy thresholds for a mean patch size"),
     "patches": ("mmbytes.entropy:patches_main", "BLT: PNG of a file's entropy curve and patch boundaries"),
+    "compress": ("mmbytes.compress", "compress files losslessly with a trained model (arithmetic coding) -> .mmbz"),
+    "decompress": ("mmbytes.compress:main_decompress", "decompress .mmbz files with the model that compressed them"),
 }
 
 
