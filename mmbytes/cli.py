@@ -66,8 +66,11 @@ class MmbytesCLI(LightningCLI):
         import torch
 
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        check_config(checkpoint_config(ckpt), model_config(init.get("size"), init.get("overrides"),
-                                                           init.get("entropy_ckpt")), ckpt_path)
+        theirs, overrides = checkpoint_config(ckpt), dict(init.get("overrides") or {})
+        entropy = init.get("entropy_ckpt")
+        if entropy and not Path(entropy).is_file() and isinstance(getattr(theirs, "entropy", None), dict):
+            overrides.setdefault("entropy", theirs.entropy)  # BLT: the entropy model travels in the checkpoint
+        check_config(theirs, model_config(init.get("size"), overrides, entropy), ckpt_path)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning takes every model argument from a given checkpoint's hyperparameters. The architecture must come

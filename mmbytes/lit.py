@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -56,16 +57,16 @@ class ByteLM(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        entropy = None
-        if entropy_ckpt:
-            from mmbytes.checkpoint import load_entropy_model
-
-            entropy = load_entropy_model(entropy_ckpt)
+        entropy = load_entropy(entropy_ckpt, overrides)
         self.config = model_config(size, overrides, entropy)
         self.model = build(self.config)
-        if entropy is not None and not self.model.set_entropy(entropy["state"], entropy["calibration"], entropy_ckpt):
-            rank_zero_warn(f"{entropy_ckpt}: no thresholds stored (run `mmbytes calibrate`); every modality uses "
-                           f"threshold={self.config.threshold}")
+        if entropy is not None:
+            # the entropy model's config goes into the hyperparameters, so that a checkpoint of this run rebuilds the
+            # same model (its weights and thresholds are in the state dict) also once the entropy file is gone
+            self.hparams["overrides"] = {**(overrides or {}), "entropy": entropy["config"]}
+            if not self.model.set_entropy(entropy["state"], entropy["calibration"], entropy_ckpt):
+                rank_zero_warn(f"{entropy_ckpt}: no thresholds stored (run `mmbytes calibrate`); every modality "
+                               f"uses threshold={self.config.threshold}")
         self.per_modality = getattr(self.model, "per_modality", False)
         if strided_eval and not hasattr(self.model, "nll_strided"):
             raise ValueError(f"strided_eval needs fixed patches (MEGABYTE); {size!r} is {self.config.arch}")
@@ -182,15 +183,26 @@ class ByteLM(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def load_entropy(path: str | None, overrides: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """BLT's entropy checkpoint (``load_entropy_model``), or None without a path, or when the file is gone but the
+    overrides already hold its config (a run's own checkpoint being loaded brings the weights and thresholds)."""
+    if not path:
+        return None
+    if not Path(path).is_file() and isinstance((overrides or {}).get("entropy"), dict):
+        rank_zero_warn(f"{path}: no such entropy checkpoint; the entropy model comes from the checkpoint being loaded")
+        return None
+    from mmbytes.checkpoint import load_entropy_model
+
+    return load_entropy_model(path)
+
+
 def model_config(size: str, overrides: dict[str, Any] | None = None, entropy: dict[str, Any] | str | None = None):
     """The config ``ByteLM(size, overrides, entropy_ckpt)`` builds: the named size with the overrides, and for BLT the
-    config of the entropy model in ``entropy`` (a checkpoint path or ``load_entropy_model``'s result)."""
+    config of the entropy model in ``entropy`` (a checkpoint path or ``load_entropy``'s result)."""
     overrides = dict(overrides or {})
+    if isinstance(entropy, str):
+        entropy = load_entropy(entropy, overrides)
     if entropy is not None:
-        if isinstance(entropy, str):
-            from mmbytes.checkpoint import load_entropy_model
-
-            entropy = load_entropy_model(entropy)
         overrides["entropy"] = entropy["config"]
     return config_from_name(size, **overrides)
 

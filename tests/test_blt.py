@@ -334,18 +334,23 @@ LAST_ONLY = json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpo
 
 @pytest.fixture(scope="module")
 def blt_run(tmp_path_factory):
-    from mmbytes.cli import main
+    from mmbytes.cli import main, run_cli
 
     tmp = tmp_path_factory.mktemp("blt")
 
-    def fit(name: str, size: str, *extra: str, steps: int = 3) -> Path:
-        main(["fit", "--config", str(SAMPLES.parent / "recipes" / "quickstart.yaml"),
-              "--data.sources", f"[{SAMPLES}]", "--data.data_dir", str(tmp / "shards"), "--data.seq_len", "256",
-              "--data.num_workers", "0", "--data.train_batches_per_epoch", "3", "--model.size", size,
-              "--model.overrides", "{}", "--trainer.max_steps", str(steps), "--trainer.callbacks", LAST_ONLY,
-              "--trainer.logger.init_args.save_dir", str(tmp / "runs"), "--trainer.logger.init_args.name", name,
-              "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1", *extra])
-        return tmp / "runs" / name / "version_0"
+    def fit(name: str, size: str, *extra: str, steps: int = 3, validate: Path | None = None):
+        if validate is not None:  # a checkpoint validated from the command line instead
+            return run_cli(["validate", "--ckpt_path", str(validate), *args(name, size, steps), *extra])
+        main(["fit", *args(name, size, steps), *extra])
+        return max((tmp / "runs" / name).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))  # this run's
+
+    def args(name: str, size: str, steps: int) -> list[str]:
+        return ["--config", str(SAMPLES.parent / "recipes" / "quickstart.yaml"),
+                "--data.sources", f"[{SAMPLES}]", "--data.data_dir", str(tmp / "shards"), "--data.seq_len", "256",
+                "--data.num_workers", "0", "--data.train_batches_per_epoch", "3", "--model.size", size,
+                "--model.overrides", "{}", "--trainer.max_steps", str(steps), "--trainer.callbacks", LAST_ONLY,
+                "--trainer.logger.init_args.save_dir", str(tmp / "runs"), "--trainer.logger.init_args.name", name,
+                "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1"]
 
     entropy = fit("entropy", "blt-entropy-debug") / "checkpoints" / "last.ckpt"
     main(["calibrate", "--ckpt", str(entropy), "--data", str(tmp / "shards"), "--windows", "8", "--seq-len", "256",
@@ -366,7 +371,7 @@ def test_calibrate_stores_per_modality_thresholds_with_the_entropy_model(blt_run
 
 
 def test_blt_trains_with_its_calibrated_entropy_model_and_logs_patch_sizes_per_modality(blt_run, tmp_path):
-    tmp, version, _ = blt_run
+    tmp, version, fit = blt_run
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(version))
@@ -381,8 +386,11 @@ def test_blt_trains_with_its_calibrated_entropy_model_and_logs_patch_sizes_per_m
     (tmp / "calibrated" / "entropy.ckpt").rename(tmp_path / "moved.ckpt")
     try:
         model, _ = load_model(ckpt)
+        cli = fit("blt", "blt-debug", "--model.entropy_ckpt", str(tmp / "calibrated" / "entropy.ckpt"),
+                  validate=ckpt)  # Lightning takes the model arguments from the checkpoint's hyperparameters
     finally:
         (tmp_path / "moved.ckpt").rename(tmp / "calibrated" / "entropy.ckpt")
+    assert "val/bpb" in cli.trainer.callback_metrics
     report = json.loads((tmp / "calibrated" / "calibration.json").read_text())
     assert model.theta.tolist() == pytest.approx([report["modalities"][m]["threshold"] for m in MODALITIES])
     trained = torch.load(tmp / "calibrated" / "entropy.ckpt", weights_only=True)["state_dict"]
@@ -410,4 +418,5 @@ def test_a_blt_run_resumes_from_its_checkpoint_with_its_entropy_model(blt_run):
     last = version / "checkpoints" / "last.ckpt"
     resumed = fit("blt", "blt-debug", "--model.entropy_ckpt", str(tmp / "calibrated" / "entropy.ckpt"),
                   "--ckpt_path", str(last), steps=5)
-    assert torch.load(resumed.parent / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    assert resumed != version
+    assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
