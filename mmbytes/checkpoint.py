@@ -79,6 +79,14 @@ def check_checkpoint_file(path: str | Path) -> None:
     if not is_zip:
         raise CheckpointError(f"{path}: not a checkpoint (a torch checkpoint is a zip archive); give a .ckpt file "
                               "written by `mmbytes fit`")
+    try:
+        with zipfile.ZipFile(path) as z:
+            pickled = any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist())
+    except (OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from e
+    if not pickled:
+        raise CheckpointError(f"{path}: a zip archive, but not a torch checkpoint (no data.pkl); give a .ckpt file "
+                              "written by `mmbytes fit`")
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu",

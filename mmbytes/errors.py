@@ -22,3 +22,7 @@ class NoDataError(MmbytesError, RuntimeError):
 
 class CheckpointError(MmbytesError, ValueError):
     """A file that is not a checkpoint ``mmbytes`` can load."""
+
+
+class OptionError(MmbytesError, ValueError):
+    """An option out of its range, or options that do not fit together."""

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from mmbytes.argtypes import count, fraction, positive_float, positive_int
 from mmbytes.codecs import CodecError, decoded_limit, get_codec
-from mmbytes.errors import ManifestError, ShardsError
+from mmbytes.errors import ManifestError, OptionError, ShardsError
 
 DEFAULT_CHUNK = {"text": 65536}  # a big text is cut so it can be split between train and val; raw files stay whole
 
@@ -269,13 +269,13 @@ def prepare_out(out: Path, sources: list[str | Path]) -> None:
 def check_options(val_fraction: float, max_shard_bytes: int, max_file_bytes: int, chunk_bytes: int | None,
                   workers: int) -> None:
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), not {val_fraction}")
+        raise OptionError(f"val_fraction must be in [0, 1), not {val_fraction}")
     if max_shard_bytes < 1 or max_file_bytes < 1:
-        raise ValueError(f"shard and file size limits must be positive, not {max_shard_bytes} and {max_file_bytes}")
+        raise OptionError(f"shard and file size limits must be positive, not {max_shard_bytes} and {max_file_bytes}")
     if chunk_bytes is not None and chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes must be a positive number of bytes, not {chunk_bytes}")
+        raise OptionError(f"chunk_bytes must be a positive number of bytes, not {chunk_bytes}")
     if workers < 0:
-        raise ValueError(f"workers must be 0 or more, not {workers}")
+        raise OptionError(f"workers must be 0 or more, not {workers}")
 
 
 def _encode(job: tuple[Path, str, Any, int]) -> tuple[list[tuple[bytes, dict]] | None, str | None]:

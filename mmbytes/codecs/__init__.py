@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from mmbytes.errors import MmbytesError
+from mmbytes.errors import MmbytesError, OptionError
 
 MODALITIES = ("text", "raw", "image", "audio")
 
@@ -55,7 +55,7 @@ def get_codec(name: str, **options):
     codecs = {"text": TextCodec, "raw": RawCodec, "image": ImageCodec, "audio": AudioCodec, "auto": AutoCodec,
               "idx": IdxCodec}
     if name not in codecs:
-        raise ValueError(f"unknown codec {name!r}; known: {', '.join(codecs)}")
+        raise OptionError(f"unknown codec {name!r}; known: {', '.join(codecs)}")
     return codecs[name](**options)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mmbytes.codecs import CodecError, check_decoded
+from mmbytes.errors import OptionError
 
 
 @dataclass
@@ -30,9 +31,9 @@ class AudioCodec:
     def __post_init__(self) -> None:
         if self.sample_rate is not None and (isinstance(self.sample_rate, bool) or not isinstance(self.sample_rate, int)
                                              or self.sample_rate < 1):
-            raise ValueError(f"sample_rate must be a positive whole number of Hz, not {self.sample_rate!r}")
+            raise OptionError(f"sample_rate must be a positive whole number of Hz, not {self.sample_rate!r}")
         if self.max_seconds is not None and not self.max_seconds > 0:
-            raise ValueError(f"max_seconds must be more than 0, not {self.max_seconds!r}")
+            raise OptionError(f"max_seconds must be more than 0, not {self.max_seconds!r}")
 
     def read(self, path: Path) -> tuple[np.ndarray, int, list[str]]:
         """(samples,) int16 mono at the target rate, the rate, and the conversions applied. The decoded size (the

@@ -16,6 +16,7 @@ import numpy as np
 
 from mmbytes.codecs import CodecError, check_decoded
 from mmbytes.codecs.image import ImageCodec, to_order
+from mmbytes.errors import OptionError
 
 
 @dataclass
@@ -30,9 +31,9 @@ class IdxCodec:
 
     def __post_init__(self) -> None:
         if self.order not in ("patch", "raster"):
-            raise ValueError(f"order must be 'patch' or 'raster', not {self.order!r}")
+            raise OptionError(f"order must be 'patch' or 'raster', not {self.order!r}")
         if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1:
-            raise ValueError(f"tile must be a positive number of pixels, not {self.tile!r}")
+            raise OptionError(f"tile must be a positive number of pixels, not {self.tile!r}")
 
     def encode_many(self, path: Path) -> list[tuple[bytes, dict]]:
         """The header is read and checked first: a header promising more than the decoded-size limit, or pictures of

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mmbytes.codecs import CodecError, check_decoded
+from mmbytes.errors import OptionError
 
 
 def tile_for_patch(patch_size: int, channels: int = 3) -> int:
@@ -59,19 +60,19 @@ class ImageCodec:
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, not {self.channels}")
+            raise OptionError(f"channels must be 1 or 3, not {self.channels}")
         if self.order not in ("patch", "raster"):
-            raise ValueError(f"order must be 'patch' or 'raster', not {self.order!r}")
+            raise OptionError(f"order must be 'patch' or 'raster', not {self.order!r}")
         if isinstance(self.size, int):
             self.size = (self.size, self.size)
         if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1:
-            raise ValueError(f"tile must be a positive number of pixels, not {self.tile!r}")
+            raise OptionError(f"tile must be a positive number of pixels, not {self.tile!r}")
         if self.size is not None:
             self.size = tuple(self.size)
             if len(self.size) != 2 or not all(isinstance(v, int) and v >= 1 for v in self.size):
-                raise ValueError(f"size must be one or two positive numbers of pixels, not {self.size!r}")
+                raise OptionError(f"size must be one or two positive numbers of pixels, not {self.size!r}")
             if self.order == "patch" and any(v % self.tile for v in self.size):
-                raise ValueError(f"size {self.size[0]}x{self.size[1]} does not split into {self.tile}x{self.tile} "
+                raise OptionError(f"size {self.size[0]}x{self.size[1]} does not split into {self.tile}x{self.tile} "
                                  "tiles; give a multiple of the tile or order raster")
 
     def pixels(self, path: Path, changes: list[str] | None = None) -> np.ndarray:
