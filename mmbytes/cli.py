@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from lightning.pytorch.cli import LightningCLI
@@ -118,9 +119,12 @@ def _main(argv: list[str], friendly: bool, from_sys: bool) -> None:
     if argv and argv[0] in EXTRA:
         import importlib
 
-        if friendly:
-            stop_on_sigterm(grace=0.0)  # no Lightning loop to finish: stop now, through the usual cleanup
-        importlib.import_module(EXTRA[argv[0]][0]).main(argv[1:])
+        old = stop_on_sigterm(grace=0.0) if friendly else None  # no Lightning loop to finish: stop now, cleanly
+        try:
+            importlib.import_module(EXTRA[argv[0]][0]).main(argv[1:])
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
         return
     if not argv or argv[0] in ("-h", "--help"):
         print("mmbytes commands besides LightningCLI's fit/validate/test/predict:")
@@ -128,30 +132,33 @@ def _main(argv: list[str], friendly: bool, from_sys: bool) -> None:
             print(f"  {name:10s} {what}")
         print("  --debug    show the traceback of an error (or set MMBYTES_DEBUG=1)")
         print()
-    if friendly:
-        stop_on_sigterm(grace=SIGTERM_GRACE_S)
-    run_cli(None if from_sys else argv)
+    old = stop_on_sigterm(grace=SIGTERM_GRACE_S) if friendly else None
+    try:
+        run_cli(None if from_sys else argv)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
-def stop_on_sigterm(grace: float) -> None:
+def stop_on_sigterm(grace: float):
     """SIGTERM always stops the run. Lightning, while a Trainer runs, adds its own handler in front of this one and
     stops between batches; a run that does not reach a batch boundary within ``grace`` seconds (waiting for data
     that never comes, or outside a Trainer) is interrupted as by Ctrl-C, and a second SIGTERM interrupts at once."""
-    import _thread
-    import signal
     import threading
 
     state = {"seen": 0}
+    main_thread = threading.main_thread().ident
 
     def handler(signum, frame) -> None:
         state["seen"] += 1
         if grace <= 0 or state["seen"] > 1:
             raise KeyboardInterrupt
-        timer = threading.Timer(grace, _thread.interrupt_main)
+        # a real SIGINT to the main thread: it also breaks a blocking read or open (PEP 475 runs the handler)
+        timer = threading.Timer(grace, signal.pthread_kill, (main_thread, signal.SIGINT))
         timer.daemon = True
         timer.start()
 
-    signal.signal(signal.SIGTERM, handler)
+    return signal.signal(signal.SIGTERM, handler)  # the handler it replaces
 
 
 def one_line(e: BaseException) -> str | None:

@@ -250,10 +250,9 @@ def prepare_out(out: Path, sources: list[str | Path]) -> None:
     if "manifest.json" in names:
         try:
             listed = [n for split in read_manifest(out / "manifest.json")["splits"].values() for n in split["shards"]]
-        except ManifestError as e:
-            raise ShardsError(f"{e}; it is not one mmbytes wrote, so --out holds files of yours: give a new or "
-                              "empty folder") from None
-        owned |= {"manifest.json"} | {n for n in listed if SHARD_NAME.fullmatch(n)}
+            owned |= {"manifest.json"} | {n for n in listed if SHARD_NAME.fullmatch(n)}
+        except ManifestError:  # not one mmbytes wrote: the user's
+            pass
     owned |= {n for n in names - owned if SHARD_NAME.fullmatch(n) and is_our_shard(out / n)}  # an interrupted run
     foreign = sorted(names - owned)
     if foreign:
@@ -432,9 +431,8 @@ def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw",
             w.abort(remove_finished=full)
         (out / ".manifest.json.partial").unlink(missing_ok=True)
         if full:
-            raise ShardsError(f"{out}: {e.strerror or 'no space left'} while writing shards ({os.strerror(e.errno)});"
-                              " this run's files were removed and no manifest was written: free space or give "
-                              "another --out") from None
+            raise ShardsError(f"{out}: {os.strerror(e.errno)} while writing shards; this run's files were removed "
+                              "and no manifest was written: free space or give another --out") from None
         raise
     except BaseException:
         for w in writers.values():

@@ -101,6 +101,8 @@ class ImageCodec:
                 elif im.mode != target:
                     changes.append(f"{im.mode} -> {target}")
                 im = im.convert(target)
+        except CodecError:
+            raise
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
             raise CodecError(f"{path}: not a readable image ({e})") from e
         if self.size is not None and im.size != (self.size[1], self.size[0]):
