@@ -145,6 +145,7 @@ class EpochLoader:
         skip = resume["batches"] if resume and resume["epoch"] == self.epoch else 0
         place = self.epoch * self.batches + skip
         if self._stream is None or self._drawn > place:
+            share_temp_dir(self.num_workers)
             loader = wds.WebLoader(self.make(), batch_size=None, num_workers=self.num_workers)
             self._stream, self._drawn = iter(loader), 0
         for _ in range(place - self._drawn):  # a resumed run draws the batches trained on before, and drops them
@@ -163,6 +164,15 @@ class EpochLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch = state["epoch"]
         self._resume = {"epoch": state["epoch"], "batches": state["batches"]}
+
+
+def share_temp_dir(workers: int) -> None:
+    """Give this process its multiprocessing temp folder before workers fork: they then use it instead of each making
+    a ``/tmp/pymp-*`` of its own, which stays behind when Lightning stops them; this one is removed at exit."""
+    if workers > 0:
+        import multiprocessing.util
+
+        multiprocessing.util.get_temp_dir()
 
 
 def shuffled(src: Iterator, size: int, seed: int) -> Iterator:
@@ -332,6 +342,7 @@ class ByteDataModule(L.LightningDataModule):
 
     def _loader(self, pipeline: wds.DataPipeline) -> wds.WebLoader:
         n = self.hp.num_workers
+        share_temp_dir(n)
         return wds.WebLoader(pipeline, batch_size=None, num_workers=n, persistent_workers=n > 0)
 
     def cut(self, src: Iterator, seed: int | None) -> Iterator:

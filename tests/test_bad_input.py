@@ -703,3 +703,16 @@ def test_fit_on_a_corrupt_manifest_is_one_line(good_shards, tmp_path, capsys, mo
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("mmbytes: error")]
     assert stop.value.code == 1 and len(err) == 1
     assert err[0].startswith(f"mmbytes: error: {bad / 'manifest.json'}: not a JSON manifest")
+
+
+def test_fit_with_workers_leaves_no_temp_folders(good_shards, tmp_path):
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    cmd = [sys.executable, "-m", "mmbytes.cli", "fit", "--model.size", "debug", "--data.data_dir", str(good_shards),
+           "--data.seq_len", "64", "--data.num_workers", "2", "--data.train_batches_per_epoch", "2",
+           "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
+           "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false"]
+    done = subprocess.run(cmd, cwd=tmp_path, env={**ENV, "TMPDIR": str(temp)}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in temp.iterdir() if p.name.startswith("pymp-")] == []
