@@ -131,6 +131,23 @@ class VQDataModule(ByteDataModule):
     def collation(self):
         return stack_images if self.modality == "image" else partial(stack_audio, crop=self.crop)
 
+    def train_dataloader(self):
+        """Refused when the manifest lists no training sample of this modality: the stream would skip every sample
+        forever without making a batch."""
+        if not self.hp.train_shards:
+            from pathlib import Path
+
+            from mmbytes.errors import NoDataError
+            from mmbytes.shards import read_manifest
+
+            path = Path(self.hp.data_dir) / "manifest.json"
+            if path.exists():
+                stats = read_manifest(path).get("modalities", {}).get(self.modality, {})
+                if not stats.get("train_samples"):
+                    raise NoDataError(f"{path}: no {self.modality} sample in the train split; give shards with "
+                                      f"{self.modality} samples")
+        return super().train_dataloader()
+
     def val_windows(self) -> wds.DataPipeline:
         return wds.DataPipeline(
             wds.SimpleShardList(self.urls("val")),

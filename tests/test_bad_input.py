@@ -716,3 +716,11 @@ def test_fit_with_workers_leaves_no_temp_folders(good_shards, tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [p.name for p in temp.iterdir() if p.name.startswith("pymp-")] == []
+
+
+def test_a_vq_run_on_shards_without_its_modality_is_refused(good_shards):
+    from datamodules.vq import VQDataModule
+
+    dm = VQDataModule(data_dir=str(good_shards), modality="audio", batch_size=2, train_batches_per_epoch=1)
+    with pytest.raises(NoDataError, match="manifest.json: no audio sample in the train split"):
+        dm.train_dataloader()
