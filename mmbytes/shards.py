@@ -329,6 +329,8 @@ def encoded(jobs: list[tuple], workers: int) -> Iterator[tuple[list | None, str 
     # forkserver, not fork: forking a process whose BLAS/OpenMP threads are running can deadlock the children
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
                                       else "spawn")
+    if ctx.get_start_method() == "forkserver":  # workers (and retries after a death) fork with the codecs imported
+        ctx.set_forkserver_preload(["mmbytes.shards"])
     pool, ahead, i = ProcessPoolExecutor(workers, mp_context=ctx), deque(), 0
     try:
         while i < len(jobs) or ahead:
@@ -340,8 +342,9 @@ def encoded(jobs: list[tuple], workers: int) -> Iterator[tuple[list | None, str 
                 result = future.result()
             except BrokenProcessPool:
                 pool.shutdown(wait=True, cancel_futures=True)
-                for job, _ in ahead:
-                    yield _encode_alone(job, ctx)
+                for job, future in ahead:  # results that came back before the pool broke are kept
+                    done = future.done() and not future.cancelled() and future.exception() is None
+                    yield future.result() if done else _encode_alone(job, ctx)
                 ahead.clear()
                 pool = ProcessPoolExecutor(workers, mp_context=ctx)
                 continue
