@@ -63,12 +63,13 @@ def decode(sample: dict) -> tuple[np.ndarray, dict]:
     return np.frombuffer(sample["bin"], dtype=np.uint8), meta
 
 
-def readable_samples(src: Iterator[dict], urls: list[str], split: str = "train") -> Iterator[tuple[np.ndarray,
-                                                                                                     dict]]:
+def readable_samples(src: Iterator[dict], urls: list[str], split: str = "train",
+                     usable: Callable[[np.ndarray, dict], bool] | None = None) -> Iterator[tuple[np.ndarray, dict]]:
     """Shards (``{"url": ...}`` items, drawn again and again when resampled) -> decoded samples. Damaged data is
     skipped and counted as before; but once every shard has been tried and none gave a single readable sample, the
     stream stops with a ``NoDataError`` naming each shard and its first error (a resampled stream would otherwise
-    spin forever without yielding a batch)."""
+    spin forever without yielding a batch). ``usable(data, meta)``, when given, leaves out samples this stream cannot
+    use (False: another modality; an exception: damaged, counted); a shard of only such samples counts as unreadable."""
     every, good, bad = set(urls), set(), {}
     for shard in src:
         url, errors = shard["url"], []
@@ -81,6 +82,9 @@ def readable_samples(src: Iterator[dict], urls: list[str], split: str = "train")
         for sample in wds.tarfile_samples(iter([shard]), handler=handler):
             try:
                 item = decode(sample)
+                if usable is not None and not usable(*item):
+                    errors.append(f"no usable sample ({usable.__doc__ or 'left out'})")
+                    continue
             except Exception as exn:
                 handler(exn)
                 continue
@@ -345,6 +349,8 @@ class ByteDataModule(L.LightningDataModule):
         share_temp_dir(n)
         return wds.WebLoader(pipeline, batch_size=None, num_workers=n, persistent_workers=n > 0)
 
+    usable = None  # every decoded sample is a training item here; subclasses that keep only some say which
+
     def cut(self, src: Iterator, seed: int | None) -> Iterator:
         """Decoded samples -> training items: random windows with a seed, consecutive ones (validation) without."""
         if seed is None:
@@ -360,7 +366,8 @@ class ByteDataModule(L.LightningDataModule):
         urls = self.urls("train")
         return wds.DataPipeline(
             wds.ResampledShards(urls, seed=self.hp.seed, deterministic=True),
-            partial(readable_samples, urls=expand_urls(urls) if isinstance(urls, str) else list(urls)),
+            partial(readable_samples, urls=expand_urls(urls) if isinstance(urls, str) else list(urls),
+                    usable=self.usable),
             partial(self.cut, seed=self.hp.seed),
         )
 

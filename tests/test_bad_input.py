@@ -724,3 +724,26 @@ def test_a_vq_run_on_shards_without_its_modality_is_refused(good_shards):
     dm = VQDataModule(data_dir=str(good_shards), modality="audio", batch_size=2, train_batches_per_epoch=1)
     with pytest.raises(NoDataError, match="manifest.json: no audio sample in the train split"):
         dm.train_dataloader()
+
+
+def test_a_damaged_vq_sample_is_skipped_and_counted(tmp_path):
+    from datamodules.bytes import skipped
+    from datamodules.vq import VQDataModule
+
+    out = tmp_path / "images"
+    m = write_shards([SAMPLES / "images"], out, codec="image", codec_options={"size": 32}, val_fraction=0,
+                     progress=False)
+    shard = out / m["splits"]["train"]["shards"][0]
+    with tarfile.open(shard) as tar:
+        members = [(x, tar.extractfile(x).read()) for x in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for x, data in members:
+            if x.name.endswith(".json"):  # every picture claims a height its bytes do not have
+                data = json.dumps({**json.loads(data), "height": 31}).encode()
+                x.size = len(data)
+            tar.addfile(x, io.BytesIO(data))
+    before = skipped["errors"]
+    dm = VQDataModule(data_dir=str(out), modality="image", batch_size=2, train_batches_per_epoch=1, shuffle_buffer=2)
+    with pytest.raises(NoDataError, match=r"no readable train sample in any of the 1 train shards \(.*ValueError"):
+        next(iter(dm.train_dataloader()))
+    assert skipped["errors"] > before
