@@ -80,14 +80,23 @@ def list_files(sources: list[str | Path], out: Path | None = None) -> tuple[list
         seen[name] += 1  # two sources with the same folder name: later files get a suffix, keys stay unique
         files.append((p, name if seen[name] == 1 else f"{name}~{seen[name]}"))
 
-    def walk(folder: Path, prefix: str) -> None:
+    def entries(folder: Path, prefix: str) -> Iterator[tuple[os.DirEntry, str]]:
         try:
             with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                found = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            return skip(folder, f"unreadable folder ({e.strerror or e}); nothing in it was read")
-        for e in entries:
-            p, name = Path(e.path), f"{prefix}/{e.name}"
+            skip(folder, f"unreadable folder ({e.strerror or e}); nothing in it was read")
+            found = []
+        return ((e, f"{prefix}/{e.name}") for e in found)
+
+    def walk(folder: Path, prefix: str) -> None:
+        stack = [entries(folder, prefix)]  # depth first in name order, without recursion (any depth)
+        while stack:
+            e, name = next(stack[-1], (None, None))
+            if e is None:
+                stack.pop()
+                continue
+            p = Path(e.path)
             try:
                 link = e.is_symlink()
                 st = e.stat(follow_symlinks=False)
@@ -107,7 +116,7 @@ def list_files(sources: list[str | Path], out: Path | None = None) -> tuple[list
                 continue
             if stat.S_ISDIR(st.st_mode):
                 if (st.st_dev, st.st_ino) != out_id:
-                    walk(p, name)
+                    stack.append(entries(p, name))
             elif stat.S_ISREG(st.st_mode):
                 add(p, name)
             else:
