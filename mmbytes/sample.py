@@ -22,6 +22,7 @@ from mmbytes.argtypes import nonnegative_float, positive_float, positive_int, pr
 from mmbytes.model.generate import generate
 
 SUFFIX = {"text": ".txt", "raw": ".bin", "image": ".png", "audio": ".wav"}
+MAX_SAMPLE_BYTES = 2**28  # as the codecs' decoded-size limit: 256 MiB per sample
 
 
 @torch.no_grad()
@@ -170,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
         num_bytes = sample_length(args.modality, meta, args.bytes)
     if num_bytes < 1:
         raise OptionError(f"--seconds {args.seconds} at {meta.get('sample_rate')} Hz is not one whole sample")
+    if num_bytes > MAX_SAMPLE_BYTES:  # before the model allocates its cache for that many bytes
+        raise OptionError(f"{num_bytes:,} bytes per sample asked for, over the {MAX_SAMPLE_BYTES:,}-byte limit; ask "
+                          "for fewer bytes, seconds or pixels")
     prompt = b""
     if args.prompt:  # the prompt goes through the same codec, so an image prompt is its top rows in scan order
         if args.modality == "image":

@@ -514,6 +514,10 @@ def main(argv: list[str] | None = None) -> None:
                  "multiple of the tile or --image-order raster")
     if int(args.max_shard_mb * 2**20) < 1 or int(args.max_file_mb * 2**20) < 1:
         ap.error("--max-shard-mb and --max-file-mb must be at least one byte")
+    channels = 1 if args.grayscale else 3
+    if args.image_size and args.image_size**2 * channels > args.max_file_mb * 2**20:
+        ap.error(f"--image-size {args.image_size} makes images of {args.image_size**2 * channels:,} bytes, over "
+                 f"--max-file-mb {args.max_file_mb:g}")
     image = {"size": args.image_size, "order": args.image_order, "tile": args.image_tile,
              "channels": 1 if args.grayscale else 3}
     audio = {"sample_rate": args.sample_rate, "convert": not args.no_convert}

@@ -423,6 +423,7 @@ def test_disk_full_while_writing_shards_is_one_line_and_leaves_nothing(tmp_path)
     ("--max-file-mb", "nan", "argument --max-file-mb: 'nan' is not a finite number"),
     ("--workers", "-2", "argument --workers: must be 0 or more, not -2"),
     ("--image-size", "30", "--image-size 30 does not split into --image-tile 4 tiles"),
+    ("--image-size", "100000", "--image-size 100000 makes images of 30,000,000,000 bytes, over --max-file-mb 256"),
 ])
 def test_bad_shards_options_stop_the_parser(tmp_path, capsys, option, value, message):
     from mmbytes.shards import main
@@ -483,6 +484,23 @@ def test_a_tile_that_does_not_fit_the_trained_size_fails_before_sampling(ckpt, t
     with pytest.raises(OptionError, match="32x32 images do not split into 3x3 tiles"):
         main(["--ckpt", str(ckpt), "--modality", "image", "--tile", "3", "--out", str(tmp_path / "out")])
     assert time.time() - started < 30 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args", [["--bytes", str(2**30)], ["--modality", "audio", "--seconds", "1e6"],
+                                  ["--modality", "image", "--image-size", "65536", "--tile", "4"]])
+def test_a_sample_too_big_to_generate_is_refused_before_sampling(ckpt, tmp_path, args):
+    from mmbytes.sample import main
+
+    with pytest.raises(OptionError, match="bytes per sample asked for, over the 268,435,456-byte limit"):
+        main(["--ckpt", str(ckpt), "--out", str(tmp_path / "out"), *args])
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_image_tile_that_no_patch_fits_is_named(ckpt, tmp_path):
+    from mmbytes.sample import main
+
+    with pytest.raises(OptionError, match=r"patch size 4 is not t\*t\*3 for any tile side t; give a tile side"):
+        main(["--ckpt", str(ckpt), "--modality", "image", "--out", str(tmp_path / "out")])
 
 
 def test_a_fifo_prompt_is_refused_without_blocking(tmp_path, capsys):
@@ -758,5 +776,11 @@ def test_a_tree_deeper_than_the_recursion_limit_is_walked(tmp_path):
     shutil.copy(SAMPLES / "files" / "libpython3.11-stdlib_python3.11_this.py", deep / "this.py")
     from mmbytes.shards import list_files
 
-    files, skipped = list_files([tmp_path / "src"])
-    assert [name.count("/") for _, name in files] == [1201] and skipped == []
+    try:
+        files, skipped = list_files([tmp_path / "src"])
+        assert [name.count("/") for _, name in files] == [1201] and skipped == []
+    finally:  # shutil.rmtree (and pytest's cleanup of old temp folders) recurses: remove it from the bottom up
+        (deep / "this.py").unlink()
+        while deep != tmp_path:
+            deep.rmdir()
+            deep = deep.parent

@@ -21,7 +21,8 @@ def tile_for_patch(patch_size: int, channels: int = 3) -> int:
     """The tile side t with t * t * channels == patch_size."""
     t = math.isqrt(patch_size // channels)
     if t * t * channels != patch_size:
-        raise ValueError(f"patch size {patch_size} is not t*t*{channels} for any tile side t")
+        raise OptionError(f"patch size {patch_size} is not t*t*{channels} for any tile side t; give a tile side "
+                          "(--tile) or the raster order")
     return t
 
 
