@@ -768,19 +768,19 @@ def test_a_damaged_vq_sample_is_skipped_and_counted(tmp_path):
 
 
 def test_a_tree_deeper_than_the_recursion_limit_is_walked(tmp_path):
-    deep = tmp_path / "src"
-    deep.mkdir()
-    for _ in range(1200):  # one-letter folders: deeper than Python's recursion limit, within PATH_MAX
-        deep = deep / "d"
-        deep.mkdir()
-    shutil.copy(SAMPLES / "files" / "libpython3.11-stdlib_python3.11_this.py", deep / "this.py")
     from mmbytes.shards import list_files
 
+    deep = tmp_path / "src"
+    deep.mkdir()
     try:
+        for _ in range(1200):  # one-letter folders: deeper than Python's recursion limit, within PATH_MAX
+            deep = deep / "d"
+            deep.mkdir()
+        shutil.copy(SAMPLES / "files" / "libpython3.11-stdlib_python3.11_this.py", deep / "this.py")
         files, skipped = list_files([tmp_path / "src"])
         assert [name.count("/") for _, name in files] == [1201] and skipped == []
     finally:  # shutil.rmtree (and pytest's cleanup of old temp folders) recurses: remove it from the bottom up
-        (deep / "this.py").unlink()
+        (deep / "this.py").unlink(missing_ok=True)
         while deep != tmp_path:
             deep.rmdir()
             deep = deep.parent
