@@ -146,6 +146,8 @@ def stop_on_sigterm(grace: float):
     that never comes, or outside a Trainer) is interrupted as by Ctrl-C, and a second SIGTERM interrupts at once."""
     import threading
 
+    if threading.current_thread() is not threading.main_thread():  # signals are the main thread's only
+        return None
     state = {"seen": 0}
     main_thread = threading.main_thread().ident
 
