@@ -225,6 +225,8 @@ class ShardWriter:
 def is_our_shard(path: Path) -> bool:
     """A tar whose first members are ``<sha1>.bin`` / ``<sha1>.json`` with the metadata ``mmbytes shards`` writes."""
     try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):  # a link or a FIFO (opening it would wait forever) is not ours
+            return False
         with tarfile.open(path) as tar:
             members = [tar.next(), tar.next()]
             if any(m is None for m in members):
@@ -469,6 +471,8 @@ def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     path = path / "manifest.json" if path.is_dir() else path
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # reading a FIFO would wait forever
+            raise ManifestError(f"{path}: not a regular file; a manifest is a JSON file written by `mmbytes shards`")
         manifest = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such manifest; run `mmbytes shards SRC --out {path.parent}`") from None

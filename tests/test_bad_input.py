@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -319,6 +320,21 @@ def test_a_foreign_tar_with_a_shard_name_is_not_deleted(tmp_path):
     with pytest.raises(ShardsError, match=r"holds 1 file\(s\) mmbytes shards did not write \(train-000000.tar\)"):
         write_shards([SAMPLES / "files"], out, progress=False)
     assert (out / "train-000000.tar").read_bytes() == data
+
+
+@pytest.mark.parametrize("name", ["train-000000.tar", "manifest.json"])
+def test_a_fifo_in_out_is_foreign_and_never_opened(tmp_path, name):
+    os.mkfifo(tmp_path / name)
+    with pytest.raises(ShardsError, match=rf"holds 1 file\(s\) mmbytes shards did not write \({name}\)"):
+        write_shards([SAMPLES / "text"], tmp_path, codec="text", progress=False)
+    assert stat.S_ISFIFO(os.lstat(tmp_path / name).st_mode)
+
+
+def test_a_fifo_manifest_is_refused_without_blocking(tmp_path):
+    (tmp_path / "shards").mkdir()
+    os.mkfifo(tmp_path / "shards" / "manifest.json")
+    with pytest.raises(ManifestError, match="manifest.json: not a regular file"):
+        datamodule(tmp_path / "shards").train_dataloader()
 
 
 def test_a_rerun_replaces_only_its_own_files(tmp_path):
