@@ -268,6 +268,20 @@ def rank_world(datamodule: L.LightningDataModule) -> dict[str, int]:
     return {} if trainer is None else {"rank": trainer.global_rank, "world": trainer.world_size}
 
 
+def check_loader_options(seq_len: int, batch_size: int, num_workers: int, shuffle_buffer: int,
+                         train_batches_per_epoch: int, val_fraction: float) -> None:
+    """Refuse values that would fail on the first batch, or never make one (a batch of 0 windows)."""
+    from mmbytes.errors import OptionError
+
+    for name, value, least in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                               ("shuffle_buffer", shuffle_buffer, 0),
+                               ("train_batches_per_epoch", train_batches_per_epoch, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise OptionError(f"data.{name} must be a whole number of at least {least}, not {value!r}")
+    if not 0 <= val_fraction < 1:
+        raise OptionError(f"data.val_fraction must be at least 0 and less than 1, not {val_fraction!r}")
+
+
 def collate(seq_len: int):
     return partial(stack, seq_len=seq_len)
 
@@ -309,6 +323,7 @@ class ByteDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.hp = self.hparams
+        check_loader_options(seq_len, batch_size, num_workers, shuffle_buffer, train_batches_per_epoch, val_fraction)
 
     def prepare_data(self) -> None:
         if self.hp.sources and not self.hp.train_shards and not (Path(self.hp.data_dir) / "manifest.json").exists():

@@ -5,6 +5,7 @@ import gzip
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -195,6 +196,12 @@ def test_audio_beyond_full_scale_is_clipped_and_recorded(tree):
     assert n > 0
     assert by_name(tree["manifest"]["converted"])["too_loud.wav"]["converted"] == [
         "FLOAT -> PCM_16", f"{n} samples beyond full scale clipped"]
+
+
+def test_audio_cut_to_max_seconds_is_recorded():
+    data, meta = get_codec("audio", max_seconds=0.1).encode(WAV)
+    frames = sf.info(str(WAV)).frames
+    assert len(data) == 2 * 800 and meta["converted"] == [f"first 800 of {frames:,} frames kept (max_seconds=0.1)"]
 
 
 def test_a_1_hz_wav_is_refused_before_it_is_resampled(tree):
@@ -455,6 +462,18 @@ def test_bad_codec_options_fail_before_the_output_folder_is_touched(tmp_path):
         write_shards([SAMPLES / "images"], tmp_path / "out", codec="image", codec_options={"size": 30},
                      progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("seq_len", 0, "data.seq_len must be a whole number of at least 1, not 0"),
+    ("batch_size", 0, "data.batch_size must be a whole number of at least 1, not 0"),
+    ("train_batches_per_epoch", -1, "data.train_batches_per_epoch must be a whole number of at least 1, not -1"),
+    ("num_workers", -1, "data.num_workers must be a whole number of at least 0, not -1"),
+    ("val_fraction", 1.0, "data.val_fraction must be at least 0 and less than 1, not 1.0"),
+])
+def test_bad_data_options_are_refused_when_the_datamodule_is_built(good_shards, option, value, message):
+    with pytest.raises(OptionError, match=re.escape(message)):
+        ByteDataModule(data_dir=str(good_shards), **{option: value})
 
 
 @pytest.fixture(scope="session")

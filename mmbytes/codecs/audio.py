@@ -58,12 +58,14 @@ class AudioCodec:
                 raise CodecError(f"{path}: needs {', '.join(changes)} and conversion is off")
             frames = -1 if self.max_seconds is None else int(self.max_seconds * info.samplerate)
             kept = info.frames if frames < 0 else min(frames, info.frames)
+            cut = [] if kept == info.frames else [
+                f"first {kept:,} of {info.frames:,} frames kept (max_seconds={self.max_seconds:g})"]
             check_decoded(path, kept * info.channels * (4 if changes else 2), f"{kept:,} frames x {info.channels}"
                           " channels")
             check_decoded(path, -(-kept * rate // info.samplerate) * 2, f"{info.samplerate} Hz -> {rate} Hz")
             if not changes:
                 data, _ = sf.read(str(path), frames=frames, dtype="int16", always_2d=True)
-                return data[:, 0], rate, changes
+                return data[:, 0], rate, cut
             data, _ = sf.read(str(path), frames=frames, dtype="float32", always_2d=True)
         except CodecError:
             raise
@@ -82,7 +84,7 @@ class AudioCodec:
         clipped = int(((scaled < -32768) | (scaled > 32767)).sum())
         if clipped:
             changes.append(f"{clipped} samples beyond full scale clipped")
-        return np.clip(scaled, -32768, 32767).astype(np.int16), rate, changes
+        return np.clip(scaled, -32768, 32767).astype(np.int16), rate, changes + cut
 
     def encode(self, path: Path) -> tuple[bytes, dict]:
         samples, rate, changes = self.read(path)
