@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             prompt = get_codec(args.modality).encode(args.prompt)[0]
             num_bytes += len(prompt)
+            if num_bytes > MAX_SAMPLE_BYTES:
+                raise OptionError(f"{args.prompt}: a {len(prompt):,}-byte prompt makes samples of {num_bytes:,} bytes, "
+                                  f"over the {MAX_SAMPLE_BYTES:,}-byte limit")
     samples = sample_bytes(model, args.num, num_bytes, prompt, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed, progress=True)
     for path in write_samples(samples, args.modality, meta, args.out):
