@@ -25,9 +25,11 @@ import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.shardlists import expand_urls
 from webdataset.utils import pytorch_worker_info
 
 from mmbytes.codecs import MODALITIES
+from mmbytes.errors import NoDataError
 
 log = logging.getLogger(__name__)
 skipped = {"errors": 0}  # damaged shard members this process skipped (per process: each worker counts its own)
@@ -47,10 +49,64 @@ def decode(sample: dict) -> tuple[np.ndarray, dict]:
     if "bin" not in sample or "json" not in sample:
         raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks its bin or json member")
     meta = json.loads(sample["json"])
+    if not isinstance(meta, dict):
+        raise ValueError(f"sample {sample['__key__']} in {sample.get('__url__')}: metadata is not a JSON object")
+    if meta.get("modality", "raw") not in MODALITIES:
+        raise ValueError(f"sample {sample['__key__']} in {sample.get('__url__')}: unknown modality "
+                         f"{meta.get('modality')!r} (known: {', '.join(MODALITIES)})")
+    width = meta.get("sample_width", 1)
+    if meta.get("modality") == "audio" and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        raise ValueError(f"sample {sample['__key__']} in {sample.get('__url__')}: sample_width {width!r}")
     if len(sample["bin"]) != meta.get("nbytes", len(sample["bin"])):  # a member cut short in a damaged tar
         raise ValueError(f"sample {sample['__key__']} in {sample.get('__url__')}: {len(sample['bin'])} bytes, "
                          f"{meta['nbytes']} expected")
     return np.frombuffer(sample["bin"], dtype=np.uint8), meta
+
+
+def readable_samples(src: Iterator[dict], urls: list[str], split: str = "train",
+                     usable: Callable[[np.ndarray, dict], bool] | None = None) -> Iterator[tuple[np.ndarray, dict]]:
+    """Shards (``{"url": ...}`` items, drawn again and again when resampled) -> decoded samples. Damaged data is
+    skipped and counted as before; but once every shard has been tried and none gave a single readable sample, the
+    stream stops with a ``NoDataError`` naming each shard and its first error (a resampled stream would otherwise
+    spin forever without yielding a batch). ``usable(data, meta)``, when given, leaves out samples this stream cannot
+    use (False: another modality; an exception: damaged, counted); a shard of only such samples counts as unreadable."""
+    every, good, bad = set(urls), set(), {}
+    for shard in src:
+        url, errors = shard["url"], []
+
+        def handler(exn: Exception, errors=errors) -> bool:
+            errors.append(exn)
+            return skip_and_count(exn)
+
+        n = 0
+        for sample in wds.tarfile_samples(iter([shard]), handler=handler):
+            try:
+                item = decode(sample)
+                if usable is not None and not usable(*item):
+                    errors.append(f"no usable sample ({usable.__doc__ or 'left out'})")
+                    continue
+            except Exception as exn:
+                handler(exn)
+                continue
+            n += 1
+            yield item
+        if n:
+            good.add(url)
+            bad.pop(url, None)
+        elif url not in good:
+            bad[url] = errors[0] if errors else "no samples"
+            if not good and every <= bad.keys():
+                reasons = "; ".join(f"{u}: {_reason(e)}" for u, e in sorted(bad.items()))
+                raise NoDataError(f"no readable {split} sample in any of the {len(every)} {split} shards ({reasons}); "
+                                  "rebuild them with `mmbytes shards`")
+
+
+def _reason(exn: Exception | str) -> str:
+    if isinstance(exn, str):
+        return exn
+    args = [a for a in exn.args if isinstance(a, str)]
+    text = args[0] if args else str(exn)
+    return f"{type(exn).__name__}: {text}".splitlines()[0]
 
 
 def align_of(meta: dict) -> int:
@@ -93,6 +149,7 @@ class EpochLoader:
         skip = resume["batches"] if resume and resume["epoch"] == self.epoch else 0
         place = self.epoch * self.batches + skip
         if self._stream is None or self._drawn > place:
+            share_temp_dir(self.num_workers)
             loader = wds.WebLoader(self.make(), batch_size=None, num_workers=self.num_workers)
             self._stream, self._drawn = iter(loader), 0
         for _ in range(place - self._drawn):  # a resumed run draws the batches trained on before, and drops them
@@ -111,6 +168,15 @@ class EpochLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch = state["epoch"]
         self._resume = {"epoch": state["epoch"], "batches": state["batches"]}
+
+
+def share_temp_dir(workers: int) -> None:
+    """Give this process its multiprocessing temp folder before workers fork: they then use it instead of each making
+    a ``/tmp/pymp-*`` of its own, which stays behind when Lightning stops them; this one is removed at exit."""
+    if workers > 0:
+        import multiprocessing.util
+
+        multiprocessing.util.get_temp_dir()
 
 
 def shuffled(src: Iterator, size: int, seed: int) -> Iterator:
@@ -202,6 +268,20 @@ def rank_world(datamodule: L.LightningDataModule) -> dict[str, int]:
     return {} if trainer is None else {"rank": trainer.global_rank, "world": trainer.world_size}
 
 
+def check_loader_options(seq_len: int, batch_size: int, num_workers: int, shuffle_buffer: int,
+                         train_batches_per_epoch: int, val_fraction: float) -> None:
+    """Refuse values that would fail on the first batch, or never make one (a batch of 0 windows)."""
+    from mmbytes.errors import OptionError
+
+    for name, value, least in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                               ("shuffle_buffer", shuffle_buffer, 0),
+                               ("train_batches_per_epoch", train_batches_per_epoch, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise OptionError(f"data.{name} must be a whole number of at least {least}, not {value!r}")
+    if not 0 <= val_fraction < 1:
+        raise OptionError(f"data.val_fraction must be at least 0 and less than 1, not {val_fraction!r}")
+
+
 def collate(seq_len: int):
     return partial(stack, seq_len=seq_len)
 
@@ -243,6 +323,7 @@ class ByteDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.hp = self.hparams
+        check_loader_options(seq_len, batch_size, num_workers, shuffle_buffer, train_batches_per_epoch, val_fraction)
 
     def prepare_data(self) -> None:
         if self.hp.sources and not self.hp.train_shards and not (Path(self.hp.data_dir) / "manifest.json").exists():
@@ -255,21 +336,35 @@ class ByteDataModule(L.LightningDataModule):
         explicit = self.hp.train_shards if split == "train" else self.hp.val_shards
         if explicit:
             return explicit
+        from mmbytes.shards import read_manifest
+
         manifest_path = Path(self.hp.data_dir) / "manifest.json"
         if not manifest_path.exists():
             raise FileNotFoundError(f"{manifest_path}: no shards; run `mmbytes shards SRC --out {self.hp.data_dir}` "
                                     "or give data.sources")
-        names = json.loads(manifest_path.read_text())["splits"][split]["shards"]
+        names = read_manifest(manifest_path)["splits"].get(split, {}).get("shards", [])
         if not names:
             raise ValueError(f"{manifest_path}: the {split} split has no shards")
         for n in names:  # a manifest names files inside its own folder, nothing else
             if Path(n).name != n or n in (".", ".."):
                 raise ValueError(f"{manifest_path}: shard {n!r} is not a file name inside {self.hp.data_dir}")
-        return [str(Path(self.hp.data_dir) / n) for n in names]
+        paths = [str(Path(self.hp.data_dir) / n) for n in names]
+        missing = [p for p in paths if not Path(p).is_file()]
+        if len(missing) == len(paths):
+            raise NoDataError(f"{manifest_path}: none of the {len(paths)} {split} shards it names is there (missing: "
+                              f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); rebuild with "
+                              "`mmbytes shards`")
+        if missing:
+            log.warning("%s: %d of the %d %s shards it names are missing and are skipped: %s", manifest_path,
+                        len(missing), len(paths), split, ", ".join(missing))
+        return paths
 
     def _loader(self, pipeline: wds.DataPipeline) -> wds.WebLoader:
         n = self.hp.num_workers
+        share_temp_dir(n)
         return wds.WebLoader(pipeline, batch_size=None, num_workers=n, persistent_workers=n > 0)
+
+    usable = None  # every decoded sample is a training item here; subclasses that keep only some say which
 
     def cut(self, src: Iterator, seed: int | None) -> Iterator:
         """Decoded samples -> training items: random windows with a seed, consecutive ones (validation) without."""
@@ -283,19 +378,20 @@ class ByteDataModule(L.LightningDataModule):
     def train_windows(self) -> wds.DataPipeline:
         """The endless stream of training items (here (window, modality id)) for this rank and worker, before
         shuffling."""
+        urls = self.urls("train")
         return wds.DataPipeline(
-            wds.ResampledShards(self.urls("train"), seed=self.hp.seed, deterministic=True),
-            wds.tarfile_to_samples(handler=skip_and_count),
-            wds.map(decode, handler=skip_and_count),
+            wds.ResampledShards(urls, seed=self.hp.seed, deterministic=True),
+            partial(readable_samples, urls=expand_urls(urls) if isinstance(urls, str) else list(urls),
+                    usable=self.usable),
             partial(self.cut, seed=self.hp.seed),
         )
 
     def val_windows(self) -> wds.DataPipeline:
         """Every consecutive validation window in order, as (window, modality id); ``val_batches`` shares them out."""
+        urls = self.urls("val")
         return wds.DataPipeline(
-            wds.SimpleShardList(self.urls("val")),
-            wds.tarfile_to_samples(handler=skip_and_count),
-            wds.map(decode, handler=skip_and_count),
+            wds.SimpleShardList(urls),
+            partial(readable_samples, urls=expand_urls(urls) if isinstance(urls, str) else list(urls), split="val"),
             partial(self.cut, seed=None),
         )
 

@@ -41,7 +41,12 @@ def of_modality(src: Iterator, modality: str) -> Iterator[tuple[np.ndarray, dict
     """Decoded arrays of one modality; samples of other modalities (from an ``auto`` shard set) are left out."""
     for data, meta in src:
         if meta.get("modality") == modality:
-            yield sample_array(data, meta, meta.get("source", "sample")), meta
+            try:
+                array = sample_array(data, meta, meta.get("source", "sample"))
+            except (KeyError, TypeError, ValueError) as e:  # a damaged sample: skipped and counted, the run goes on
+                skip_and_count(ValueError(f"{meta.get('source', 'sample')}: {e!r}"))
+                continue
+            yield array, meta
 
 
 def audio_crops(src: Iterator, crop: int, seed: int | None) -> Iterator[tuple[np.ndarray, int]]:
@@ -130,6 +135,30 @@ class VQDataModule(ByteDataModule):
 
     def collation(self):
         return stack_images if self.modality == "image" else partial(stack_audio, crop=self.crop)
+
+    def usable(self, data: np.ndarray, meta: dict) -> bool:
+        """of this datamodule's modality"""
+        if meta.get("modality") != self.modality:
+            return False
+        sample_array(data, meta, meta.get("source", "sample"))  # a damaged one raises: skipped and counted
+        return True
+
+    def train_dataloader(self):
+        """Refused when the manifest lists no training sample of this modality: the stream would skip every sample
+        forever without making a batch."""
+        if not self.hp.train_shards:
+            from pathlib import Path
+
+            from mmbytes.errors import NoDataError
+            from mmbytes.shards import read_manifest
+
+            path = Path(self.hp.data_dir) / "manifest.json"
+            if path.exists():
+                stats = read_manifest(path).get("modalities", {}).get(self.modality, {})
+                if not stats.get("train_samples"):
+                    raise NoDataError(f"{path}: no {self.modality} sample in the train split; give shards with "
+                                      f"{self.modality} samples")
+        return super().train_dataloader()
 
     def val_windows(self) -> wds.DataPipeline:
         return wds.DataPipeline(

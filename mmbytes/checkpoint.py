@@ -12,10 +12,11 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from mmbytes.errors import CheckpointError, MmbytesError
 from mmbytes.model.registry import build, config_from_dict, config_from_name, config_to_dict
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(MmbytesError, ValueError):
     """A checkpoint's model configuration differs from the one this run asks for."""
 
 
@@ -57,10 +58,35 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
+    check_checkpoint_file(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated file, or one that would need arbitrary code to load
-        raise ValueError(f"{path}: cannot load as a weights-only checkpoint: {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot load as a weights-only checkpoint ({first})") from e
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """Refuse a file that is not a torch checkpoint (a zip archive) before torch reads it: torch's own message for
+    random bytes is about mmap or pickle, not about the file."""
+    import zipfile
+
+    path = Path(path)
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({e.strerror or e})") from e
+    if not is_zip:
+        raise CheckpointError(f"{path}: not a checkpoint (a torch checkpoint is a zip archive); give a .ckpt file "
+                              "written by `mmbytes fit`")
+    try:
+        with zipfile.ZipFile(path) as z:
+            pickled = any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist())
+    except (OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from e
+    if not pickled:
+        raise CheckpointError(f"{path}: a zip archive, but not a torch checkpoint (no data.pkl); give a .ckpt file "
+                              "written by `mmbytes fit`")
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu",
@@ -72,7 +98,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu",
     hp = ckpt.get("hyper_parameters", {})
     config = checkpoint_config(ckpt)
     if config is None:
-        raise ValueError(f"{path}: not a mmbytes ByteLM checkpoint (no model size in its hyperparameters)")
+        raise CheckpointError(f"{path}: not a mmbytes ByteLM checkpoint (no model size in its hyperparameters)")
     if expect is not None:
         check_config(config, expect, path)
     model = build(config)
@@ -124,9 +150,9 @@ def load_entropy_model(path: str | Path) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     config = checkpoint_config(ckpt)
     if config is None:
-        raise ValueError(f"{path}: not a mmbytes ByteLM checkpoint (no model size in its hyperparameters)")
+        raise CheckpointError(f"{path}: not a mmbytes ByteLM checkpoint (no model size in its hyperparameters)")
     if getattr(config, "per_modality", False) or config.arch == "blt":
-        raise ValueError(f"{path}: a BLT checkpoint cannot serve as an entropy model; give a byte model's")
+        raise CheckpointError(f"{path}: a BLT checkpoint cannot serve as an entropy model; give a byte model's")
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     return {"config": config_to_dict(config), "state": state,
             "calibration": (ckpt.get("mmbytes") or {}).get("calibration")}

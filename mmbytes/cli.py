@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 from lightning.pytorch.cli import LightningCLI
@@ -58,6 +60,10 @@ class MmbytesCLI(LightningCLI):
         from mmbytes.lit import ByteLM, model_config
 
         ckpt_path = self.config[sub].get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            from mmbytes.checkpoint import check_checkpoint_file
+
+            check_checkpoint_file(ckpt_path)  # random bytes: one line naming the file, not torch's mmap message
         if init is None or "size" not in init or not ckpt_path or not Path(ckpt_path).is_file():  # not a ByteLM
             return  # "last" and the like are resolved by the Trainer; ByteLM.on_load_checkpoint checks those
         defaults = inspect.signature(ByteLM.__init__).parameters
@@ -86,21 +92,109 @@ class MmbytesCLI(LightningCLI):
                 self.config[sub].model.init_args[k] = v
 
 
-def main(argv: list[str] | None = None) -> None:
-    given = argv
+DEBUG_ENV = "MMBYTES_DEBUG"
+SIGTERM_GRACE_S = 5.0
+
+
+def main(argv: list[str] | None = None, *, friendly: bool | None = None) -> None:
+    """The ``mmbytes`` command. As a command (``friendly``, the default when ``argv`` is None) the project's own
+    errors and expected OS errors end the run with one line naming the file and what to do, and exit status 1;
+    ``--debug`` (anywhere in the arguments) or ``MMBYTES_DEBUG=1`` shows the traceback instead. Called with ``argv``
+    from Python, errors are raised as they are."""
+    friendly = argv is None if friendly is None else friendly
+    from_sys = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if from_sys:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (given args, it warns they are meant for Python)
+    if not friendly or debug:
+        return _main(argv, friendly, from_sys)
+    try:
+        _main(argv, friendly, from_sys)
+    except KeyboardInterrupt:
+        print("mmbytes: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        line = one_line(e)
+        if line is None:
+            raise
+        print(f"mmbytes: error: {line} (--debug or {DEBUG_ENV}=1 shows the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+def _main(argv: list[str], friendly: bool, from_sys: bool) -> None:
     if argv and argv[0] in EXTRA:
         import importlib
 
-        module, _, function = EXTRA[argv[0]][0].partition(":")
-        getattr(importlib.import_module(module), function or "main")(argv[1:])
+        old = stop_on_sigterm(grace=0.0) if friendly else None  # no Lightning loop to finish: stop now, cleanly
+        try:
+            module, _, function = EXTRA[argv[0]][0].partition(":")
+            getattr(importlib.import_module(module), function or "main")(argv[1:])
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
         return
     if not argv or argv[0] in ("-h", "--help"):
         print("mmbytes commands besides LightningCLI's fit/validate/test/predict:")
         for name, (_, what) in EXTRA.items():
             print(f"  {name:10s} {what}")
+        print("  --debug    show the traceback of an error (or set MMBYTES_DEBUG=1)")
         print()
-    run_cli(given)  # None: LightningCLI reads sys.argv itself
+    old = stop_on_sigterm(grace=SIGTERM_GRACE_S) if friendly else None
+    try:
+        run_cli(None if from_sys else argv)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def stop_on_sigterm(grace: float):
+    """SIGTERM always stops the run. Lightning, while a Trainer runs, adds its own handler in front of this one and
+    stops between batches; a run that does not reach a batch boundary within ``grace`` seconds (waiting for data
+    that never comes, or outside a Trainer) is interrupted as by Ctrl-C, and a second SIGTERM interrupts at once."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signals are the main thread's only
+        return None
+    state = {"seen": 0}
+    main_thread = threading.main_thread().ident
+
+    def handler(signum, frame) -> None:
+        state["seen"] += 1
+        if grace <= 0 or state["seen"] > 1:
+            raise KeyboardInterrupt
+        # a real SIGINT to the main thread: it also breaks a blocking read or open (PEP 475 runs the handler)
+        timer = threading.Timer(grace, signal.pthread_kill, (main_thread, signal.SIGINT))
+        timer.daemon = True
+        timer.start()
+
+    return signal.signal(signal.SIGTERM, handler)  # the handler it replaces
+
+
+def one_line(e: BaseException) -> str | None:
+    """The message of an error a user can act on, as one line naming the file, or None for a bug (traceback)."""
+    import errno
+
+    from mmbytes.errors import MmbytesError
+    from mmbytes.lit import NonFiniteLossError
+
+    if isinstance(e, MmbytesError | NonFiniteLossError):
+        text = str(e).strip()
+        if "Original Traceback" in text:  # raised in a data loader worker: the last line is the error itself
+            text = text.splitlines()[-1].split(": ", 1)[-1]
+        return text.splitlines()[0] if text else type(e).__name__
+    if isinstance(e, OSError):
+        what = {errno.ENOSPC: "free space or write elsewhere", errno.EDQUOT: "free space or write elsewhere",
+                errno.EACCES: "check its permissions", errno.EPERM: "check its permissions",
+                errno.ENOENT: "check the path", errno.EISDIR: "give a file, not a folder",
+                errno.ENOTDIR: "a part of the path is a file, not a folder", errno.EROFS: "write elsewhere",
+                errno.ELOOP: "fix the symlink loop"}.get(e.errno)
+        if e.filename is None:
+            return f"{e.strerror or e}" + (f": {what}" if what else "")
+        where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+        return f"{where}: {e.strerror or e}" + (f"; {what}" if what else "")
+    return None
 
 
 def run_cli(argv: list[str] | None, **kwargs) -> MmbytesCLI:

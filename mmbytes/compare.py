@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import time
 from pathlib import Path
@@ -44,7 +43,9 @@ def read_val(data_dir: Path, modality: str, max_items: int | None = None) -> lis
     manifest = data_dir / "manifest.json"
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest}: no shards here; build them with `mmbytes shards ... --out {data_dir}`")
-    names = json.loads(manifest.read_text())["splits"]["val"]["shards"]
+    from mmbytes.shards import read_manifest
+
+    names = read_manifest(manifest)["splits"].get("val", {}).get("shards", [])
     if not names:
         raise ValueError(f"{manifest}: the validation split has no shards")
     items = []

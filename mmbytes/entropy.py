@@ -86,7 +86,9 @@ def shard_windows(data_dir: str, seq_len: int, per_modality: int, split: str = "
         if len(out) == len(MODALITIES) and all(len(v) >= per_modality for v in out.values()):
             break
     if not out:
-        raise ValueError(f"{data_dir}: no {split} windows to calibrate on")
+        from mmbytes.errors import NoDataError
+
+        raise NoDataError(f"{data_dir}: no readable {split} windows to calibrate on")
     return out
 
 

@@ -164,7 +164,13 @@ class ByteLM(L.LightningModule):
         # compute() sums the states over all processes first, so every rank logs the same exact figure
         for suffix in ("", "_strided") if self.hparams.strided_eval else ("",):
             metric = self.bits[stage + suffix]
-            for name, value in metric.compute().items():
+            values = metric.compute()
+            if not values:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(f"no {stage} byte was scored, so {stage}/bpb{suffix} is not logged (a figure over zero "
+                               f"bytes is undefined): the {stage} data is empty or unreadable")
+            for name, value in values.items():
                 self.log(f"{stage}/{name}{suffix}", value, prog_bar=name == "bpb")
             metric.reset()
 

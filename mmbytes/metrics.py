@@ -21,7 +21,7 @@ BYTES_PER_DIM = {"image": 1, "audio": 2}
 class BitsPerByte(Metric):
     """``update(nats, counts, modality)`` with per-sample summed nats (B,), real byte counts (B,) and modality ids
     (B,); ``compute()`` returns ``{"bpb": overall, "bpb_<m>": ..., "bpd_image": ..., "bpd_audio": ...}`` for the
-    modalities seen."""
+    modalities seen, and ``{}`` when no byte was scored."""
 
     full_state_update = False
 
@@ -39,7 +39,9 @@ class BitsPerByte(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         total = self.count.sum()
-        out = {"bpb": self.nats.sum() / total.clamp(min=1) / math.log(2)}
+        if total == 0:  # a figure over zero bytes is undefined: nothing to log, never 0
+            return {}
+        out = {"bpb": self.nats.sum() / total / math.log(2)}
         for i, m in enumerate(MODALITIES):
             if self.count[i] > 0:
                 bpb = self.nats[i] / self.count[i] / math.log(2)

@@ -6,16 +6,24 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from mmbytes.argtypes import nonnegative_float, positive_float, positive_int, probability, regular_file
 from mmbytes.codecs import MODALITIES
 from mmbytes.model.generate import generate
 
 SUFFIX = {"text": ".txt", "raw": ".bin", "image": ".png", "audio": ".wav"}
+MAX_SAMPLE_BYTES = 2**28  # as the codecs' decoded-size limit: 256 MiB per sample
 
 
 @torch.no_grad()
@@ -56,10 +64,35 @@ def write_samples(samples: list[bytes], modality: str, meta: dict, out: Path, st
         raise ValueError(f"sample name {stem!r} is not a plain file name")
     out.mkdir(parents=True, exist_ok=True)
     codec = get_codec(modality)
-    paths = [codec.decode(data, meta, out / f"{stem}_{i:03d}{SUFFIX[modality]}") for i, data in enumerate(samples)]
+    paths = [safe_write(out / f"{stem}_{i:03d}{SUFFIX[modality]}", partial(codec.decode, data, meta))
+             for i, data in enumerate(samples)]
     if modality == "image" and paths:
-        contact_sheet(paths, out / f"{stem}_sheet.png")
+        safe_write(out / f"{stem}_sheet.png", partial(contact_sheet, paths))
     return paths
+
+
+def safe_write(path: Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` into a new file created exclusively beside ``path``, then renamed over ``path``: a link planted
+    at ``path`` is replaced, never written through, and a reader never sees half a file. A folder at ``path`` is
+    refused."""
+    if path.is_dir() and not path.is_symlink():
+        raise IsADirectoryError(errno.EISDIR, "a folder is in the way of a sample file", str(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)  # O_EXCL, mode 0600
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def contact_sheet(paths: list[Path], out: Path, columns: int = 8, gap: int = 2) -> Path:
@@ -72,7 +105,7 @@ def contact_sheet(paths: list[Path], out: Path, columns: int = 8, gap: int = 2) 
     sheet = Image.new("RGB", (cols * (w + gap) + gap, rows * (h + gap) + gap), (255, 255, 255))
     for i, im in enumerate(images):
         sheet.paste(im, (gap + (i % cols) * (w + gap), gap + (i // cols) * (h + gap)))
-    sheet.save(out)
+    sheet.save(out, format="PNG")
     return out
 
 
@@ -102,33 +135,48 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="mmbytes sample", description="Generate files from a mmbytes checkpoint.")
     ap.add_argument("--ckpt", required=True, type=Path, help="a checkpoint written by `mmbytes fit`")
     ap.add_argument("--modality", choices=sorted(SUFFIX), default="text")
-    ap.add_argument("--num", type=int, default=4, help="independent samples (one batch)")
+    ap.add_argument("--num", type=positive_int, default=4, help="independent samples (one batch)")
     ap.add_argument("--out", type=Path, required=True, help="output folder; nothing is written outside it")
-    ap.add_argument("--bytes", type=int, default=1024, help="new bytes per text or raw sample, after the prompt")
-    ap.add_argument("--seconds", type=float, default=1.0, help="length of audio samples")
-    ap.add_argument("--image-size", type=int, help="image side (default: as trained, else 32)")
+    ap.add_argument("--bytes", type=positive_int, default=1024,
+                    help="new bytes per text or raw sample, after the prompt")
+    ap.add_argument("--seconds", type=positive_float, default=1.0, help="length of audio samples")
+    ap.add_argument("--image-size", type=positive_int, help="image side (default: as trained, else 32)")
     ap.add_argument("--channels", type=int, choices=[1, 3])
     ap.add_argument("--order", choices=["patch", "raster"])
-    ap.add_argument("--tile", type=int)
-    ap.add_argument("--sample-rate", type=int)
-    ap.add_argument("--prompt", type=Path, help="a file whose bytes (after the codec) start every sample")
-    ap.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    ap.add_argument("--top-k", type=int)
-    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--tile", type=positive_int)
+    ap.add_argument("--sample-rate", type=positive_int)
+    ap.add_argument("--prompt", type=regular_file, help="a file whose bytes (after the codec) start every sample")
+    ap.add_argument("--temperature", type=nonnegative_float, default=1.0, help="0 is greedy")
+    ap.add_argument("--top-k", type=positive_int, help="sample from the k likeliest bytes (1 or more)")
+    ap.add_argument("--top-p", type=probability, help="sample from the likeliest bytes holding this mass, in (0, 1]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
+    if args.image_size and args.tile and (args.order or "patch") == "patch" and args.image_size % args.tile:
+        ap.error(f"--image-size {args.image_size} does not split into --tile {args.tile} tiles")
+    if args.out.exists() and not args.out.is_dir():
+        ap.error(f"--out {args.out} is a file, not a folder")
 
     from mmbytes.checkpoint import load_checkpoint
     from mmbytes.codecs import get_codec
+    from mmbytes.errors import OptionError
 
     model, _ = load_model(args.ckpt, map_location=args.device)
     data_hp = load_checkpoint(args.ckpt).get("datamodule_hyper_parameters") or {}
     meta = codec_meta(args.modality, data_hp, args, getattr(model.config, "patch_size", 1))
+    if args.modality == "image" and meta["order"] == "patch" and (meta["height"] % meta["tile"]
+                                                                  or meta["width"] % meta["tile"]):
+        raise OptionError(f"{args.ckpt}: {meta['width']}x{meta['height']} images do not split into {meta['tile']}x"
+                          f"{meta['tile']} tiles; give --tile, --image-size or --order raster")
     if args.modality == "audio":
         num_bytes = int(args.seconds * meta["sample_rate"]) * 2
     else:
         num_bytes = sample_length(args.modality, meta, args.bytes)
+    if num_bytes < 1:
+        raise OptionError(f"--seconds {args.seconds} at {meta.get('sample_rate')} Hz is not one whole sample")
+    if num_bytes > MAX_SAMPLE_BYTES:  # before the model allocates its cache for that many bytes
+        raise OptionError(f"{num_bytes:,} bytes per sample asked for, over the {MAX_SAMPLE_BYTES:,}-byte limit; ask "
+                          "for fewer bytes, seconds or pixels")
     prompt = b""
     if args.prompt:  # the prompt goes through the same codec, so an image prompt is its top rows in scan order
         if args.modality == "image":
@@ -139,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             prompt = get_codec(args.modality).encode(args.prompt)[0]
             num_bytes += len(prompt)
+            if num_bytes > MAX_SAMPLE_BYTES:
+                raise OptionError(f"{args.prompt}: a {len(prompt):,}-byte prompt makes samples of {num_bytes:,} bytes, "
+                                  f"over the {MAX_SAMPLE_BYTES:,}-byte limit")
     samples = sample_bytes(model, args.num, num_bytes, prompt, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed, progress=True, modality=args.modality)
     for path in write_samples(samples, args.modality, meta, args.out):

@@ -7,11 +7,37 @@ codec per file from its content (magic bytes), not its extension.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from mmbytes.errors import MmbytesError, OptionError
+
 MODALITIES = ("text", "raw", "image", "audio")
 
 
-class CodecError(ValueError):
+class CodecError(MmbytesError, ValueError):
     """A file a codec cannot turn into bytes; the message names the file and the reason."""
+
+
+DECODED_LIMIT = {"bytes": 256 * 2**20}
+
+
+@contextmanager
+def decoded_limit(max_bytes: int) -> Iterator[None]:
+    """Within this block, codecs refuse a file whose decoded form would exceed ``max_bytes`` (checked from headers,
+    before the memory is taken)."""
+    old, DECODED_LIMIT["bytes"] = DECODED_LIMIT["bytes"], max_bytes
+    try:
+        yield
+    finally:
+        DECODED_LIMIT["bytes"] = old
+
+
+def check_decoded(path, nbytes: int, what: str) -> None:
+    """Refuse ``path`` if it would decode to more than the limit."""
+    if nbytes > DECODED_LIMIT["bytes"]:
+        raise CodecError(f"{path}: {what} would decode to {nbytes:,} bytes, over the {DECODED_LIMIT['bytes']:,}-byte "
+                         "limit")
 
 
 def modality_id(name: str) -> int:
@@ -29,7 +55,7 @@ def get_codec(name: str, **options):
     codecs = {"text": TextCodec, "raw": RawCodec, "image": ImageCodec, "audio": AudioCodec, "auto": AutoCodec,
               "idx": IdxCodec}
     if name not in codecs:
-        raise ValueError(f"unknown codec {name!r}; known: {', '.join(codecs)}")
+        raise OptionError(f"unknown codec {name!r}; known: {', '.join(codecs)}")
     return codecs[name](**options)
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mmbytes.codecs import CodecError
+from mmbytes.codecs import CodecError, check_decoded
+from mmbytes.errors import OptionError
 
 
 @dataclass
@@ -27,14 +28,24 @@ class AudioCodec:
     name = "audio"
     modality = "audio"
 
+    def __post_init__(self) -> None:
+        if self.sample_rate is not None and (isinstance(self.sample_rate, bool) or not isinstance(self.sample_rate, int)
+                                             or self.sample_rate < 1):
+            raise OptionError(f"sample_rate must be a positive whole number of Hz, not {self.sample_rate!r}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise OptionError(f"max_seconds must be more than 0, not {self.max_seconds!r}")
+
     def read(self, path: Path) -> tuple[np.ndarray, int, list[str]]:
-        """(samples,) int16 mono at the target rate, the rate, and the conversions applied."""
+        """(samples,) int16 mono at the target rate, the rate, and the conversions applied. The decoded size (the
+        float32 frames read and the int16 samples after resampling) is checked from the header before it is taken."""
         import soundfile as sf
 
         try:
             info = sf.info(str(path))
             if info.frames <= 0:
                 raise CodecError(f"{path}: no audio frames")
+            if info.samplerate <= 0:
+                raise CodecError(f"{path}: sample rate {info.samplerate} Hz in the header")
             changes = []
             if info.subtype != "PCM_16":
                 changes.append(f"{info.subtype} -> PCM_16")
@@ -46,9 +57,15 @@ class AudioCodec:
             if changes and not self.convert:
                 raise CodecError(f"{path}: needs {', '.join(changes)} and conversion is off")
             frames = -1 if self.max_seconds is None else int(self.max_seconds * info.samplerate)
+            kept = info.frames if frames < 0 else min(frames, info.frames)
+            cut = [] if kept == info.frames else [
+                f"first {kept:,} of {info.frames:,} frames kept (max_seconds={self.max_seconds:g})"]
+            check_decoded(path, kept * info.channels * (4 if changes else 2), f"{kept:,} frames x {info.channels}"
+                          " channels")
+            check_decoded(path, -(-kept * rate // info.samplerate) * 2, f"{info.samplerate} Hz -> {rate} Hz")
             if not changes:
                 data, _ = sf.read(str(path), frames=frames, dtype="int16", always_2d=True)
-                return data[:, 0], rate, changes
+                return data[:, 0], rate, cut
             data, _ = sf.read(str(path), frames=frames, dtype="float32", always_2d=True)
         except CodecError:
             raise
@@ -56,13 +73,18 @@ class AudioCodec:
             raise CodecError(f"{path}: not readable audio ({e})") from e
         if len(data) == 0:
             raise CodecError(f"{path}: no audio frames")
+        bad = ~np.isfinite(data)
+        if bad.any():  # float files can hold NaN and infinities; int16 cannot
+            changes.append(f"{int(bad.sum())} NaN or infinite values -> 0")
+            data = np.where(bad, np.float32(0), data)
         mono = data.mean(axis=1)
         if rate != info.samplerate:
-            import torch
-            import torchaudio.functional as AF
-
-            mono = AF.resample(torch.from_numpy(mono), info.samplerate, rate).numpy()
-        return np.clip(np.round(mono * 32768.0), -32768, 32767).astype(np.int16), rate, changes
+            mono = resample(mono, info.samplerate, rate)
+        scaled = np.round(mono.astype(np.float64) * 32768.0)
+        clipped = int(((scaled < -32768) | (scaled > 32767)).sum())
+        if clipped:
+            changes.append(f"{clipped} samples beyond full scale clipped")
+        return np.clip(scaled, -32768, 32767).astype(np.int16), rate, changes + cut
 
     def encode(self, path: Path) -> tuple[bytes, dict]:
         samples, rate, changes = self.read(path)
@@ -75,3 +97,34 @@ class AudioCodec:
         samples = np.frombuffer(data[: len(data) // 2 * 2], dtype="<i2")  # whole samples only
         sf.write(str(out_path), samples, meta["sample_rate"], subtype="PCM_16", format="WAV")
         return out_path
+
+
+def resample(x: np.ndarray, orig: int, new: int, zeros: int = 16) -> np.ndarray:
+    """(N,) float32 at ``orig`` Hz -> (ceil(N * new / orig),) at ``new`` Hz. torchaudio's polyphase sinc resampler
+    when the reduced rate ratio is small (its kernel has new/g x orig/g taps: 44,100 -> 16,000 is 441 x 160); for a
+    ratio of coprime rates (16,001 -> 8,000) a windowed-sinc interpolation whose cost is ``2 * zeros`` taps per output
+    sample, whatever the rates."""
+    import math
+
+    import torch
+
+    g = math.gcd(orig, new)
+    if (orig // g) * (new // g) <= 2**20:
+        import torchaudio.functional as AF
+
+        return AF.resample(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), orig, new).numpy()
+    n_out = -(-len(x) * new // orig)
+    cutoff = min(1.0, new / orig)  # low-pass below the lower Nyquist frequency
+    width = zeros / cutoff  # in input samples, each side
+    k = np.arange(-math.ceil(width) + 1, math.ceil(width) + 1)  # tap offsets
+    padded = np.concatenate([np.zeros(len(k), np.float64), x.astype(np.float64), np.zeros(len(k), np.float64)])
+    out = np.empty(n_out, np.float32)
+    step = max(1, 2**22 // len(k))  # outputs per block: bounded memory
+    for a in range(0, n_out, step):
+        t = np.arange(a, min(a + step, n_out), dtype=np.float64) * orig / new  # (B,) positions in input samples
+        base = np.floor(t).astype(np.int64)
+        d = (t - base)[:, None] - k[None, :]  # (B, K) distance to each tap
+        window = np.where(np.abs(d) < width, np.cos(np.pi * d / (2 * width)) ** 2, 0.0)  # Hann
+        weights = cutoff * np.sinc(cutoff * d) * window
+        out[a : a + len(t)] = (padded[base[:, None] + k[None, :] + len(k)] * weights).sum(1)
+    return out

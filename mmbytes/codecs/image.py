@@ -13,14 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-from mmbytes.codecs import CodecError
+from mmbytes.codecs import CodecError, check_decoded
+from mmbytes.errors import OptionError
 
 
 def tile_for_patch(patch_size: int, channels: int = 3) -> int:
     """The tile side t with t * t * channels == patch_size."""
     t = math.isqrt(patch_size // channels)
     if t * t * channels != patch_size:
-        raise ValueError(f"patch size {patch_size} is not t*t*{channels} for any tile side t")
+        raise OptionError(f"patch size {patch_size} is not t*t*{channels} for any tile side t; give a tile side "
+                          "(--tile) or the raster order")
     return t
 
 
@@ -59,32 +61,65 @@ class ImageCodec:
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, not {self.channels}")
+            raise OptionError(f"channels must be 1 or 3, not {self.channels}")
         if self.order not in ("patch", "raster"):
-            raise ValueError(f"order must be 'patch' or 'raster', not {self.order!r}")
+            raise OptionError(f"order must be 'patch' or 'raster', not {self.order!r}")
         if isinstance(self.size, int):
             self.size = (self.size, self.size)
+        if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1:
+            raise OptionError(f"tile must be a positive number of pixels, not {self.tile!r}")
+        if self.size is not None:
+            self.size = tuple(self.size)
+            if len(self.size) != 2 or not all(isinstance(v, int) and v >= 1 for v in self.size):
+                raise OptionError(f"size must be one or two positive numbers of pixels, not {self.size!r}")
+            if self.order == "patch" and any(v % self.tile for v in self.size):
+                raise OptionError(f"size {self.size[0]}x{self.size[1]} does not split into {self.tile}x{self.tile} "
+                                 "tiles; give a multiple of the tile or order raster")
 
-    def pixels(self, path: Path) -> np.ndarray:
-        """Read, convert and resize an image file to (H, W, C) uint8."""
+    def pixels(self, path: Path, changes: list[str] | None = None) -> np.ndarray:
+        """Read, convert and resize an image file to (H, W, C) uint8; every change made to the picture (frames
+        dropped, alpha dropped, mode or bit depth changed, resized) is appended to ``changes``."""
         from PIL import Image, UnidentifiedImageError
 
+        changes = [] if changes is None else changes
+        target = "L" if self.channels == 1 else "RGB"
         try:
             with Image.open(path) as im:
+                w, h = im.size
+                check_decoded(path, w * h * 4, f"a {w}x{h} image")  # before decoding: at most 4 bytes a pixel
+                if self.size is not None:
+                    check_decoded(path, self.size[0] * self.size[1] * self.channels, "the resized image")
+                else:
+                    check_decoded(path, w * h * self.channels, f"a {w}x{h} image")
+                frames = getattr(im, "n_frames", 1)
+                rawmode = im.tile[0][3] if im.tile and isinstance(im.tile[0][3], str) else ""
                 im.load()  # decode now: a truncated file fails here, not later
-                im = im.convert("L" if self.channels == 1 else "RGB")
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+                if frames > 1:
+                    changes.append(f"first frame of {frames} kept")
+                im = to_8bit(im, rawmode, changes)
+                if "A" in im.getbands() or "transparency" in im.info:
+                    changes.append(f"{im.mode} -> {target} (alpha dropped)")
+                elif im.mode != target:
+                    changes.append(f"{im.mode} -> {target}")
+                im = im.convert(target)
+        except CodecError:
+            raise
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
             raise CodecError(f"{path}: not a readable image ({e})") from e
         if self.size is not None and im.size != (self.size[1], self.size[0]):
+            changes.append(f"{im.width}x{im.height} -> {self.size[1]}x{self.size[0]} (scaled, centre-cropped)")
             im = resize_center_crop(im, self.size)
         return np.asarray(im, dtype=np.uint8).reshape(im.height, im.width, self.channels)
 
     def encode(self, path: Path) -> tuple[bytes, dict]:
-        pixels = self.pixels(path)
+        changes: list[str] = []
+        pixels = self.pixels(path, changes)
         H, W, C = pixels.shape
         if self.order == "patch" and (H % self.tile or W % self.tile):
             raise CodecError(f"{path}: {W}x{H} image does not split into {self.tile}x{self.tile} tiles; set a size")
         meta = {"height": H, "width": W, "channels": C, "order": self.order, "tile": self.tile}
+        if changes:
+            meta["converted"] = changes
         return to_order(pixels, self.order, self.tile).tobytes(), meta
 
     def decode(self, data: bytes, meta: dict, out_path: Path) -> Path:
@@ -98,13 +133,36 @@ class ImageCodec:
         return out_path
 
 
+def to_8bit(im, rawmode: str, changes: list[str]):
+    """Images of more than 8 bits a channel, scaled to 8 bits (Pillow's own conversion of 16-bit and 32-bit
+    grayscale to L or RGB clips everything above 255 to white)."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        finite = a[np.isfinite(a)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        if im.mode.startswith("I;16") or (im.mode == "I" and lo >= 0 and hi <= 65535):
+            scaled, how = np.round(a / 257), "16-bit -> 8-bit (divided by 257)"
+        elif im.mode == "F" and lo >= 0 and hi <= 1:
+            scaled, how = np.round(a * 255), "32-bit float -> 8-bit (times 255)"
+        else:
+            scale = 255 / (hi - lo) if hi > lo else 0.0
+            scaled, how = np.round((a - lo) * scale), f"{im.mode} -> 8-bit (range {lo:g}..{hi:g} stretched to 0..255)"
+        changes.append(f"{im.mode} {how}")
+        return Image.fromarray(np.nan_to_num(scaled, nan=0.0).clip(0, 255).astype(np.uint8), "L")
+    if rawmode.endswith(";16") or rawmode.endswith(";16B") or rawmode.endswith(";16L"):  # 16-bit colour
+        changes.append(f"{im.mode} 16-bit -> 8-bit (high byte)")
+    return im
+
+
 def resize_center_crop(im, size: tuple[int, int]):
-    """Scale so the image covers (H, W), then crop the centre."""
+    """Scale so the image covers (H, W), then crop the centre. Only the centre box is resampled, so an extreme aspect
+    ratio (a 1 x 100,000 picture) costs no more memory than the output."""
     from PIL import Image
 
     H, W = size
     scale = max(H / im.height, W / im.width)
-    w, h = max(W, round(im.width * scale)), max(H, round(im.height * scale))
-    im = im.resize((w, h), Image.Resampling.BICUBIC)
-    left, top = (w - W) // 2, (h - H) // 2
-    return im.crop((left, top, left + W, top + H))
+    bw, bh = W / scale, H / scale  # the part of the source that ends up in the output
+    left, top = (im.width - bw) / 2, (im.height - bh) / 2
+    return im.resize((W, H), Image.Resampling.BICUBIC, box=(left, top, left + bw, top + bh))

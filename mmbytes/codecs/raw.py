@@ -3,6 +3,8 @@ WAV header, a PDF's objects), so a model learns real file formats."""
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,11 @@ from mmbytes.codecs import CodecError
 
 def read_bytes(path: Path) -> bytes:
     try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise CodecError(f"{path}: is a directory")
+        if not stat.S_ISREG(mode):  # reading a FIFO would wait for a writer forever
+            raise CodecError(f"{path}: not a regular file (a FIFO, socket or device)")
         data = Path(path).read_bytes()
     except IsADirectoryError as e:
         raise CodecError(f"{path}: is a directory") from e

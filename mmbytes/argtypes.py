@@ -1,0 +1,78 @@
+"""Argument types for the ``mmbytes`` subcommands: a bad value stops the parser with ``argument --x: ...`` (exit 2)
+before any file is read or any model is loaded."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import stat
+from pathlib import Path
+
+
+def _number(kind, text: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def count(text: str) -> int:
+    value = _number(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(float, text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = _number(float, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A share in [0, 1)."""
+    value = _number(float, text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and less than 1, not {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A probability mass in (0, 1]."""
+    value = _number(float, text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 1, not {value}")
+    return value
+
+
+def regular_file(text: str) -> Path:
+    """An existing regular file: a FIFO, a device or a folder is refused before anything opens it (a FIFO would
+    block forever)."""
+    path = Path(text)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{text}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, socket or device)"
+        raise argparse.ArgumentTypeError(f"{text}: is {kind}; give a regular file")
+    return path
