@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mmbytes.checkpoint import check_config, checkpoint_config
 from mmbytes.metrics import BitsPerByte
@@ -28,7 +28,7 @@ class ByteLM(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.98),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
-        strided_eval: bool = False,
+        strided_eval: bool | Literal["paper", "later"] = False,
         max_bad_steps: int = 8,
         decay_embeddings: bool = True,
     ) -> None:
@@ -44,8 +44,11 @@ class ByteLM(L.LightningModule):
             warmup_steps: linear warmup from 0 to ``lr``; afterwards cosine decay to ``lr * min_lr_ratio`` at the
                 trainer's last step.
             min_lr_ratio: final learning rate as a fraction of ``lr``.
-            strided_eval: in validation and test, also score with the paper's strided inference (a second pass offset
-                by P/2; each byte scored by the pass where it has more local context) and log it as ``*_strided``.
+            strided_eval: in validation and test, also score with strided inference (paper section 2.3.3: a
+                second pass offset by P/2) and log it as ``*_strided``. ``paper`` (or ``true``): each byte is taken
+                from the pass where it sits in the first P/2 positions of its patch, as in the paper. ``later``: from
+                the pass where it sits in the later half (more local context; better on small models, see the
+                README). The rule used is printed at each evaluation and kept in the hyperparameters.
             max_bad_steps: a step whose loss is NaN or infinite is skipped (no update) and counted in
                 ``train/skipped_steps``; this many in a row stop training with ``NonFiniteLossError``.
             decay_embeddings: apply weight decay to the byte embedding tables too.
@@ -54,7 +57,10 @@ class ByteLM(L.LightningModule):
         self.save_hyperparameters()
         self.config = config_from_name(size, **(overrides or {}))
         self.model = build(self.config)
-        if strided_eval and not hasattr(self.model, "nll_strided"):
+        if strided_eval not in (False, True, "paper", "later"):
+            raise ValueError(f"strided_eval must be false, true, 'paper' or 'later', got {strided_eval!r}")
+        self.strided_rule = "paper" if strided_eval is True else strided_eval or None
+        if self.strided_rule and not hasattr(self.model, "nll_strided"):
             raise ValueError(f"strided_eval needs fixed patches (MEGABYTE); {size!r} is {self.config.arch}")
         self.bits = torch.nn.ModuleDict({f"{stage}{kind}": BitsPerByte() for stage in ("val", "test")
                                          for kind in ("", "_strided")})
@@ -126,8 +132,9 @@ class ByteLM(L.LightningModule):
     def _score(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         x, mask, modality = batch["x"], batch["mask"], batch.get("modality")
         self.bits[stage].update(self.model.nll(x, mask).sum(1), mask.sum(1), modality)
-        if self.hparams.strided_eval:
-            self.bits[f"{stage}_strided"].update(self.model.nll_strided(x, mask).sum(1), mask.sum(1), modality)
+        if self.strided_rule:
+            strided = self.model.nll_strided(x, mask, rule=self.strided_rule)
+            self.bits[f"{stage}_strided"].update(strided.sum(1), mask.sum(1), modality)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._score(batch, "val")
@@ -144,7 +151,12 @@ class ByteLM(L.LightningModule):
 
     def _log_bits(self, stage: str) -> None:
         # compute() sums the states over all processes first, so every rank logs the same exact figure
-        for suffix in ("", "_strided") if self.hparams.strided_eval else ("",):
+        if self.strided_rule:
+            P = self.config.patch_size
+            rank_zero_info(f"{stage}/*_strided: strided inference, rule {self.strided_rule!r} (each byte from the pass "
+                           f"where it is in the {'first' if self.strided_rule == 'paper' else 'later'} {P // 2} of "
+                           f"the {P} positions of its patch)")
+        for suffix in ("", "_strided") if self.strided_rule else ("",):
             metric = self.bits[stage + suffix]
             for name, value in metric.compute().items():
                 self.log(f"{stage}/{name}{suffix}", value, prog_bar=name == "bpb")

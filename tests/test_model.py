@@ -166,12 +166,26 @@ def test_config_rejects_bad_fields():
                                      "n_head_local")})
 
 
-def test_strided_nll_takes_each_byte_from_the_pass_where_it_is_late_in_its_patch():
+def test_strided_nll_paper_rule_takes_each_byte_from_the_pass_where_it_is_early_in_its_patch():
+    m = model("debug")  # P = 4: bytes 0, 1 of each patch come from the first pass, 2, 3 from the shifted one
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        first, shifted, strided = m.nll(x), m.nll(x[:, 2:]), m.nll_strided(x)  # the paper's rule is the default
+    early = [0, 1, 4, 5, 8, 9, 12, 13]
+    torch.testing.assert_close(strided[:, early], first[:, early])
+    # byte t of the first pass is byte t - 2 of the shifted one, where 2, 3, 6, 7, ... sit early in their patch
+    torch.testing.assert_close(strided[:, [2, 3, 6, 7, 10, 11, 14, 15]], shifted[:, [0, 1, 4, 5, 8, 9, 12, 13]])
+    torch.testing.assert_close(m.nll_strided(x, rule="paper"), strided)
+
+
+def test_strided_nll_later_rule_takes_each_byte_from_the_pass_where_it_is_late_in_its_patch():
     m = model("debug")  # P = 4: bytes 2, 3 of each patch come from the first pass, 0, 1 from the shifted one
     x = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
-        first, shifted, strided = m.nll(x), m.nll(x[:, 2:]), m.nll_strided(x)
+        first, shifted, strided = m.nll(x), m.nll(x[:, 2:]), m.nll_strided(x, rule="later")
     late = [2, 3, 6, 7, 10, 11, 14, 15]
     torch.testing.assert_close(strided[:, late], first[:, late])
     torch.testing.assert_close(strided[:, [4, 5, 8, 9, 12, 13]], shifted[:, [2, 3, 6, 7, 10, 11]])
     torch.testing.assert_close(strided[:, :2], first[:, :2])  # the shifted pass never saw them
+    with pytest.raises(ValueError, match="paper"):
+        m.nll_strided(x, rule="first")

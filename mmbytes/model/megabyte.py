@@ -295,21 +295,34 @@ class Megabyte(nn.Module):
         """
         return chunked_nll(self.head.weight, self.hidden(x), x, mask, chunk)
 
-    def nll_strided(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768) -> Tensor:
-        """Strided inference (paper section 3.3): a second pass offset by P/2 bytes, and each byte scored by the
-        pass in which it sits in the later half of its patch, i.e. with more local context. Twice the cost."""
+    def nll_strided(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768,
+                    rule: Literal["paper", "later"] = "paper") -> Tensor:
+        """Strided inference (paper section 2.3.3): a second pass over the bytes from P/2 on, whose patches are
+        offset by s = P/2, and each byte scored by one of the two passes. Twice the cost.
+
+        ``rule="paper"``: as in the paper, which observes that the loss rises toward the end of a patch, each byte is
+        taken from the pass in which it sits in the *first* P/2 positions of its patch. ``rule="later"``: from the pass
+        in which it sits in the later half (more bytes of its own patch as local context; on a small trained model
+        the per-position loss fell along the patch, so this rule can score better there; see the README).
+
+        The second pass starts at byte s: bytes 0..s-1 are not context for any byte it scores (a window's first s
+        bytes would otherwise form a partial patch that training never shows the model). Those first s bytes always
+        come from the first pass, whatever the rule.
+        """
+        if rule not in ("paper", "later"):
+            raise ValueError(f"strided inference rule must be 'paper' or 'later', got {rule!r}")
         P = self.config.patch_size
         first = self.nll(x, chunk=chunk)
         s = P // 2
         if s == 0 or x.shape[1] <= s:
             out = first
         else:
-            second = self.nll(x[:, s:], chunk=chunk)  # byte t sits at t - s, patch index (t - s) % P
-            late = torch.arange(x.shape[1], device=x.device) % P >= s
-            late[:s] = True  # the second pass never sees the first s bytes
-            out = torch.where(late, first, F.pad(second, (s, 0)))
+            second = self.nll(x[:, s:], chunk=chunk)  # byte t sits at t - s, patch position (t - s) % P
+            pos = torch.arange(x.shape[1], device=x.device) % P  # position of byte t in its first-pass patch
+            keep_first = pos < s if rule == "paper" else pos >= s
+            keep_first[:s] = True  # the second pass never sees the first s bytes
+            out = torch.where(keep_first, first, F.pad(second, (s, 0)))
         return out if mask is None else torch.where(mask, out, 0.0)
-
 
     # -- training FLOPs, counted as computed (``torch.utils.flop_counter`` agrees; see tests/test_interface.py)
 
