@@ -64,7 +64,7 @@ def byte_bpd(model, items: list[tuple[np.ndarray, dict]], seq_len: int, batch_si
     """The byte model's bits per dimension over the items: consecutive windows of ``seq_len`` bytes, every byte
     scored once, as in validation."""
     from datamodules.bytes import consecutive_windows, stack
-    from mmbytes.metrics import BitsPerByte
+    from mmbytes.metrics import PER_DIM_NAME, BitsPerByte
 
     metric = BitsPerByte()
     windows = list(consecutive_windows(iter(items), seq_len))
@@ -73,7 +73,7 @@ def byte_bpd(model, items: list[tuple[np.ndarray, dict]], seq_len: int, batch_si
         b = stack(windows[i : i + batch_size], seq_len)
         x, mask = b["x"].to(device), b["mask"].to(device)
         metric.update(model.nll(x, mask).sum(1).cpu(), mask.sum(1).cpu(), b["modality"])
-    return metric.compute()[f"bpd_{modality}"].item()
+    return metric.compute()[PER_DIM_NAME[modality]].item()
 
 
 @torch.no_grad()
@@ -287,7 +287,9 @@ def write_report(out: Path, rows: list[dict], info: dict) -> None:
         f"{info['items']} validation {'image' if m == 'image' else 'clip'}{'s' if info['items'] != 1 else ''} from "
         f"`{info['data']}` ({info['dims']:,} dimensions, one {dim} each), "
         "the same files for every system. Bits per dimension (bpd) are bits per original "
-        f"{dim}.", "",
+        f"{dim}." + (" For audio that is two bytes: bits per byte (`val/bpb_audio` in `mmbytes validate`, the "
+                     "paper's unit) are half these figures; validation logs these as `val/bits_per_sample_audio`."
+                     if m == "audio" else ""), "",
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
     ]
     for r in rows:

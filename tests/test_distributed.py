@@ -76,8 +76,10 @@ def one_process_figures(ckpt: Path, shards: Path) -> dict[str, float]:
     for i, m in enumerate(MODALITIES):
         if count[i] > 0:
             out[f"val/bpb_{m}"] = (nats[i] / count[i] / math.log(2)).item()
-            if m in ("image", "audio"):
-                out[f"val/bpd_{m}"] = out[f"val/bpb_{m}"] * (2 if m == "audio" else 1)
+            if m == "image":
+                out["val/bpd_image"] = out["val/bpb_image"]
+            if m == "audio":
+                out["val/bits_per_sample_audio"] = 2 * out["val/bpb_audio"]
     return out
 
 
@@ -87,7 +89,7 @@ def check_like_one_process(ranks: list[dict], out: Path, shards: Path) -> None:
     assert all(r["val_bytes"] > 0 for r in ranks)
     assert sum(r["val_bytes"] for r in ranks) == manifest(shards)["splits"]["val"]["bytes"]  # each byte once
     expect = one_process_figures(out / "final.ckpt", shards)
-    assert {"val/bpb_text", "val/bpd_image", "val/bpd_audio"} <= set(expect)
+    assert {"val/bpb_text", "val/bpd_image", "val/bpb_audio", "val/bits_per_sample_audio"} <= set(expect)
     for r in ranks:
         assert set(r["figures"]) == set(expect)
         for k, v in expect.items():

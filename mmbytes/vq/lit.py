@@ -224,7 +224,7 @@ class VQPriorModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         for name, value in self.bits.compute().items():
-            if name.startswith("bpd_"):  # bits of the codes per original dimension: the rate
+            if name != "bpb":  # bits of the codes per original byte and dimension: the rate
                 self.log(f"val/{name}", value, prog_bar=True)
         self.bits.reset()
 
