@@ -3,10 +3,12 @@
     mmbytes shards samples/ ../shared/data/text --out data/mine --codec auto
 
 Each sample is ``<key>.bin`` (the codec's bytes) and ``<key>.json`` (modality, codec, source, chunk, and what the
-inverse needs). The train/validation split is a hash of the sample's source path and chunk index, so it is the same
-on every run and does not move when files are added. Shards are written under a temporary name and renamed only when
-complete, and the manifest is written last: an interrupted run leaves nothing that a reader would take for data.
-Files that cannot be read or encoded are skipped, counted and listed with their reason.
+inverse needs). The train/validation split is a hash of the sample's source path and chunk index against the
+validation fraction of its modality: a pure function of each sample, the same on every run, and adding files never
+moves another sample. A modality may end up with no validation sample; the manifest and the command say so.
+Shards are written under a temporary name and renamed only when complete, and the manifest is written last: an
+interrupted run leaves nothing that a reader would take for data. Files that cannot be read or encoded are skipped,
+counted and listed with their reason.
 """
 
 from __future__ import annotations
@@ -59,6 +61,13 @@ def list_files(sources: list[str | Path], out: Path | None = None) -> tuple[list
 
 def split_hash(key: str) -> float:
     return int(hashlib.sha1(f"split:{key}".encode()).hexdigest(), 16) / 2**160
+
+
+def fraction_of(val_fraction: float | dict[str, float], modality: str) -> float:
+    """The validation fraction of a modality: one for all, or per modality (``{audio: 0.2, default: 0.1}``)."""
+    if isinstance(val_fraction, dict):
+        return float(val_fraction.get(modality, val_fraction.get("default", 0.1)))
+    return float(val_fraction)
 
 
 def chunks(data: bytes, size: int, at_newline: bool) -> list[bytes]:
@@ -135,9 +144,11 @@ def _encode(job: tuple[Path, str, Any, int]) -> tuple[list[tuple[bytes, dict]] |
 
 
 def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw", codec_options: dict | None = None,
-                 val_fraction: float = 0.1, max_shard_bytes: int = 64 * 2**20, max_file_bytes: int = 256 * 2**20,
-                 chunk_bytes: int | None = None, workers: int = 0, progress: bool = True) -> dict:
-    """Write shards and the manifest into ``out``; return the manifest."""
+                 val_fraction: float | dict[str, float] = 0.1, max_shard_bytes: int = 64 * 2**20,
+                 max_file_bytes: int = 256 * 2**20, chunk_bytes: int | None = None, workers: int = 0,
+                 progress: bool = True) -> dict:
+    """Write shards and the manifest into ``out``; return the manifest. ``val_fraction``: the share of samples held
+    out for validation, one for all modalities or per modality (``{audio: 0.2, default: 0.1}``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # the old manifest goes first, so an interrupted rerun cannot leave it pointing at half-replaced shards
@@ -149,8 +160,6 @@ def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw",
     writers = {s: ShardWriter(out, s, max_shard_bytes) for s in ("train", "val")}
     modalities: dict[str, Counter] = {}
     chosen, converted, encoded = Counter(), [], 0
-    pending: dict[str, tuple] = {}  # per modality the lowest-hash sample, held back so that every modality with
-    # two or more samples has one in val
     jobs = [(p, name, coder, max_file_bytes) for p, name in files]
     # forkserver, not fork: forking a process whose BLAS/OpenMP threads are running can deadlock the children
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
@@ -176,16 +185,8 @@ def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw",
                     key = hashlib.sha1(sample_name.encode()).hexdigest()
                     meta_out = {**meta, "modality": modality, "codec": meta.get("codec", codec), "source": name,
                                 "chunk": i, "nbytes": len(part)}
-                    sample = (split_hash(key), key, part, meta_out)
-                    held = pending.get(modality)
-                    if held is None or sample[0] < held[0]:
-                        sample, pending[modality] = held, sample
-                    if sample is not None:
-                        _write(writers, sample, val_fraction, modalities)
-        for modality, sample in pending.items():
-            stats = modalities.get(modality, {})
-            to_val = val_fraction > 0 and not stats.get("val_samples") and stats.get("train_samples")
-            _write(writers, sample, 1.0 if to_val else val_fraction, modalities)
+                    _write(writers, (split_hash(key), key, part, meta_out), fraction_of(val_fraction, modality),
+                           modalities)
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -203,6 +204,7 @@ def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw",
         "bytes": sum(w.bytes for w in writers.values()),
         "modalities": {m: dict(c) for m, c in modalities.items()},
         "codecs_chosen": dict(chosen), "converted": converted, "skipped": skipped,
+        "no_val": sorted(m for m, c in modalities.items() if not c.get("val_samples") and fraction_of(val_fraction, m)),
     }
     tmp = out / ".manifest.json.partial"
     tmp.unlink(missing_ok=True)  # a link left under that name would send the write outside ``out``
@@ -257,6 +259,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{split}: {s['samples']} samples, {s['bytes']:,} bytes in {len(s['shards'])} shards")
     for modality, s in m["modalities"].items():
         print(f"  {modality}: {s['samples']} samples, {s['bytes']:,} bytes")
+    if m["no_val"]:
+        print(f"no validation sample of {', '.join(m['no_val'])}: the split is a hash of each sample, so a modality "
+              "with few samples may have none; raise --val-fraction (or its share in data.val_fraction)",
+              file=sys.stderr)
     if m["skipped"]:
         print(f"skipped {len(m['skipped'])} (listed in {args.out / 'manifest.json'}):", file=sys.stderr)
         for s in m["skipped"][:20]:
