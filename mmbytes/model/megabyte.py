@@ -79,6 +79,10 @@ class MegabyteConfig:
     """How a patch's global output reaches its bytes. ``slice`` (paper, w^GL): byte i of the patch gets slice i of
     the global output, projected D_G -> D_L. ``full``: one projection of the whole global vector to all P positions
     (P*D_G -> P*D_L; MEGABYTE-pytorch). Middle stages follow the same choice."""
+    tied_head: bool = False
+    """The output head reuses the last stage's byte embedding matrix (the local one; the global one in
+    ``arch: transformer``), as the paper's output equation does (softmax of E^local-embed times the local output).
+    Off by default: a separate head matrix (256 x D_L more parameters), as every model trained here so far."""
     vocab_size: int = 256
     """Byte values. All 256 are data: none is reserved for padding."""
 
@@ -164,7 +168,8 @@ SIZES: dict[str, MegabyteConfig] = {
     "transformer-base": _transformer(768, 14, 12),
 }
 
-LEGACY = {"token_shift": False, "embed_std": 0.02, "patch_embed": "concat", "d_embed": 0, "global_to_local": "slice"}
+LEGACY = {"token_shift": False, "embed_std": 0.02, "patch_embed": "concat", "d_embed": 0, "global_to_local": "slice",
+          "tied_head": False}
 """Values of fields that configs stored before the field existed were trained with (the paper's form)."""
 
 
@@ -208,12 +213,18 @@ class Megabyte(nn.Module):
         else:
             self.local_model = None
         self.head = nn.Linear(DL if c.n_layer_local else DG, c.vocab_size, bias=False)
+        if c.tied_head:
+            table = self.local_embed if c.n_layer_local else self.global_embed
+            if table.embedding_dim != self.head.in_features:
+                raise ValueError(f"tied_head needs byte embeddings as wide as the head ({self.head.in_features}); "
+                                 f"they are {table.embedding_dim} wide (patch_embed: project with d_embed?)")
+            self.head.weight = table.weight  # one (256, D) matrix: embedding in, logits out
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         std = self.config.embed_std
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and not (m is self.head and self.config.tied_head):  # tied: an embedding
                 nn.init.normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
