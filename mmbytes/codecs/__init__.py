@@ -32,5 +32,3 @@ def get_codec(name: str, **options):
         raise ValueError(f"unknown codec {name!r}; known: {', '.join(codecs)}")
     return codecs[name](**options)
 
-
-CODECS = ("text", "raw", "image", "audio", "auto", "idx")

@@ -99,12 +99,8 @@ class ImageCodec:
 
 
 def resize_center_crop(im, size: tuple[int, int]):
-    """Scale so the image covers (H, W), then crop the centre."""
-    from PIL import Image
+    """The centre of the image at (H, W): the largest centred crop of its aspect, resized (``PIL.ImageOps.fit``)."""
+    from PIL import Image, ImageOps
 
     H, W = size
-    scale = max(H / im.height, W / im.width)
-    w, h = max(W, round(im.width * scale)), max(H, round(im.height * scale))
-    im = im.resize((w, h), Image.Resampling.BICUBIC)
-    left, top = (w - W) // 2, (h - H) // 2
-    return im.crop((left, top, left + W, top + H))
+    return ImageOps.fit(im, (W, H), Image.Resampling.BICUBIC)
