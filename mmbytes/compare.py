@@ -85,6 +85,7 @@ def vq_figures(vq, prior, items: list[tuple[np.ndarray, dict]], context: int | N
 
     from datamodules.vq import sample_array
     from mmbytes.vq import measures as M
+    from mmbytes.vq.lit import code_nats as nats_of_codes
     from mmbytes.vq.quantizer import usage_and_perplexity
 
     device = next(vq.parameters()).device
@@ -104,7 +105,7 @@ def vq_figures(vq, prior, items: list[tuple[np.ndarray, dict]], context: int | N
             idx = vq.encode(M.from_pixels(orig))  # (B, h, w)
             rec = M.to_pixels(vq.decode(idx))
             counts += torch.bincount(idx.flatten().cpu(), minlength=vq.codebook_size).double()
-            code_nats += prior.nll(idx.flatten(1)).sum().item()  # images: one window, the whole grid
+            code_nats += nats_of_codes(prior, idx.flatten(1))  # images: one window, the whole grid
             for o, r in zip(orig, rec, strict=True):
                 res_bits += M.image_residual_bits(o.cpu(), r.cpu())
             sq_err += (orig.double() - rec.double()).pow(2).sum().item()
@@ -122,8 +123,7 @@ def vq_figures(vq, prior, items: list[tuple[np.ndarray, dict]], context: int | N
             idx = vq.encode(padded[None, None])[0]  # (L/f,)
             rec = M.to_samples(vq.decode(idx[None])[0, 0, : len(a)])
             counts += torch.bincount(idx.cpu(), minlength=vq.codebook_size).double()
-            step = context or idx.numel()
-            code_nats += sum(prior.nll(idx[None, s : s + step]).sum().item() for s in range(0, idx.numel(), step))
+            code_nats += nats_of_codes(prior, idx[None], context)
             res_bits += M.audio_residual_bits(orig.cpu(), rec.cpu())
             sq_err += (orig.double() - rec.double()).pow(2).sum().item()
             dims += len(a)

@@ -171,10 +171,17 @@ class ByteLM(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         groups = param_groups(self.model, hp.weight_decay, hp.get("decay_embeddings", True))
-        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self, groups, hp.lr, hp.betas, hp.warmup_steps, hp.min_lr_ratio)
+
+
+def adamw_warmup_cosine(module: L.LightningModule, groups: list[dict], lr: float, betas: tuple[float, float],
+                        warmup: int, min_ratio: float) -> dict:
+    """AdamW over ``groups`` with linear warmup and cosine decay to ``lr * min_ratio`` at the trainer's last step,
+    stepped every batch: the optimizer of every module here (byte models, VQ-VAE, prior)."""
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total, min_ratio))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:

@@ -13,7 +13,7 @@ import torch
 from mmbytes.cli import main, run_cli
 from mmbytes.vq import VQVAE, CodePrior, VectorQuantizer
 from mmbytes.vq import measures as M
-from mmbytes.vq.lit import bits_per_dim_of_codes
+from mmbytes.vq.lit import code_nats
 from mmbytes.vq.quantizer import usage_and_perplexity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,11 +116,15 @@ def test_prior_cached_sampling_equals_uncached_logits():
 
 
 def test_bits_per_dimension_by_hand():
+    """``code_nats`` is what `mmbytes compare` scores the codes with."""
     p = CodePrior(codebook_size=512, d=16, n_layer=1, n_head=2)
+    codes = torch.randint(0, 512, (2, 64))  # two 8x8 grids for 32x32x3 images
+    with torch.no_grad():  # in windows of 10 codes: 6 of 10 and one of 4, each scored on its own
+        by_hand = sum(p.nll(codes[:, s : s + 10]).sum().item() for s in range(0, 64, 10))
+    assert code_nats(p, codes, context=10) == pytest.approx(by_hand, rel=1e-6)
+    assert code_nats(p, codes) == pytest.approx(p.nll(codes).sum().item(), rel=1e-6)
     torch.nn.init.zeros_(p.head.weight)  # uniform over 512 codes: 9 bits per code
-    codes = torch.randint(0, 512, (64,))  # an 8x8 grid for a 32x32x3 image
-    assert bits_per_dim_of_codes(p, codes, 32 * 32 * 3) == pytest.approx(64 * 9 / 3072, rel=1e-5)
-    assert bits_per_dim_of_codes(p, codes, 3072, context=10) == pytest.approx(0.1875, rel=1e-5)
+    assert M.bits_per_dim(code_nats(p, codes), 2 * 32 * 32 * 3) == pytest.approx(64 * 9 / 3072, rel=1e-5)
     assert M.bits_per_dim(100 * math.log(2), 50) == pytest.approx(2.0)  # nats -> bits, per dimension
     with pytest.raises(ValueError):
         M.bits_per_dim(1.0, 0)
