@@ -77,9 +77,13 @@ def byte_bpd(model, items: list[tuple[np.ndarray, dict]], seq_len: int, batch_si
 
 
 @torch.no_grad()
-def vq_figures(vq, prior, items: list[tuple[np.ndarray, dict]], context: int | None, batch_size: int) -> dict:
+def vq_figures(vq, prior, items: list[tuple[np.ndarray, dict]], context: int | None, batch_size: int,
+               crop: int | None = None) -> dict:
     """Rate, residual bits, distortion and code usage of the VQ system over the items, plus per-item originals and
-    reconstructions (uint8 (C, H, W) or int16 (L,))."""
+    reconstructions (uint8 (C, H, W) or int16 (L,)). Audio with ``crop`` (the prior's training and validation crop)
+    is encoded, scored and decoded in consecutive crops of that many samples, the last zero-padded and its padding
+    masked, exactly as validation scores it; without, each clip is encoded whole and scored in windows of
+    ``context`` codes."""
     from torchmetrics.audio import ScaleInvariantSignalNoiseRatio, SignalNoiseRatio
     from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
@@ -119,11 +123,19 @@ def vq_figures(vq, prior, items: list[tuple[np.ndarray, dict]], context: int | N
         f = vq.downsample
         for a in arrays:  # one clip at a time: clips differ in length
             orig = torch.from_numpy(a.astype(np.int16)).to(device)
-            padded = torch.nn.functional.pad(M.from_samples(orig), (0, -len(a) % f))  # zeros up to a whole code
-            idx = vq.encode(padded[None, None])[0]  # (L/f,)
-            rec = M.to_samples(vq.decode(idx[None])[0, 0, : len(a)])
-            counts += torch.bincount(idx.cpu(), minlength=vq.codebook_size).double()
-            code_nats += nats_of_codes(prior, idx[None], context)
+            x, step = M.from_samples(orig), crop or len(a) + (-len(a) % f)
+            pieces = []
+            for s in range(0, len(a), step):  # one piece (the whole clip, zeros up to a whole code) or crops
+                n = min(step, len(a) - s)
+                idx = vq.encode(torch.nn.functional.pad(x[s : s + n], (0, step - n))[None, None])[0]  # (step/f,)
+                real = torch.arange(len(idx), device=device) * f < n  # codes with a real sample, as validation
+                counts += torch.bincount(idx[real].cpu(), minlength=vq.codebook_size).double()
+                if crop:
+                    code_nats += prior.nll(idx[None], real[None]).sum().item()
+                else:
+                    code_nats += nats_of_codes(prior, idx[None], context)
+                pieces.append(vq.decode(idx[None])[0, 0, :n])
+            rec = M.to_samples(torch.cat(pieces))
             res_bits += M.audio_residual_bits(orig.cpu(), rec.cpu())
             sq_err += (orig.double() - rec.double()).pow(2).sum().item()
             dims += len(a)
@@ -365,7 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     seq_len = args.byte_seq_len or data_hp.get("seq_len") or 1024
 
     bpd = byte_bpd(byte_model, items, seq_len, args.batch_size, modality)
-    vqf = vq_figures(vq, prior, items, prior_hp.get("context"), args.batch_size)
+    crop = (load_checkpoint(args.prior_ckpt).get("datamodule_hyper_parameters") or {}).get("crop")
+    vqf = vq_figures(vq, prior, items, prior_hp.get("context"), args.batch_size, crop if modality == "audio" else None)
     n = min(args.num, len(items))
     meta = items[0][1]
     if modality == "image":
