@@ -139,7 +139,8 @@ def test_validate_from_checkpoint_matches_a_hand_computation(run, tmp_path):
 
 
 @pytest.mark.parametrize("given, rule", [("true", "paper"), ("paper", "paper"), ("later", "later")])
-def test_validate_strided_eval_scores_with_the_chosen_rule(run, given, rule, caplog):
+def test_validate_strided_eval_scores_with_the_chosen_rule(run, given, rule, caplog, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # without a logger, validation writes its config.yaml into the working folder
     tmp, args = run
     ckpt = tmp / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
     with caplog.at_level("INFO"):
