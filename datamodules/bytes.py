@@ -2,20 +2,24 @@
 
 Training streams shards resampled with replacement (every rank and worker draws its own, seeded), cuts random
 windows, shuffles them in a buffer and yields exactly ``train_batches_per_epoch`` batches per rank and epoch, which
-keeps DDP ranks in step. Every random choice is seeded by (seed, rank, worker), and the training loader
-(``EpochLoader``) keeps its place in Lightning checkpoints, so a run resumed mid-epoch sees the same batches as one
-that was never interrupted. Validation reads every validation shard in order in every worker, cuts consecutive
-windows and keeps window i on the worker whose global index is i modulo (world size x workers), so every validation
-byte is scored exactly once whatever the number of shards, workers and processes. Every rank runs the same number of
-validation batches (ranks that run out first add fully masked one-window batches that count zero bytes), so
-collectives inside a step (FSDP's parameter gathers, ``sync_dist`` logging) cannot hang.
+keeps DDP ranks in step. Every random choice is seeded by (seed, epoch, rank, worker), so each epoch is a stream of
+its own, and the training loader (``EpochLoader``) keeps its place in Lightning checkpoints: a run resumed mid-epoch
+sees the same batches as one that was never interrupted, and replays only the current epoch's batches. Validation
+reads every validation shard in order in every worker, cuts consecutive windows and keeps window i on the worker
+whose global index is i modulo (world size x workers), so every validation byte is scored exactly once whatever the
+number of shards, workers and processes. Every rank runs the same number of validation batches (ranks that run out
+first add fully masked one-window batches that count zero bytes), so collectives inside a step (FSDP's parameter
+gathers, ``sync_dist`` logging) cannot hang.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import random
+import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
@@ -64,14 +68,19 @@ def decode(sample: dict) -> tuple[np.ndarray, dict]:
 
 
 def readable_samples(src: Iterator[dict], urls: list[str], split: str = "train",
-                     usable: Callable[[np.ndarray, dict], bool] | None = None) -> Iterator[tuple[np.ndarray, dict]]:
+                     usable: Callable[[np.ndarray, dict], bool] | None = None,
+                     rotate: str | None = None) -> Iterator[tuple[np.ndarray, dict]]:
     """Shards (``{"url": ...}`` items, drawn again and again when resampled) -> decoded samples. Damaged data is
     skipped and counted as before; but once every shard has been tried and none gave a single readable sample, the
     stream stops with a ``NoDataError`` naming each shard and its first error (a resampled stream would otherwise
     spin forever without yielding a batch). ``usable(data, meta)``, when given, leaves out samples this stream cannot
-    use (False: another modality; an exception: damaged, counted); a shard of only such samples counts as unreadable."""
+    use (False: another modality; an exception: damaged, counted); a shard of only such samples counts as unreadable.
+    ``rotate`` (a seed): the first shard is read from a random sample on, then from its start up to that sample, so
+    a stream that starts anew every epoch still reads every part of a shard equally often (the cost: one extra read
+    of the skipped part of one shard per epoch and worker, and for a shard that is not a local file one read to
+    count its samples)."""
     every, good, bad = set(urls), set(), {}
-    for shard in src:
+    for index, shard in enumerate(src):
         url, errors = shard["url"], []
 
         def handler(exn: Exception, errors=errors) -> bool:
@@ -79,7 +88,7 @@ def readable_samples(src: Iterator[dict], urls: list[str], split: str = "train",
             return skip_and_count(exn)
 
         n = 0
-        for sample in wds.tarfile_samples(iter([shard]), handler=handler):
+        for sample in _shard_samples(shard, handler, rotate if index == 0 else None):
             try:
                 item = decode(sample)
                 if usable is not None and not usable(*item):
@@ -101,6 +110,29 @@ def readable_samples(src: Iterator[dict], urls: list[str], split: str = "train",
                                   "rebuild them with `mmbytes shards`")
 
 
+def _shard_samples(shard: dict, handler: Callable, rotate: str | None) -> Iterator[dict]:
+    """The samples of one shard, in order, or rotated to start at a random sample (see ``readable_samples``)."""
+    if rotate is None:
+        yield from wds.tarfile_samples(iter([shard]), handler=handler)
+        return
+    n = shard_samples(shard["url"], handler)
+    k = worker_rng(rotate, "rotate").randrange(n) if n else 0
+    for i, sample in enumerate(wds.tarfile_samples(iter([shard]), handler=handler)):
+        if i >= k:
+            yield sample
+    for i, sample in enumerate(wds.tarfile_samples(iter([shard]), handler=handler)):
+        if i >= k:
+            break
+        yield sample
+
+
+def rotated_shards(src: Iterator[dict], seed: int | str, handler: Callable = skip_and_count) -> Iterator[dict]:
+    """Samples of the shards ``src`` names (dicts with a ``url``), the first shard rotated to start at a random
+    sample (see ``readable_samples``), the rest whole."""
+    for index, shard in enumerate(src):
+        yield from _shard_samples(shard, handler, str(seed) if index == 0 else None)
+
+
 def _reason(exn: Exception | str) -> str:
     if isinstance(exn, str):
         return exn
@@ -109,9 +141,17 @@ def _reason(exn: Exception | str) -> str:
     return f"{type(exn).__name__}: {text}".splitlines()[0]
 
 
-def align_of(meta: dict) -> int:
-    """Window starts fall on whole units: 2-byte audio samples, else single bytes."""
-    return meta.get("sample_width", 1) if meta.get("modality") == "audio" else 1
+def align_of(meta: dict, patch: int = 1) -> int:
+    """Window starts fall on whole units: 2-byte audio samples; whole image tiles (patch order) or pixels (raster),
+    and for images also whole model patches of ``patch`` bytes, so tiles line up with patches in every window;
+    single bytes for text and raw files."""
+    if meta.get("modality") == "audio":
+        return meta.get("sample_width", 1)
+    if meta.get("modality") == "image":
+        c = meta.get("channels", 1)
+        unit = meta.get("tile", 1) ** 2 * c if meta.get("order") == "patch" else c
+        return math.lcm(unit, patch)
+    return 1
 
 
 def worker_rng(seed: int | str, stage: str) -> random.Random:
@@ -121,20 +161,19 @@ def worker_rng(seed: int | str, stage: str) -> random.Random:
 
 
 class EpochLoader:
-    """The training loader: one endless stream, fixed by the seed, cut into epochs of ``batches`` batches; epoch e is
-    batches [e * batches, (e + 1) * batches) of it, so every epoch goes on where the last one stopped (an epoch that
-    restarted the stream would see only the start of each shard). Resumable mid-epoch: Lightning calls
-    ``sampler.set_epoch`` at each epoch start and stores ``state_dict()`` (epoch, batches consumed) in its checkpoints;
-    after ``load_state_dict`` a fresh stream is drawn up to that place and the batches before it are dropped (reading
-    runs hundreds of times faster than training, see bench/data_throughput.py, so this takes a small fraction of the
-    time already trained). The stream's workers stay alive from one epoch to the next."""
+    """The training loader: epoch e is ``batches`` batches of a stream of its own, ``make(e)``, fixed by the seed and
+    the epoch. Resumable mid-epoch: Lightning calls ``sampler.set_epoch`` at each epoch start and stores
+    ``state_dict()`` (epoch, batches consumed) in its checkpoints; after ``load_state_dict`` the epoch's stream is drawn
+    again up to that place and the batches before it are dropped, so a resume replays at most one epoch, however long
+    the run (with ``pipe:`` or ``https://`` shards it re-reads only what this epoch read). Each epoch starts its
+    workers afresh; within a worker, each epoch starts at a random sample of its first shard (``rotated_shards``), so
+    epochs shorter than a shard do not all read the same start of it."""
 
-    def __init__(self, make: Callable[[], Iterable], batches: int, num_workers: int = 0) -> None:
+    def __init__(self, make: Callable[[int], Iterable], batches: int, num_workers: int = 0) -> None:
         self.make, self.batches, self.num_workers = make, batches, num_workers
         self.epoch = self.consumed = 0
+        self.replayed = 0  # batches drawn again and dropped when this epoch was resumed
         self._resume: dict[str, int] | None = None
-        self._stream: Iterator | None = None
-        self._drawn = 0  # batches drawn from the live stream so far
         self.sampler = self  # where Lightning's fit loop looks for ``set_epoch``
 
     def set_epoch(self, epoch: int) -> None:
@@ -147,18 +186,14 @@ class EpochLoader:
         # a generator: nothing runs until the first batch is asked for, after Lightning has set the epoch and state
         resume, self._resume = self._resume, None
         skip = resume["batches"] if resume and resume["epoch"] == self.epoch else 0
-        place = self.epoch * self.batches + skip
-        if self._stream is None or self._drawn > place:
-            share_temp_dir(self.num_workers)
-            loader = wds.WebLoader(self.make(), batch_size=None, num_workers=self.num_workers)
-            self._stream, self._drawn = iter(loader), 0
-        for _ in range(place - self._drawn):  # a resumed run draws the batches trained on before, and drops them
-            next(self._stream)
-        self._drawn = place
+        share_temp_dir(self.num_workers)
+        stream = iter(wds.WebLoader(self.make(self.epoch), batch_size=None, num_workers=self.num_workers))
+        for _ in range(skip):  # a resumed epoch draws the batches trained on before, and drops them
+            next(stream)
+        self.replayed = skip
         self.consumed = skip
         while self.consumed < self.batches:
-            batch = next(self._stream)
-            self._drawn += 1
+            batch = next(stream)
             self.consumed += 1
             yield batch
 
@@ -179,6 +214,23 @@ def share_temp_dir(workers: int) -> None:
         multiprocessing.util.get_temp_dir()
 
 
+def epoch_seed(seed: int, epoch: int) -> str:
+    """The seed of one epoch's stream (``worker_rng`` adds rank, worker and stage to it)."""
+    return f"{seed}/epoch{epoch}"
+
+
+def shard_samples(url: str, handler: Callable = skip_and_count) -> int:
+    """Samples in one tar shard: a local file's member headers only (tarfile seeks over the data), else a read."""
+    path = url.removeprefix("file://")
+    if os.path.isfile(path):
+        try:
+            with tarfile.open(path) as tar:
+                return len({m.name.split("/")[-1].split(".")[0] for m in tar.getmembers() if m.isfile()})
+        except (tarfile.TarError, OSError):  # damaged: count what a read yields
+            pass
+    return sum(1 for _ in wds.tarfile_to_samples(handler=handler)(iter([{"url": url}])))
+
+
 def shuffled(src: Iterator, size: int, seed: int) -> Iterator:
     """Buffer shuffle: keep ``size`` items and emit a random one as each new item arrives."""
     rng, buf = worker_rng(seed, "shuffle"), []
@@ -192,17 +244,40 @@ def shuffled(src: Iterator, size: int, seed: int) -> Iterator:
     yield from buf
 
 
-def random_windows(src: Iterator, seq_len: int, seed: int) -> Iterator[tuple[np.ndarray, int]]:
+def random_windows(src: Iterator, seq_len: int, seed: int, patch: int = 1,
+                   interleave: int = 16) -> Iterator[tuple[np.ndarray, int]]:
+    """Random windows at aligned starts (``align_of``), ``len // seq_len`` of them per sample (a sample that fits is
+    one whole window). ``interleave`` samples are open at a time and each window comes from one of them chosen at
+    random, so the windows of a long sample (raw files up to 256 MiB and audio are never chunked) are spread over
+    the stream instead of arriving back to back and filling the shuffle buffer: while open, a sample makes about
+    1/interleave of the windows."""
     rng = worker_rng(seed, "windows")
-    for data, meta in src:
-        m = MODALITIES.index(meta.get("modality", "raw"))
+    src = iter(src)
+    open_: list[list] = []  # [data, modality id, alignment, windows left]
+    more = True
+    while True:
+        while more and len(open_) < interleave:
+            try:
+                data, meta = next(src)
+            except StopIteration:
+                more = False
+                break
+            m = MODALITIES.index(meta.get("modality", "raw"))
+            open_.append([data, m, align_of(meta, patch), max(1, len(data) // seq_len)])
+        if not open_:
+            return
+        i = rng.randrange(len(open_))
+        data, m, a, left = open_[i]
         if len(data) <= seq_len:
             yield data, m
-            continue
-        a = align_of(meta)
-        for _ in range(len(data) // seq_len):
+        else:
             start = rng.randrange(0, (len(data) - seq_len) // a + 1) * a
             yield data[start : start + seq_len], m
+        if left == 1:
+            open_[i] = open_[-1]
+            open_.pop()
+        else:
+            open_[i][3] = left - 1
 
 
 def consecutive_windows(src: Iterator, seq_len: int) -> Iterator[tuple[np.ndarray, int]]:
@@ -269,17 +344,20 @@ def rank_world(datamodule: L.LightningDataModule) -> dict[str, int]:
 
 
 def check_loader_options(seq_len: int, batch_size: int, num_workers: int, shuffle_buffer: int,
-                         train_batches_per_epoch: int, val_fraction: float) -> None:
+                         train_batches_per_epoch: int, val_fraction: float | dict[str, float],
+                         patch_size: int = 1, interleave: int = 1) -> None:
     """Refuse values that would fail on the first batch, or never make one (a batch of 0 windows)."""
     from mmbytes.errors import OptionError
 
     for name, value, least in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                                ("shuffle_buffer", shuffle_buffer, 0),
-                               ("train_batches_per_epoch", train_batches_per_epoch, 1)):
+                               ("train_batches_per_epoch", train_batches_per_epoch, 1), ("patch_size", patch_size, 1),
+                               ("interleave", interleave, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise OptionError(f"data.{name} must be a whole number of at least {least}, not {value!r}")
-    if not 0 <= val_fraction < 1:
-        raise OptionError(f"data.val_fraction must be at least 0 and less than 1, not {val_fraction!r}")
+    for v in (val_fraction.values() if isinstance(val_fraction, dict) else [val_fraction]):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1:
+            raise OptionError(f"data.val_fraction must be at least 0 and less than 1, not {v!r}")
 
 
 def collate(seq_len: int):
@@ -298,10 +376,12 @@ class ByteDataModule(L.LightningDataModule):
         num_workers: int = 0,
         shuffle_buffer: int = 1000,
         train_batches_per_epoch: int = 200,
-        val_fraction: float = 0.1,
+        val_fraction: float | dict[str, float] = 0.1,
         train_shards: str | None = None,
         val_shards: str | None = None,
         seed: int = 0,
+        patch_size: int = 1,
+        interleave: int = 16,
     ) -> None:
         """
         Args:
@@ -314,16 +394,23 @@ class ByteDataModule(L.LightningDataModule):
             num_workers: data loader worker processes.
             shuffle_buffer: training windows shuffled together.
             train_batches_per_epoch: batches per rank in one training epoch (the stream itself is endless).
-            val_fraction: share of samples held out for validation when building shards.
+            val_fraction: share of samples held out for validation when building shards, or one per modality
+                (``{audio: 0.2, default: 0.1}``); each sample's split is a hash of its name.
             train_shards: a webdataset URL pattern (local path, ``https://``, ``pipe:aws s3 cp ...``, brace
                 ranges) to read training shards from instead of ``data_dir``.
             val_shards: the same for validation shards.
             seed: seeds shard resampling and window positions (each rank and worker differs from it).
+            patch_size: the model's patch size P: image training windows start on whole tiles and whole patches
+                (a multiple of both), so tiles line up with the model's patches in every window. Give each recipe
+                tiles whose bytes are a multiple or a divisor of P.
+            interleave: samples open at once when cutting training windows; each window comes from one of them
+                at random, so one long file cannot dominate consecutive batches (memory: this many samples).
         """
         super().__init__()
         self.save_hyperparameters()
         self.hp = self.hparams
-        check_loader_options(seq_len, batch_size, num_workers, shuffle_buffer, train_batches_per_epoch, val_fraction)
+        check_loader_options(seq_len, batch_size, num_workers, shuffle_buffer, train_batches_per_epoch, val_fraction,
+                             patch_size, interleave)
 
     def prepare_data(self) -> None:
         if self.hp.sources and not self.hp.train_shards and not (Path(self.hp.data_dir) / "manifest.json").exists():
@@ -370,20 +457,21 @@ class ByteDataModule(L.LightningDataModule):
         """Decoded samples -> training items: random windows with a seed, consecutive ones (validation) without."""
         if seed is None:
             return consecutive_windows(src, self.hp.seq_len)
-        return random_windows(src, self.hp.seq_len, seed)
+        return random_windows(src, self.hp.seq_len, seed, self.hp.get("patch_size", 1), self.hp.get("interleave", 16))
 
     def collation(self) -> Callable[[list], dict[str, torch.Tensor]]:
         return collate(self.hp.seq_len)
 
-    def train_windows(self) -> wds.DataPipeline:
-        """The endless stream of training items (here (window, modality id)) for this rank and worker, before
-        shuffling."""
+    def train_windows(self, epoch: int = 0) -> wds.DataPipeline:
+        """The endless stream of training items (here (window, modality id)) of one epoch for this rank and worker,
+        before shuffling."""
+        seed = epoch_seed(self.hp.seed, epoch)
         urls = self.urls("train")
         return wds.DataPipeline(
-            wds.ResampledShards(urls, seed=self.hp.seed, deterministic=True),
+            wds.ResampledShards(urls, seed=wds.utils.make_seed(self.hp.seed, epoch), deterministic=True),
             partial(readable_samples, urls=expand_urls(urls) if isinstance(urls, str) else list(urls),
-                    usable=self.usable),
-            partial(self.cut, seed=self.hp.seed),
+                    usable=self.usable, rotate=seed),
+            partial(self.cut, seed=seed),
         )
 
     def val_windows(self) -> wds.DataPipeline:
@@ -395,11 +483,11 @@ class ByteDataModule(L.LightningDataModule):
             partial(self.cut, seed=None),
         )
 
-    def train_pipeline(self) -> wds.DataPipeline:
+    def train_pipeline(self, epoch: int = 0) -> wds.DataPipeline:
         hp = self.hp
         return wds.DataPipeline(
-            self.train_windows(),
-            partial(shuffled, size=hp.shuffle_buffer, seed=hp.seed),
+            self.train_windows(epoch),
+            partial(shuffled, size=hp.shuffle_buffer, seed=epoch_seed(hp.seed, epoch)),
             wds.batched(hp.batch_size, collation_fn=self.collation(), partial=False),
         )
 

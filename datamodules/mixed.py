@@ -18,6 +18,7 @@ from datamodules.bytes import (
     ByteDataModule,
     EpochLoader,
     collate,
+    epoch_seed,
     rank_world,
     shuffled,
     val_batches,
@@ -90,16 +91,16 @@ class MixedDataModule(L.LightningDataModule):
         n = self.hparams.num_workers
         return wds.WebLoader(pipeline, batch_size=None, num_workers=n, persistent_workers=n > 0)
 
-    def train_pipeline(self) -> wds.DataPipeline:
-        """The endless stream of training batches, fixed by the seed."""
+    def train_pipeline(self, epoch: int = 0) -> wds.DataPipeline:
+        """The endless stream of training batches of one epoch, fixed by the seed and the epoch."""
         hp = self.hparams
-        seed = hp.seed
+        seed = epoch_seed(hp.seed, epoch)
         batch = wds.batched(hp.batch_size, collation_fn=collate(hp.seq_len), partial=False)
         shuffle = partial(shuffled, size=hp.shuffle_buffer, seed=seed)
         if hp.mix == "sample":
-            streams = [c.train_windows() for c in self.children]
+            streams = [c.train_windows(epoch) for c in self.children]
             return wds.DataPipeline(partial(mixed, streams, self.weights, seed), shuffle, batch)
-        streams = [wds.DataPipeline(c.train_windows(), shuffle, batch) for c in self.children]
+        streams = [wds.DataPipeline(c.train_windows(epoch), shuffle, batch) for c in self.children]
         return wds.DataPipeline(partial(mixed, streams, self.weights, seed))
 
     def train_dataloader(self) -> EpochLoader:

@@ -96,7 +96,7 @@ class VQDataModule(ByteDataModule):
         num_workers: int = 0,
         shuffle_buffer: int = 1000,
         train_batches_per_epoch: int = 200,
-        val_fraction: float = 0.1,
+        val_fraction: float | dict[str, float] = 0.1,
         train_shards: str | None = None,
         val_shards: str | None = None,
         seed: int = 0,
@@ -113,7 +113,8 @@ class VQDataModule(ByteDataModule):
             num_workers: data loader worker processes.
             shuffle_buffer: training items shuffled together.
             train_batches_per_epoch: batches per rank in one training epoch (the stream itself is endless).
-            val_fraction: share of samples held out for validation when building shards.
+            val_fraction: share of samples held out for validation when building shards, or one per modality
+                (``{audio: 0.2, default: 0.1}``); each sample's split is a hash of its name.
             train_shards: a webdataset URL pattern to read training shards from instead of ``data_dir``.
             val_shards: the same for validation shards.
             seed: seeds shard resampling and crop positions.

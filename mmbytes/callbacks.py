@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_only
 
-from mmbytes.sample import sample_bytes, sample_length, write_samples
+from mmbytes.sample import sample_bytes, sample_length, warn_beyond_training, write_samples
 
 
 class SampleWriter(L.Callback):
@@ -39,6 +39,13 @@ class SampleWriter(L.Callback):
         self.kw = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
         self.meta = meta or {}
         self._last_step = -1
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Warn once if the samples are longer than the training windows (the model would generate past them)."""
+        seq_len = (getattr(trainer.datamodule, "hparams", None) or {}).get("seq_len")
+        total = len(self.prompt) + sample_length(self.modality, self.meta, self.num_bytes)
+        if trainer.is_global_zero:
+            warn_beyond_training(total, seq_len, f"SampleWriter({self.modality})")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:

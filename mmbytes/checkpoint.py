@@ -89,11 +89,11 @@ def check_checkpoint_file(path: str | Path) -> None:
                               "written by `mmbytes fit`")
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu",
-               expect: Any | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model of a ``mmbytes.lit.ByteLM`` checkpoint (any architecture), in eval mode on ``map_location``, and the
-    checkpoint's hyperparameters. With ``expect``, a checkpoint of another configuration is refused with the
-    differing fields named."""
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", expect: Any | None = None,
+               dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model of a ``mmbytes.lit.ByteLM`` checkpoint (any architecture), in eval mode, built on ``map_location``
+    (its parameters in ``dtype`` if given, else as stored), and the checkpoint's hyperparameters. With ``expect``, a
+    checkpoint of another configuration is refused with the differing fields named."""
     ckpt = load_checkpoint(path, map_location)
     hp = ckpt.get("hyper_parameters", {})
     config = checkpoint_config(ckpt)
@@ -101,10 +101,14 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu",
         raise CheckpointError(f"{path}: not a mmbytes ByteLM checkpoint (no model size in its hyperparameters)")
     if expect is not None:
         check_config(config, expect, path)
-    model = build(config)
+    with torch.device(map_location):  # built where it will run: no CPU copy on the way to a GPU
+        model = build(config)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
-    return model.to(map_location).eval(), hp
+    if dtype is not None:  # parameters only: rotary frequency buffers stay float32
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+    return model.eval(), hp
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

@@ -78,19 +78,22 @@ class MmbytesCLI(LightningCLI):
             overrides.setdefault("entropy", theirs.entropy)  # BLT: the entropy model travels in the checkpoint
         check_config(theirs, model_config(init.get("size"), overrides, entropy), ckpt_path)
 
-    def _parse_ckpt_path(self) -> None:
-        """Lightning takes every model argument from a given checkpoint's hyperparameters. The architecture must come
-        from there, but evaluation options (``--model.strided_eval``) are the user's to choose at evaluation time."""
+    def parse_arguments(self, parser, args) -> None:
+        """Lightning then takes every model argument from a given checkpoint's hyperparameters (lightning >= 2.5).
+        The architecture must come from there (a different one asked for is refused first), but evaluation options
+        (``--model.strided_eval``) are the user's to choose at evaluation time: kept here, put back in
+        ``before_instantiate_classes``."""
+        super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
         init = self.config[sub].model.get("init_args") if sub else None
-        given = {k: init.get(k) for k in EVAL_OPTIONS if k in init} if init is not None else {}  # ByteLM's only
+        self._eval_options = {k: init.get(k) for k in EVAL_OPTIONS if k in init} if init is not None else {}
         if sub:
             self._check_ckpt_config(sub, init)
-        super()._parse_ckpt_path()
-        if given:
-            for k, v in given.items():
-                self.config[sub].model.init_args[k] = v
 
+    def before_instantiate_classes(self) -> None:
+        sub = self.config.get("subcommand")
+        for k, v in getattr(self, "_eval_options", {}).items():
+            self.config[sub].model.init_args[k] = v
 
 DEBUG_ENV = "MMBYTES_DEBUG"
 SIGTERM_GRACE_S = 5.0

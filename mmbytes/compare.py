@@ -65,7 +65,7 @@ def byte_bpd(model, items: list[tuple[np.ndarray, dict]], seq_len: int, batch_si
     """The byte model's bits per dimension over the items: consecutive windows of ``seq_len`` bytes, every byte
     scored once, as in validation."""
     from datamodules.bytes import consecutive_windows, stack
-    from mmbytes.metrics import BitsPerByte
+    from mmbytes.metrics import PER_DIM_NAME, BitsPerByte
 
     metric = BitsPerByte()
     windows = list(consecutive_windows(iter(items), seq_len))
@@ -74,18 +74,23 @@ def byte_bpd(model, items: list[tuple[np.ndarray, dict]], seq_len: int, batch_si
         b = stack(windows[i : i + batch_size], seq_len)
         x, mask = b["x"].to(device), b["mask"].to(device)
         metric.update(model.nll(x, mask).sum(1).cpu(), mask.sum(1).cpu(), b["modality"])
-    return metric.compute()[f"bpd_{modality}"].item()
+    return metric.compute()[PER_DIM_NAME[modality]].item()
 
 
 @torch.no_grad()
-def vq_figures(vq, prior, items: list[tuple[np.ndarray, dict]], context: int | None, batch_size: int) -> dict:
+def vq_figures(vq, prior, items: list[tuple[np.ndarray, dict]], context: int | None, batch_size: int,
+               crop: int | None = None) -> dict:
     """Rate, residual bits, distortion and code usage of the VQ system over the items, plus per-item originals and
-    reconstructions (uint8 (C, H, W) or int16 (L,))."""
+    reconstructions (uint8 (C, H, W) or int16 (L,)). Audio with ``crop`` (the prior's training and validation crop)
+    is encoded, scored and decoded in consecutive crops of that many samples, the last zero-padded and its padding
+    masked, exactly as validation scores it; without, each clip is encoded whole and scored in windows of
+    ``context`` codes."""
     from torchmetrics.audio import ScaleInvariantSignalNoiseRatio, SignalNoiseRatio
     from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
     from datamodules.vq import sample_array
     from mmbytes.vq import measures as M
+    from mmbytes.vq.lit import code_nats as nats_of_codes
     from mmbytes.vq.quantizer import usage_and_perplexity
 
     device = next(vq.parameters()).device
@@ -105,7 +110,7 @@ def vq_figures(vq, prior, items: list[tuple[np.ndarray, dict]], context: int | N
             idx = vq.encode(M.from_pixels(orig))  # (B, h, w)
             rec = M.to_pixels(vq.decode(idx))
             counts += torch.bincount(idx.flatten().cpu(), minlength=vq.codebook_size).double()
-            code_nats += prior.nll(idx.flatten(1)).sum().item()  # images: one window, the whole grid
+            code_nats += nats_of_codes(prior, idx.flatten(1))  # images: one window, the whole grid
             for o, r in zip(orig, rec, strict=True):
                 res_bits += M.image_residual_bits(o.cpu(), r.cpu())
             sq_err += (orig.double() - rec.double()).pow(2).sum().item()
@@ -119,12 +124,19 @@ def vq_figures(vq, prior, items: list[tuple[np.ndarray, dict]], context: int | N
         f = vq.downsample
         for a in arrays:  # one clip at a time: clips differ in length
             orig = torch.from_numpy(a.astype(np.int16)).to(device)
-            padded = torch.nn.functional.pad(M.from_samples(orig), (0, -len(a) % f))  # zeros up to a whole code
-            idx = vq.encode(padded[None, None])[0]  # (L/f,)
-            rec = M.to_samples(vq.decode(idx[None])[0, 0, : len(a)])
-            counts += torch.bincount(idx.cpu(), minlength=vq.codebook_size).double()
-            step = context or idx.numel()
-            code_nats += sum(prior.nll(idx[None, s : s + step]).sum().item() for s in range(0, idx.numel(), step))
+            x, step = M.from_samples(orig), crop or len(a) + (-len(a) % f)
+            pieces = []
+            for s in range(0, len(a), step):  # one piece (the whole clip, zeros up to a whole code) or crops
+                n = min(step, len(a) - s)
+                idx = vq.encode(torch.nn.functional.pad(x[s : s + n], (0, step - n))[None, None])[0]  # (step/f,)
+                real = torch.arange(len(idx), device=device) * f < n  # codes with a real sample, as validation
+                counts += torch.bincount(idx[real].cpu(), minlength=vq.codebook_size).double()
+                if crop:
+                    code_nats += prior.nll(idx[None], real[None]).sum().item()
+                else:
+                    code_nats += nats_of_codes(prior, idx[None], context)
+                pieces.append(vq.decode(idx[None])[0, 0, :n])
+            rec = M.to_samples(torch.cat(pieces))
             res_bits += M.audio_residual_bits(orig.cpu(), rec.cpu())
             sq_err += (orig.double() - rec.double()).pow(2).sum().item()
             dims += len(a)
@@ -288,7 +300,9 @@ def write_report(out: Path, rows: list[dict], info: dict) -> None:
         f"{info['items']} validation {'image' if m == 'image' else 'clip'}{'s' if info['items'] != 1 else ''} from "
         f"`{info['data']}` ({info['dims']:,} dimensions, one {dim} each), "
         "the same files for every system. Bits per dimension (bpd) are bits per original "
-        f"{dim}.", "",
+        f"{dim}." + (" For audio that is two bytes: bits per byte (`val/bpb_audio` in `mmbytes validate`, the "
+                     "paper's unit) are half these figures; validation logs these as `val/bits_per_sample_audio`."
+                     if m == "audio" else ""), "",
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
     ]
     for r in rows:
@@ -364,7 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     seq_len = args.byte_seq_len or data_hp.get("seq_len") or 1024
 
     bpd = byte_bpd(byte_model, items, seq_len, args.batch_size, modality)
-    vqf = vq_figures(vq, prior, items, prior_hp.get("context"), args.batch_size)
+    crop = (load_checkpoint(args.prior_ckpt).get("datamodule_hyper_parameters") or {}).get("crop")
+    vqf = vq_figures(vq, prior, items, prior_hp.get("context"), args.batch_size, crop if modality == "audio" else None)
     n = min(args.num, len(items))
     meta = items[0][1]
     if modality == "image":

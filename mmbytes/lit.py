@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mmbytes.checkpoint import check_config, checkpoint_config
 from mmbytes.metrics import BitsPerByte
@@ -29,7 +29,7 @@ class ByteLM(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.98),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
-        strided_eval: bool = False,
+        strided_eval: bool | Literal["paper", "later"] = False,
         max_bad_steps: int = 8,
         decay_embeddings: bool = True,
         entropy_ckpt: str | None = None,
@@ -46,8 +46,11 @@ class ByteLM(L.LightningModule):
             warmup_steps: linear warmup from 0 to ``lr``; afterwards cosine decay to ``lr * min_lr_ratio`` at the
                 trainer's last step.
             min_lr_ratio: final learning rate as a fraction of ``lr``.
-            strided_eval: in validation and test, also score with the paper's strided inference (a second pass offset
-                by P/2; each byte scored by the pass where it has more local context) and log it as ``*_strided``.
+            strided_eval: in validation and test, also score with strided inference (paper section 2.3.3: a
+                second pass offset by P/2) and log it as ``*_strided``. ``paper`` (or ``true``): each byte is taken
+                from the pass where it sits in the first P/2 positions of its patch, as in the paper. ``later``: from
+                the pass where it sits in the later half (more local context; better on small models, see the
+                README). The rule used is printed at each evaluation and kept in the hyperparameters.
             max_bad_steps: a step whose loss is NaN or infinite is skipped (no update) and counted in
                 ``train/skipped_steps``; this many in a row stop training with ``NonFiniteLossError``.
             decay_embeddings: apply weight decay to the byte embedding tables too.
@@ -68,7 +71,10 @@ class ByteLM(L.LightningModule):
                 rank_zero_warn(f"{entropy_ckpt}: no thresholds stored (run `mmbytes calibrate`); every modality "
                                f"uses threshold={self.config.threshold}")
         self.per_modality = getattr(self.model, "per_modality", False)
-        if strided_eval and not hasattr(self.model, "nll_strided"):
+        if strided_eval not in (False, True, "paper", "later"):
+            raise ValueError(f"strided_eval must be false, true, 'paper' or 'later', got {strided_eval!r}")
+        self.strided_rule = "paper" if strided_eval is True else strided_eval or None
+        if self.strided_rule and not hasattr(self.model, "nll_strided"):
             raise ValueError(f"strided_eval needs fixed patches (MEGABYTE); {size!r} is {self.config.arch}")
         self.bits = torch.nn.ModuleDict({f"{stage}{kind}": BitsPerByte() for stage in ("val", "test")
                                          for kind in ("", "_strided")})
@@ -140,8 +146,9 @@ class ByteLM(L.LightningModule):
     def _score(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         x, mask, modality = batch["x"], batch["mask"], batch.get("modality")
         self.bits[stage].update(self.model.nll(x, mask, **self._modality(batch)).sum(1), mask.sum(1), modality)
-        if self.hparams.strided_eval:
-            self.bits[f"{stage}_strided"].update(self.model.nll_strided(x, mask).sum(1), mask.sum(1), modality)
+        if self.strided_rule:
+            strided = self.model.nll_strided(x, mask, rule=self.strided_rule)
+            self.bits[f"{stage}_strided"].update(strided.sum(1), mask.sum(1), modality)
 
     def _modality(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The rows' modality ids for a model whose patching depends on them (BLT's thresholds)."""
@@ -162,7 +169,12 @@ class ByteLM(L.LightningModule):
 
     def _log_bits(self, stage: str) -> None:
         # compute() sums the states over all processes first, so every rank logs the same exact figure
-        for suffix in ("", "_strided") if self.hparams.strided_eval else ("",):
+        if self.strided_rule:
+            P = self.config.patch_size
+            rank_zero_info(f"{stage}/*_strided: strided inference, rule {self.strided_rule!r} (each byte from the pass "
+                           f"where it is in the {'first' if self.strided_rule == 'paper' else 'later'} {P // 2} of "
+                           f"the {P} positions of its patch)")
+        for suffix in ("", "_strided") if self.strided_rule else ("",):
             metric = self.bits[stage + suffix]
             values = metric.compute()
             if not values:
@@ -183,10 +195,17 @@ class ByteLM(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         groups = param_groups(self.model, hp.weight_decay, hp.get("decay_embeddings", True))
-        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self, groups, hp.lr, hp.betas, hp.warmup_steps, hp.min_lr_ratio)
+
+
+def adamw_warmup_cosine(module: L.LightningModule, groups: list[dict], lr: float, betas: tuple[float, float],
+                        warmup: int, min_ratio: float) -> dict:
+    """AdamW over ``groups`` with linear warmup and cosine decay to ``lr * min_ratio`` at the trainer's last step,
+    stepped every batch: the optimizer of every module here (byte models, VQ-VAE, prior)."""
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total, min_ratio))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def load_entropy(path: str | None, overrides: dict[str, Any] | None = None) -> dict[str, Any] | None:

@@ -1,8 +1,10 @@
 """Bits per byte and per dimension as a torchmetrics metric: summed nats and byte counts per modality.
 
 Sums (not means) are the state, so the figure is exact over any batching and across processes (``dist_reduce_fx``
-is a sum). A byte of an image is one 8-bit sub-pixel, so its bits per dimension equal its bits per byte; an audio
-sample is two bytes (16-bit little endian), so its bits per dimension are twice its bits per byte.
+is a sum). A byte of an image is one 8-bit sub-pixel, so its bits per dimension equal its bits per byte
+(``bpd_image``). An audio sample is two bytes (16-bit little endian): audio is reported in bits per byte
+(``bpb_audio``, as in the paper) and, under a name that cannot be taken for a per-byte figure, in bits per 16-bit
+sample (``bits_per_sample_audio`` = 2 x ``bpb_audio``).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from torchmetrics import Metric
 from mmbytes.codecs import MODALITIES
 
 BYTES_PER_DIM = {"image": 1, "audio": 2}
+PER_DIM_NAME = {"image": "bpd_image", "audio": "bits_per_sample_audio"}
+"""The name of each modality's figure per original dimension (8-bit sub-pixel, 16-bit sample)."""
 
 
 class BitsPerByte(Metric):
     """``update(nats, counts, modality)`` with per-sample summed nats (B,), real byte counts (B,) and modality ids
-    (B,); ``compute()`` returns ``{"bpb": overall, "bpb_<m>": ..., "bpd_image": ..., "bpd_audio": ...}`` for the
-    modalities seen, and ``{}`` when no byte was scored."""
+    (B,); ``compute()`` returns ``{"bpb": overall, "bpb_<m>": ..., "bpd_image": ..., "bits_per_sample_audio": ...}``
+    for the modalities seen, and ``{}`` when no byte was scored."""
 
     full_state_update = False
 
@@ -47,5 +51,5 @@ class BitsPerByte(Metric):
                 bpb = self.nats[i] / self.count[i] / math.log(2)
                 out[f"bpb_{m}"] = bpb
                 if m in BYTES_PER_DIM:
-                    out[f"bpd_{m}"] = bpb * BYTES_PER_DIM[m]
+                    out[PER_DIM_NAME[m]] = bpb * BYTES_PER_DIM[m]
         return {k: v.float() for k, v in out.items()}

@@ -52,6 +52,20 @@ def sample_length(modality: str, meta: dict, num_bytes: int) -> int:
     return num_bytes
 
 
+def warn_beyond_training(total: int, seq_len: int | None, what: str) -> bool:
+    """Warn (and return True) when samples of ``total`` bytes, prompt included, are longer than the training windows:
+    the model then generates at positions it never trained on."""
+    if not seq_len or total <= seq_len:
+        return False
+    import warnings
+
+    warnings.warn(f"{what}: samples of {total:,} bytes, but the model was trained on windows of {seq_len:,} bytes; "
+                  "bytes past that length are generated at positions it never saw in training (rotary positions "
+                  "extrapolate, quality drops). Train with data.seq_len >= the sample length, or sample fewer bytes.",
+                  UserWarning, stacklevel=2)
+    return True
+
+
 def write_samples(samples: list[bytes], modality: str, meta: dict, out: Path, stem: str | None = None) -> list[Path]:
     """Decode each byte sequence with its modality's codec and write it under ``out``; images also get a
     contact sheet ``<stem>_sheet.png``."""
@@ -190,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
             if num_bytes > MAX_SAMPLE_BYTES:
                 raise OptionError(f"{args.prompt}: a {len(prompt):,}-byte prompt makes samples of {num_bytes:,} bytes, "
                                   f"over the {MAX_SAMPLE_BYTES:,}-byte limit")
+    warn_beyond_training(num_bytes, data_hp.get("seq_len"), "mmbytes sample")
     samples = sample_bytes(model, args.num, num_bytes, prompt, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed, progress=True, modality=args.modality)
     for path in write_samples(samples, args.modality, meta, args.out):

@@ -3,10 +3,12 @@
     mmbytes shards samples/ ../shared/data/text --out data/mine --codec auto
 
 Each sample is ``<key>.bin`` (the codec's bytes) and ``<key>.json`` (modality, codec, source, chunk, and what the
-inverse needs). The train/validation split is a hash of the sample's source path and chunk index, so it is the same
-on every run and does not move when files are added. Shards are written under a temporary name and renamed only when
-complete, and the manifest is written last: an interrupted run leaves nothing that a reader would take for data.
-Files that cannot be read or encoded are skipped, counted and listed with their reason.
+inverse needs). The train/validation split is a hash of the sample's source path and chunk index against the
+validation fraction of its modality: a pure function of each sample, the same on every run, and adding files never
+moves another sample. A modality may end up with no validation sample; the manifest and the command say so.
+Shards are written under a temporary name and renamed only when complete, and the manifest is written last: an
+interrupted run leaves nothing that a reader would take for data. Files that cannot be read or encoded are skipped,
+counted and listed with their reason.
 """
 
 from __future__ import annotations
@@ -139,6 +141,13 @@ def list_files(sources: list[str | Path], out: Path | None = None) -> tuple[list
 
 def split_hash(key: str) -> float:
     return int(hashlib.sha1(f"split:{key}".encode()).hexdigest(), 16) / 2**160
+
+
+def fraction_of(val_fraction: float | dict[str, float], modality: str) -> float:
+    """The validation fraction of a modality: one for all, or per modality (``{audio: 0.2, default: 0.1}``)."""
+    if isinstance(val_fraction, dict):
+        return float(val_fraction.get(modality, val_fraction.get("default", 0.1)))
+    return float(val_fraction)
 
 
 def chunks(data: bytes, size: int, at_newline: bool) -> tuple[list[bytes], int]:
@@ -276,10 +285,11 @@ def prepare_out(out: Path, sources: list[str | Path]) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def check_options(val_fraction: float, max_shard_bytes: int, max_file_bytes: int, chunk_bytes: int | None,
-                  workers: int) -> None:
-    if not 0 <= val_fraction < 1:
-        raise OptionError(f"val_fraction must be in [0, 1), not {val_fraction}")
+def check_options(val_fraction: float | dict[str, float], max_shard_bytes: int, max_file_bytes: int,
+                  chunk_bytes: int | None, workers: int) -> None:
+    for v in (val_fraction.values() if isinstance(val_fraction, dict) else [val_fraction]):
+        if not 0 <= v < 1:
+            raise OptionError(f"val_fraction must be in [0, 1), not {v}")
     if max_shard_bytes < 1 or max_file_bytes < 1:
         raise OptionError(f"shard and file size limits must be positive, not {max_shard_bytes} and {max_file_bytes}")
     if chunk_bytes is not None and chunk_bytes < 1:
@@ -369,10 +379,12 @@ OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw", codec_options: dict | None = None,
-                 val_fraction: float = 0.1, max_shard_bytes: int = 64 * 2**20, max_file_bytes: int = 256 * 2**20,
-                 chunk_bytes: int | None = None, workers: int = 0, progress: bool = True) -> dict:
-    """Write shards and the manifest into ``out``; return the manifest. ``max_file_bytes`` also bounds what a file
-    may decode to."""
+                 val_fraction: float | dict[str, float] = 0.1, max_shard_bytes: int = 64 * 2**20,
+                 max_file_bytes: int = 256 * 2**20, chunk_bytes: int | None = None, workers: int = 0,
+                 progress: bool = True) -> dict:
+    """Write shards and the manifest into ``out``; return the manifest. ``val_fraction``: the share of samples held
+    out for validation, one for all modalities or per modality (``{audio: 0.2, default: 0.1}``). ``max_file_bytes``
+    also bounds what a file may decode to."""
     out = Path(out)
     check_options(val_fraction, max_shard_bytes, max_file_bytes, chunk_bytes, workers)
     coder = get_codec(codec, **(codec_options or {}))  # bad codec options fail here, before any file is touched
@@ -381,8 +393,6 @@ def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw",
     writers = {s: ShardWriter(out, s, max_shard_bytes) for s in ("train", "val")}
     modalities: dict[str, Counter] = {}
     chosen, converted, encoded_files = Counter(), [], 0
-    pending: dict[str, tuple] = {}  # per modality the lowest-hash sample, held back so that every modality with
-    # two or more samples has one in val
     jobs = [(p, name, coder, max_file_bytes) for p, name in files]
     results = encoded(jobs, workers)
     try:
@@ -407,18 +417,10 @@ def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw",
                     key = hashlib.sha1(sample_name.encode()).hexdigest()
                     meta_out = {**meta, "modality": modality, "codec": meta.get("codec", codec), "source": name,
                                 "chunk": i, "nbytes": len(part)}
-                    sample = (split_hash(key), key, part, meta_out)
-                    held = pending.get(modality)
-                    if held is None or sample[0] < held[0]:
-                        sample, pending[modality] = held, sample
-                    if sample is not None:
-                        _write(writers, sample, val_fraction, modalities)
+                    _write(writers, (split_hash(key), key, part, meta_out), fraction_of(val_fraction, modality),
+                           modalities)
             if changes:
                 converted.append({"path": shown(path), "converted": changes})
-        for modality, sample in pending.items():
-            stats = modalities.get(modality, {})
-            to_val = val_fraction > 0 and not stats.get("val_samples") and stats.get("train_samples")
-            _write(writers, sample, 1.0 if to_val else val_fraction, modalities)
         if not any(w.samples for w in writers.values()):
             first = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3]) + ("; ..." * (len(skipped) > 3))
             raise ShardsError(f"no sample written to {out}: all {len(skipped)} files and sources were missing or "
@@ -433,6 +435,8 @@ def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw",
             "bytes": sum(w.bytes for w in writers.values()),
             "modalities": {m: dict(c) for m, c in modalities.items()},
             "codecs_chosen": dict(chosen), "converted": converted, "skipped": skipped,
+            "no_val": sorted(m for m, c in modalities.items()
+                             if not c.get("val_samples") and fraction_of(val_fraction, m)),
         }
         tmp = out / ".manifest.json.partial"
         tmp.unlink(missing_ok=True)  # a link left under that name would send the write outside ``out``
@@ -533,6 +537,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{split}: {s['samples']} samples, {s['bytes']:,} bytes in {len(s['shards'])} shards")
     for modality, s in m["modalities"].items():
         print(f"  {modality}: {s['samples']} samples, {s['bytes']:,} bytes")
+    if m["no_val"]:
+        print(f"no validation sample of {', '.join(m['no_val'])}: the split is a hash of each sample, so a modality "
+              "with few samples may have none; raise --val-fraction (or its share in data.val_fraction)",
+              file=sys.stderr)
     if m["skipped"]:
         print(f"skipped {len(m['skipped'])} (listed in {args.out / 'manifest.json'}):", file=sys.stderr)
         for s in m["skipped"][:20]:

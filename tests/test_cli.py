@@ -23,6 +23,29 @@ def test_every_recipe_parses_and_builds(recipe, tmp_path, monkeypatch):
     assert cli.trainer.gradient_clip_val == 1.0
 
 
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_image_tiles_fit_the_model_patches_in_every_recipe(recipe):
+    """A recipe's image tile bytes are a multiple or a divisor of its P, and its data aligns image windows to P."""
+    import yaml
+
+    from mmbytes.model.registry import config_from_name
+
+    r = yaml.safe_load(recipe.read_text())
+    init = r["model"]["init_args"]
+    if "size" not in init:
+        pytest.skip("not a byte model")
+    P = getattr(config_from_name(init["size"], **(init.get("overrides") or {})), "patch_size", None)
+    data = r["data"]["init_args"]
+    for s in data.get("sets", [data]):
+        options = s.get("codec_options") or {}
+        image = options.get("image", {}) if s.get("codec") == "auto" else options
+        if s.get("codec") not in ("image", "idx", "auto") or image.get("order", "patch") != "patch":
+            continue
+        tile = image.get("tile", 4) ** 2 * (1 if s["codec"] == "idx" else image.get("channels", 3))
+        assert tile % P == 0 or P % tile == 0, f"{tile}-byte tiles, P = {P}"
+        assert s.get("patch_size", data.get("patch_size")) == P
+
+
 @pytest.mark.parametrize("recipe,size", [("transformer.yaml", "transformer-small"),
                                          ("spacebyte.yaml", "spacebyte-small"),
                                          ("spacebyte_fixed.yaml", "spacebyte-fixed-small")])
@@ -46,6 +69,16 @@ def test_blt_recipes_train_on_the_same_shards():
     assert entropy["data"]["init_args"]["data_dir"] == blt["data"]["init_args"]["data_dir"]
     assert entropy["data"]["init_args"]["sources"] == blt["data"]["init_args"]["sources"]
     assert "entropy_ckpt" in blt["model"]["init_args"]
+
+
+def test_the_cli_overrides_no_private_lightning_method():
+    """Private methods of LightningCLI change between releases without notice; only public hooks are overridden."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from mmbytes.cli import MmbytesCLI
+
+    private = [n for n in vars(MmbytesCLI) if n.startswith("_") and not n.startswith("__") and hasattr(LightningCLI, n)]
+    assert private == []
 
 
 def test_warmup_then_cosine():
@@ -80,7 +113,8 @@ def test_fit_logs_bits_per_byte_writes_checkpoints_and_samples(run):
     events = EventAccumulator(str(version))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/bpb", "val/bpb", "val/bpb_text", "val/bpd_image", "val/bpd_audio"} <= tags
+    assert {"train/bpb", "val/bpb", "val/bpb_text", "val/bpd_image", "val/bpb_audio", "val/bits_per_sample_audio"} \
+        <= tags and "val/bpd_audio" not in tags
     val = events.Scalars("val/bpb")[-1].value
     assert 0 < val < 9
     # the sample callbacks wrote decodable files for every modality
@@ -114,6 +148,27 @@ def test_validate_from_checkpoint_matches_a_hand_computation(run, tmp_path):
             nats += model.nll(batch["x"], batch["mask"]).sum().item()
             count += batch["mask"].sum().item()
     assert figures["val/bpb"].item() == pytest.approx(nats / count / math.log(2), rel=1e-4)
+
+
+@pytest.mark.parametrize("given, rule", [("true", "paper"), ("paper", "paper"), ("later", "later")])
+def test_validate_strided_eval_scores_with_the_chosen_rule(run, given, rule, caplog, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # without a logger, validation writes its config.yaml into the working folder
+    tmp, args = run
+    ckpt = tmp / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    with caplog.at_level("INFO"):
+        cli = run_cli(["validate", *args, "--ckpt_path", str(ckpt), "--model.strided_eval", given,
+                       "--trainer.callbacks", "[]", "--trainer.logger", "false"])
+    assert cli.model.strided_rule == rule and f"rule {rule!r}" in caplog.text  # the rule used is logged
+    from mmbytes.checkpoint import load_model
+
+    model, _ = load_model(ckpt)
+    nats = count = 0.0
+    with torch.no_grad():
+        for batch in cli.datamodule.val_dataloader():
+            nats += model.nll_strided(batch["x"], batch["mask"], rule=rule).sum().item()
+            count += batch["mask"].sum().item()
+    assert cli.trainer.callback_metrics["val/bpb_strided"].item() == pytest.approx(nats / count / math.log(2),
+                                                                                   rel=1e-4)
 
 
 def test_test_and_predict_subcommands(run):

@@ -11,6 +11,7 @@ from mmbytes.codecs import CodecError, get_codec
 from mmbytes.codecs.image import tile_for_patch
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ICON = SAMPLES / "images" / "icon_places_user-home.png"
 JPEG = next((SAMPLES / "images").glob("cifar10_*.jpg"))
 WAV = next((SAMPLES / "audio").glob("fsdd_*.wav"))
@@ -66,6 +67,16 @@ def test_patch_order_puts_a_tile_in_one_model_patch():
 def test_image_resize_center_crop_and_grayscale():
     data, meta = get_codec("image", size=16, channels=1).encode(ICON)
     assert (meta["height"], meta["width"], meta["channels"]) == (16, 16, 1) and len(data) == 256
+
+
+def test_image_resize_and_centre_crop_is_pil_imageops_fit():
+    from PIL import ImageOps
+
+    photo = SHARED / "images" / "photos"
+    path = next(p for p in sorted(photo.iterdir()) if Image.open(p).size[0] != Image.open(p).size[1])  # not square
+    pixels = get_codec("image", size=(24, 40), order="raster").pixels(path)
+    expect = ImageOps.fit(Image.open(path).convert("RGB"), (40, 24), Image.Resampling.BICUBIC)
+    assert np.array_equal(pixels, np.asarray(expect))
 
 
 def test_audio_round_trip_is_bit_exact(tmp_path):

@@ -13,8 +13,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import webdataset as wds
 
 from datamodules import ByteDataModule
+from datamodules.bytes import EpochLoader, rotated_shards, shard_samples
 from mmbytes.checkpoint import AtomicCheckpointIO, ConfigMismatchError, atomic_save, load_model
 from mmbytes.lit import ByteLM, NonFiniteLossError
 from mmbytes.model.megabyte import MegabyteConfig
@@ -185,6 +187,14 @@ def test_a_checkpoint_of_another_config_is_refused_by_name(saved, text_shards, t
     ByteLM.load_from_checkpoint(saved, overrides={"patch_size": 8, "d_local": 24, "checkpointing": True})
 
 
+@pytest.mark.parametrize("device, dtype", [("meta", None), ("cpu", torch.float64), ("meta", torch.bfloat16)])
+def test_load_model_puts_the_parameters_on_the_requested_device_and_dtype(saved, device, dtype):
+    model, _ = load_model(saved, map_location=device, dtype=dtype)
+    stored = torch.load(saved, weights_only=True)["state_dict"]["model.head.weight"].dtype
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {(device, dtype or stored)}
+    assert not model.training
+
+
 def test_the_cli_refuses_to_resume_another_config(saved, text_shards, tmp_path, monkeypatch):
     from mmbytes.cli import run_cli
 
@@ -307,14 +317,51 @@ def test_training_windows_differ_by_epoch_and_repeat_by_seed(text_shards):
     assert resumed.state_dict() == {"epoch": 1, "batches": 3}
 
 
-def test_epochs_go_on_along_one_stream(text_shards):
-    """Epoch 1 continues where epoch 0 stopped (a stream restarted every epoch would see only each shard's start)."""
-    whole = [b["x"] for b in datamodule(text_shards, batches=6).train_dataloader()]
+def test_each_epoch_is_fixed_by_the_seed_and_the_epoch(text_shards):
+    """Epoch 2 is the same whether the loader went through epochs 0 and 1 or started there."""
     loader = datamodule(text_shards, batches=3).train_dataloader()
-    parts = [b["x"] for b in loader]
-    loader.set_epoch(1)
-    parts += [b["x"] for b in loader]
-    assert all(torch.equal(a, b) for a, b in zip(whole, parts, strict=True))
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        went = [b["x"] for b in loader]
+    direct = datamodule(text_shards, batches=3).train_dataloader()
+    direct.set_epoch(2)
+    assert all(torch.equal(a["x"], b) for a, b in zip(direct, went, strict=True))
+
+
+def test_a_resume_replays_at_most_the_current_epoch(text_shards):
+    """Resumed at batch 3 of epoch 5 (4 batches per epoch), the loader draws 4 batches, not 5 x 4 + 4."""
+    dm = datamodule(text_shards, batches=4)
+    drawn = {"n": 0}
+
+    def count(batches):
+        for batch in batches:
+            drawn["n"] += 1
+            yield batch
+
+    def counted(epoch: int) -> wds.DataPipeline:
+        return wds.DataPipeline(dm.train_pipeline(epoch), count)
+
+    whole = EpochLoader(dm.train_pipeline, 4)
+    whole.set_epoch(5)
+    last = [b["x"] for b in whole][-1]
+    resumed = EpochLoader(counted, 4)
+    resumed.load_state_dict({"epoch": 5, "batches": 3})
+    rest = [b["x"] for b in resumed]
+    assert len(rest) == 1 and torch.equal(rest[0], last)  # the same batch as the uninterrupted epoch's
+    assert drawn["n"] == 4 and resumed.replayed == 3
+
+
+def test_each_epoch_starts_its_first_shard_at_a_random_sample_and_reads_it_whole(text_shards):
+    url = str(text_shards / "train-000000.tar")
+    order = [s["__key__"] for s in wds.tarfile_to_samples()(iter([{"url": url}]))]
+    assert shard_samples(url) == len(order) > 10
+    starts = set()
+    for epoch in range(8):
+        got = [s["__key__"] for s in rotated_shards(iter([{"url": url}]), seed=f"0/epoch{epoch}")]
+        k = order.index(got[0])
+        assert got == order[k:] + order[:k]  # every sample once, from a sample on and round to it
+        starts.add(k)
+    assert len(starts) > 1
 
 
 # ---- output containment

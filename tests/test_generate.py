@@ -80,3 +80,16 @@ def test_sample_writer_runs_on_rank_zero_and_leaves_the_module_in_its_mode(tmp_p
                                                               module)
     assert not module.model.training
     assert (tmp_path / "samples" / "step_8" / "image_sheet.png").exists()
+
+
+@pytest.mark.parametrize("seq_len, warns", [(1024, True), (4000, False)])
+def test_sample_writer_warns_when_samples_are_longer_than_the_training_windows(seq_len, warns, recwarn):
+    from types import SimpleNamespace
+
+    from mmbytes.callbacks import SampleWriter
+
+    writer = SampleWriter(modality="audio", num=2, num_bytes=4000, meta={"sample_rate": 8000})  # as in quickstart
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(hparams={"seq_len": seq_len}), is_global_zero=True)
+    writer.on_fit_start(trainer, None)
+    said = [str(w.message) for w in recwarn if "trained on windows" in str(w.message)]
+    assert len(said) == warns and (not warns or "4,000 bytes" in said[0] and "1,024 bytes" in said[0])

@@ -34,7 +34,9 @@ def test_bits_match_a_hand_computation():
     assert out["bpb"].item() == pytest.approx(sum(nats.values()) / sum(count.values()) / math.log(2))
     assert out["bpb_image"].item() == pytest.approx(bpb[IMAGE], rel=1e-6)
     assert out["bpd_image"].item() == pytest.approx(bpb[IMAGE], rel=1e-6)  # one byte per sub-pixel
-    assert out["bpd_audio"].item() == pytest.approx(2 * bpb[AUDIO], rel=1e-6)  # two bytes per sample
+    assert out["bpb_audio"].item() == pytest.approx(bpb[AUDIO], rel=1e-6)  # the primary audio figure, per byte
+    assert out["bits_per_sample_audio"].item() == pytest.approx(2 * bpb[AUDIO], rel=1e-6)  # two bytes per sample
+    assert "bpd_audio" not in out  # the old name read like a per-byte figure and was 2x it
     assert out["bpb_text"].item() == pytest.approx(bpb[TEXT], rel=1e-6)
     assert "bpb_raw" not in out  # only modalities that were seen
 

@@ -109,10 +109,23 @@ def test_checkpointed_blocks_in_slices_give_the_same_gradients(name, monkeypatch
 
 
 def test_every_byte_value_is_data():
-    """0x00 is scored like any other byte: there is no reserved padding value."""
-    m = model("debug")
-    x = torch.zeros(1, 8, dtype=torch.long)
-    assert (m.nll(x) > 0).all()
+    """No byte value is reserved for padding: every value's embedding rows learn (an embedding with
+    ``padding_idx=0`` would give row 0 no gradient), and the loss of a 0x00 byte moves with its logit (a loss that
+    ignored target 0 would not)."""
+    m = model("debug").train()
+    values = torch.arange(256)
+    # each value sits in some row away from the last patch (the global model never embeds it) and away from the
+    # last byte of a patch (the local model never embeds it)
+    x = torch.stack([values.roll(s) for s in (0, 1, 128, 129)])  # (4, 256)
+    m.nll(x).sum().backward()
+    for table in (m.global_embed, m.local_embed):
+        assert (table.weight.grad.abs().sum(1) > 0).all()
+    zero = x == 0
+    with torch.no_grad():
+        before = m.nll(x)[zero]
+        m.head.weight[0] += 0.5 * m.head.weight.norm(dim=1).max()  # move the logit of byte 0 everywhere
+        after = m.nll(x)[zero]
+    assert not torch.allclose(after, before)
 
 
 @pytest.mark.parametrize("name", SIZES)
@@ -166,12 +179,46 @@ def test_config_rejects_bad_fields():
                                      "n_head_local")})
 
 
-def test_strided_nll_takes_each_byte_from_the_pass_where_it_is_late_in_its_patch():
+def test_strided_nll_paper_rule_takes_each_byte_from_the_pass_where_it_is_early_in_its_patch():
+    m = model("debug")  # P = 4: bytes 0, 1 of each patch come from the first pass, 2, 3 from the shifted one
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        first, shifted, strided = m.nll(x), m.nll(x[:, 2:]), m.nll_strided(x)  # the paper's rule is the default
+    early = [0, 1, 4, 5, 8, 9, 12, 13]
+    torch.testing.assert_close(strided[:, early], first[:, early])
+    # byte t of the first pass is byte t - 2 of the shifted one, where 2, 3, 6, 7, ... sit early in their patch
+    torch.testing.assert_close(strided[:, [2, 3, 6, 7, 10, 11, 14, 15]], shifted[:, [0, 1, 4, 5, 8, 9, 12, 13]])
+    torch.testing.assert_close(m.nll_strided(x, rule="paper"), strided)
+
+
+def test_strided_nll_later_rule_takes_each_byte_from_the_pass_where_it_is_late_in_its_patch():
     m = model("debug")  # P = 4: bytes 2, 3 of each patch come from the first pass, 0, 1 from the shifted one
     x = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
-        first, shifted, strided = m.nll(x), m.nll(x[:, 2:]), m.nll_strided(x)
+        first, shifted, strided = m.nll(x), m.nll(x[:, 2:]), m.nll_strided(x, rule="later")
     late = [2, 3, 6, 7, 10, 11, 14, 15]
     torch.testing.assert_close(strided[:, late], first[:, late])
     torch.testing.assert_close(strided[:, [4, 5, 8, 9, 12, 13]], shifted[:, [2, 3, 6, 7, 10, 11]])
     torch.testing.assert_close(strided[:, :2], first[:, :2])  # the shifted pass never saw them
+    with pytest.raises(ValueError, match="paper"):
+        m.nll_strided(x, rule="first")
+
+
+@pytest.mark.parametrize("name, table", [("debug", "local_embed"), ("transformer-debug", "global_embed")])
+def test_tied_head_reuses_the_byte_embedding_and_stays_causal(name, table):
+    untied, tied = model(name), model(name, tied_head=True)
+    assert tied.head.weight is getattr(tied, table).weight  # the paper's output layer: E^local-embed
+    assert untied.num_params() - tied.num_params() == tied.head.weight.numel()
+    assert leaks(tied, 12) == []
+    x = torch.randint(0, 256, (2, 12))
+    tied.train()
+    tied.nll(x).mean().backward()
+    assert getattr(tied, table).weight.grad.abs().sum() > 0
+
+
+def test_configs_stored_before_tied_head_load_untied():
+    from mmbytes.model.registry import config_from_dict, config_to_dict
+
+    stored = config_to_dict(MegabyteConfig.from_name("debug"))
+    stored.pop("tied_head")
+    assert config_from_dict(stored).tied_head is False

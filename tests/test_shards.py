@@ -17,6 +17,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def read_back(out: Path, split: str) -> dict[str, tuple[bytes, dict]]:
     names = json.loads((out / "manifest.json").read_text())["splits"][split]["shards"]
+    if not names:
+        return {}
     ds = wds.WebDataset([str(out / n) for n in names], shardshuffle=False)
     return {s["__key__"]: (s["bin"], json.loads(s["json"])) for s in ds}
 
@@ -31,11 +33,52 @@ def test_round_trip_exact_bytes(tmp_path):
     assert m["splits"]["val"]["samples"] >= 1 and m["splits"]["train"]["samples"] >= 1
 
 
-def test_split_is_deterministic_and_stable_under_additions(tmp_path):
+def test_split_is_deterministic(tmp_path):
     a = write_shards([SAMPLES / "files"], tmp_path / "a", codec="raw", val_fraction=0.3, progress=False)
     b = write_shards([SAMPLES / "files"], tmp_path / "b", codec="raw", val_fraction=0.3, progress=False)
     assert read_back(tmp_path / "a", "val").keys() == read_back(tmp_path / "b", "val").keys()
     assert a["splits"] == b["splits"]
+
+
+def splits_by_source(out: Path) -> dict[str, str]:
+    return {meta["source"]: split for split in ("train", "val") for _, meta in read_back(out, split).values()}
+
+
+def test_adding_files_never_moves_another_sample_between_splits(tmp_path):
+    import hashlib
+
+    from mmbytes.shards import split_hash
+
+    def h(p: Path) -> float:  # the split hash of the file's only sample
+        return split_hash(hashlib.sha1(f"d/{p.name}#0".encode()).hexdigest())
+
+    # real files, added so that each new one hashes lowest so far: a rule that held back the lowest-hash sample for
+    # validation would move the previous one to training at every step
+    pool = sorted(sorted(p for p in (SHARED / "files").iterdir() if p.suffix == ".py")[:20], key=h, reverse=True)
+    folder = tmp_path / "d"
+    folder.mkdir()
+    before: dict[str, str] = {}
+    for i, src in enumerate(pool):  # add the real files one at a time, rewriting the shards after each
+        shutil.copy(src, folder / src.name)
+        if i < 4:
+            continue
+        write_shards([folder], tmp_path / "s", codec="raw", val_fraction=0.05, progress=False)
+        now = splits_by_source(tmp_path / "s")
+        assert len(now) == i + 1
+        assert {k: now[k] for k in before} == before  # every earlier file stays where it was
+        before = now
+
+
+def test_validation_fraction_per_modality_and_modalities_without_validation_are_named(tmp_path):
+    sources = [SAMPLES / "audio", SAMPLES / "files"]
+    m = write_shards(sources, tmp_path / "a", codec="auto", val_fraction={"audio": 1.0, "default": 0.0},
+                     codec_options={"audio": {"sample_rate": 8000}}, progress=False)
+    split = {meta["modality"]: s for s in ("train", "val") for _, meta in read_back(tmp_path / "a", s).values()}
+    assert m["modalities"]["audio"]["val_samples"] == 5 and split["audio"] == "val"
+    assert not m["modalities"]["raw"].get("val_samples") and m["no_val"] == []  # a fraction of 0 asks for none
+    m = write_shards(sources, tmp_path / "b", codec="auto", val_fraction={"raw": 0.0, "default": 0.001},
+                     codec_options={"audio": {"sample_rate": 8000}}, progress=False)
+    assert m["no_val"] == ["audio", "text"]
 
 
 def test_big_text_is_chunked_at_newlines_and_split(tmp_path):

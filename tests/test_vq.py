@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from mmbytes.cli import main, run_cli
+from mmbytes.metrics import PER_DIM_NAME
 from mmbytes.vq import VQVAE, CodePrior, VectorQuantizer
 from mmbytes.vq import measures as M
-from mmbytes.vq.lit import bits_per_dim_of_codes
+from mmbytes.vq.lit import code_nats
 from mmbytes.vq.quantizer import usage_and_perplexity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,11 +117,15 @@ def test_prior_cached_sampling_equals_uncached_logits():
 
 
 def test_bits_per_dimension_by_hand():
+    """``code_nats`` is what `mmbytes compare` scores the codes with."""
     p = CodePrior(codebook_size=512, d=16, n_layer=1, n_head=2)
+    codes = torch.randint(0, 512, (2, 64))  # two 8x8 grids for 32x32x3 images
+    with torch.no_grad():  # in windows of 10 codes: 6 of 10 and one of 4, each scored on its own
+        by_hand = sum(p.nll(codes[:, s : s + 10]).sum().item() for s in range(0, 64, 10))
+    assert code_nats(p, codes, context=10) == pytest.approx(by_hand, rel=1e-6)
+    assert code_nats(p, codes) == pytest.approx(p.nll(codes).sum().item(), rel=1e-6)
     torch.nn.init.zeros_(p.head.weight)  # uniform over 512 codes: 9 bits per code
-    codes = torch.randint(0, 512, (64,))  # an 8x8 grid for a 32x32x3 image
-    assert bits_per_dim_of_codes(p, codes, 32 * 32 * 3) == pytest.approx(64 * 9 / 3072, rel=1e-5)
-    assert bits_per_dim_of_codes(p, codes, 3072, context=10) == pytest.approx(0.1875, rel=1e-5)
+    assert M.bits_per_dim(code_nats(p, codes), 2 * 32 * 32 * 3) == pytest.approx(64 * 9 / 3072, rel=1e-5)
     assert M.bits_per_dim(100 * math.log(2), 50) == pytest.approx(2.0)  # nats -> bits, per dimension
     with pytest.raises(ValueError):
         M.bits_per_dim(1.0, 0)
@@ -162,10 +167,11 @@ def fit(recipe: str, tmp: Path, *extra: str) -> Path:
 SETUPS = {
     "image": {"sources": ROOT / "samples" / "images", "codec": "image",
               "options": {"size": 16, "channels": 3, "order": "patch", "tile": 4}, "seq_len": 768,
-              "vq": ["--model.downsample", "4"], "prior": [], "compare": []},
+              "vq": ["--model.downsample", "4"], "prior": [], "compare": [], "val_fraction": "0.3"},
     "audio": {"sources": ROOT / "samples" / "audio", "codec": "audio", "options": {"sample_rate": 8000},
               "seq_len": 1600, "vq": ["--data.crop", "800", "--model.downsample", "8"],
-              "prior": ["--data.crop", "800", "--model.context", "100"], "compare": ["--seconds", "0.05"]},
+              "prior": ["--data.crop", "800", "--model.context", "100"], "compare": ["--seconds", "0.05"],
+              "val_fraction": "0.75"},  # the split is a hash of each sample: one of the 5 clips hashes below 0.75
 }
 
 
@@ -177,7 +183,7 @@ def compared(request, tmp_path_factory):
     data = tmp / "shards"
     common = ["--data.sources", json.dumps([str(s["sources"])]), "--data.data_dir", str(data),
               "--data.codec", s["codec"], "--data.codec_options", json.dumps(s["options"]),
-              "--data.val_fraction", "0.3", "--data.batch_size", "4", "--data.train_batches_per_epoch", "4",
+              "--data.val_fraction", s["val_fraction"], "--data.batch_size", "4", "--data.train_batches_per_epoch", "4",
               "--trainer.max_steps", "4"]
     byte_args = [*common, "--data.seq_len", str(s["seq_len"]), "--model.size", "debug", "--model.overrides", "{}",
                  "--trainer.callbacks", json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -247,16 +253,15 @@ def test_compare_uses_the_same_validation_files_as_validation(compared, tmp_path
     ckpt, args = compared["byte"]
     cli = run_cli(["validate", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--data.num_workers", "0",
                    *args, "--trainer.logger", "false", "--trainer.callbacks", "[]", "--ckpt_path", str(ckpt)])
-    assert cli.trainer.callback_metrics[f"val/bpd_{m}"].item() == pytest.approx(
+    per_dim = PER_DIM_NAME[m]  # val/bpd_image, val/bits_per_sample_audio
+    assert cli.trainer.callback_metrics[f"val/{per_dim}"].item() == pytest.approx(
         float(rows["byte model"]["bits_per_dim"]), rel=1e-4)
     ckpt, recipe, args = compared["prior"]
     cli = run_cli(["validate", "--config", str(ROOT / "recipes" / recipe), "--data.num_workers", "0", *args,
                    "--trainer.logger", "false", "--trainer.callbacks", "[]", "--ckpt_path", str(ckpt)])
-    if m == "image":  # whole images both ways; audio validation scores 0.1 s crops, compare whole clips
-        assert cli.trainer.callback_metrics["val/bpd_image"].item() == pytest.approx(
-            float(rows["VQ (lossy)"]["bits_per_dim"]), rel=1e-4)
-    else:
-        assert cli.trainer.callback_metrics["val/bpd_audio"].item() > 0
+    # images whole both ways; audio in the prior's 0.1 s crops both ways
+    assert cli.trainer.callback_metrics[f"val/{per_dim}"].item() == pytest.approx(
+        float(rows["VQ (lossy)"]["bits_per_dim"]), rel=1e-4)
 
 
 def test_compare_refuses_a_wrong_checkpoint_naming_it(compared, tmp_path):

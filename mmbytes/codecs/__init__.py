@@ -58,5 +58,3 @@ def get_codec(name: str, **options):
         raise OptionError(f"unknown codec {name!r}; known: {', '.join(codecs)}")
     return codecs[name](**options)
 
-
-CODECS = ("text", "raw", "image", "audio", "auto", "idx")

@@ -1,6 +1,6 @@
 """Audio codec: WAV/FLAC/OGG -> mono 16-bit PCM at one sample rate -> little-endian int16 bytes.
 
-Both bytes of every sample are modeled (MEGABYTE section 7): no mu-law, no 65,536-way softmax. Input that is not
+Both bytes of every sample are modeled (MEGABYTE section 8): no mu-law, no 65,536-way softmax. Input that is not
 already mono 16-bit PCM at the target rate is converted and the conversions are recorded in the metadata, or refused
 with a message naming the file when ``convert`` is False.
 """

@@ -157,12 +157,8 @@ def to_8bit(im, rawmode: str, changes: list[str]):
 
 
 def resize_center_crop(im, size: tuple[int, int]):
-    """Scale so the image covers (H, W), then crop the centre. Only the centre box is resampled, so an extreme aspect
-    ratio (a 1 x 100,000 picture) costs no more memory than the output."""
-    from PIL import Image
+    """The centre of the image at (H, W): the largest centred crop of its aspect, resized (``PIL.ImageOps.fit``)."""
+    from PIL import Image, ImageOps
 
     H, W = size
-    scale = max(H / im.height, W / im.width)
-    bw, bh = W / scale, H / scale  # the part of the source that ends up in the output
-    left, top = (im.width - bw) / 2, (im.height - bh) / 2
-    return im.resize((W, H), Image.Resampling.BICUBIC, box=(left, top, left + bw, top + bh))
+    return ImageOps.fit(im, (W, H), Image.Resampling.BICUBIC)

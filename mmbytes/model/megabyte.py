@@ -83,6 +83,10 @@ class MegabyteConfig:
     """Sliding-window attention of the global model, in its positions (bytes for ``transformer``): each position
     sees itself and the ``window - 1`` before it; 0: full causal attention. BLT's entropy model is a windowed byte
     transformer (Pagnoni et al., 2024: window 512)."""
+    tied_head: bool = False
+    """The output head reuses the last stage's byte embedding matrix (the local one; the global one in
+    ``arch: transformer``), as the paper's output equation does (softmax of E^local-embed times the local output).
+    Off by default: a separate head matrix (256 x D_L more parameters), as every model trained here so far."""
     vocab_size: int = 256
     """Byte values. All 256 are data: none is reserved for padding."""
 
@@ -169,7 +173,7 @@ SIZES: dict[str, MegabyteConfig] = {
 }
 
 LEGACY = {"window": 0, "token_shift": False, "embed_std": 0.02, "patch_embed": "concat", "d_embed": 0,
-          "global_to_local": "slice"}
+          "global_to_local": "slice", "tied_head": False}
 """Values of fields that configs stored before the field existed were trained with (the paper's form)."""
 
 
@@ -213,12 +217,18 @@ class Megabyte(nn.Module):
         else:
             self.local_model = None
         self.head = nn.Linear(DL if c.n_layer_local else DG, c.vocab_size, bias=False)
+        if c.tied_head:
+            table = self.local_embed if c.n_layer_local else self.global_embed
+            if table.embedding_dim != self.head.in_features:
+                raise ValueError(f"tied_head needs byte embeddings as wide as the head ({self.head.in_features}); "
+                                 f"they are {table.embedding_dim} wide (patch_embed: project with d_embed?)")
+            self.head.weight = table.weight  # one (256, D) matrix: embedding in, logits out
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         std = self.config.embed_std
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and not (m is self.head and self.config.tied_head):  # tied: an embedding
                 nn.init.normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -300,21 +310,34 @@ class Megabyte(nn.Module):
         """
         return chunked_nll(self.head.weight, self.hidden(x), x, mask, chunk)
 
-    def nll_strided(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768) -> Tensor:
-        """Strided inference (paper section 3.3): a second pass offset by P/2 bytes, and each byte scored by the
-        pass in which it sits in the later half of its patch, i.e. with more local context. Twice the cost."""
+    def nll_strided(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768,
+                    rule: Literal["paper", "later"] = "paper") -> Tensor:
+        """Strided inference (paper section 2.3.3): a second pass over the bytes from P/2 on, whose patches are
+        offset by s = P/2, and each byte scored by one of the two passes. Twice the cost.
+
+        ``rule="paper"``: as in the paper, which observes that the loss rises toward the end of a patch, each byte is
+        taken from the pass in which it sits in the *first* P/2 positions of its patch. ``rule="later"``: from the pass
+        in which it sits in the later half (more bytes of its own patch as local context; on a small trained model
+        the per-position loss fell along the patch, so this rule can score better there; see the README).
+
+        The second pass starts at byte s: bytes 0..s-1 are not context for any byte it scores (a window's first s
+        bytes would otherwise form a partial patch that training never shows the model). Those first s bytes always
+        come from the first pass, whatever the rule.
+        """
+        if rule not in ("paper", "later"):
+            raise ValueError(f"strided inference rule must be 'paper' or 'later', got {rule!r}")
         P = self.config.patch_size
         first = self.nll(x, chunk=chunk)
         s = P // 2
         if s == 0 or x.shape[1] <= s:
             out = first
         else:
-            second = self.nll(x[:, s:], chunk=chunk)  # byte t sits at t - s, patch index (t - s) % P
-            late = torch.arange(x.shape[1], device=x.device) % P >= s
-            late[:s] = True  # the second pass never sees the first s bytes
-            out = torch.where(late, first, F.pad(second, (s, 0)))
+            second = self.nll(x[:, s:], chunk=chunk)  # byte t sits at t - s, patch position (t - s) % P
+            pos = torch.arange(x.shape[1], device=x.device) % P  # position of byte t in its first-pass patch
+            keep_first = pos < s if rule == "paper" else pos >= s
+            keep_first[:s] = True  # the second pass never sees the first s bytes
+            out = torch.where(keep_first, first, F.pad(second, (s, 0)))
         return out if mask is None else torch.where(mask, out, 0.0)
-
 
     # -- training FLOPs, counted as computed (``torch.utils.flop_counter`` agrees; see tests/test_interface.py)
 

@@ -11,7 +11,6 @@ The VQ-VAE is kept out of the prior's state dict, so a prior checkpoint holds th
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from torchmetrics.image import PeakSignalNoiseRatio
 
 from mmbytes.checkpoint import load_checkpoint
 from mmbytes.codecs import modality_id
-from mmbytes.lit import warmup_cosine
+from mmbytes.lit import adamw_warmup_cosine, param_groups
 from mmbytes.metrics import BYTES_PER_DIM, BitsPerByte
 from mmbytes.vq.measures import to_pixels
 from mmbytes.vq.models import VQVAE, CodePrior
@@ -35,14 +34,9 @@ PRIOR_ARGS = ("codebook_size", "d", "n_layer", "n_head", "mlp_ratio", "dropout")
 
 
 def _optimizer(module: L.LightningModule, lr: float, weight_decay: float, warmup: int, min_ratio: float):
-    hp = module.hparams
-    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(hp.betas))
-    total = max(1, int(module.trainer.estimated_stepping_batches))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total, min_ratio))
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    """The byte model's optimizer and schedule; weight decay on every matrix (embeddings included)."""
+    groups = param_groups(module, weight_decay, decay_embeddings=True)
+    return adamw_warmup_cosine(module, groups, lr, module.hparams.betas, warmup, min_ratio)
 
 
 class VQVAEModule(L.LightningModule):
@@ -224,7 +218,7 @@ class VQPriorModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         for name, value in self.bits.compute().items():
-            if name.startswith("bpd_"):  # bits of the codes per original dimension: the rate
+            if name != "bpb":  # bits of the codes per original byte and dimension: the rate
                 self.log(f"val/{name}", value, prog_bar=True)
         self.bits.reset()
 
@@ -258,13 +252,10 @@ def load_prior(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     return model.eval(), dict(hp)
 
 
-def bits_per_dim_of_codes(prior: CodePrior, codes: torch.Tensor, dims: int, context: int | None = None) -> float:
-    """One item's code sequence (N,) -> bits per original dimension under the prior, scored in consecutive windows
-    of ``context`` codes when it is longer."""
-    n = codes.numel()
+def code_nats(prior: CodePrior, codes: torch.Tensor, context: int | None = None) -> float:
+    """Nats of code sequences (B, N) under the prior, summed, each scored in consecutive windows of ``context`` codes
+    when it is longer (``mmbytes compare``; ``measures.bits_per_dim`` turns them into bits per original dimension)."""
+    n = codes.shape[-1]
     step = context or n
-    nats = 0.0
     with torch.no_grad():
-        for s in range(0, n, step):
-            nats += prior.nll(codes[None, s : s + step]).sum().item()
-    return nats / math.log(2) / dims
+        return sum(prior.nll(codes[:, s : s + step]).sum().item() for s in range(0, n, step))
