@@ -34,7 +34,10 @@ def test_image_tiles_fit_the_model_patches_in_every_recipe(recipe):
     init = r["model"]["init_args"]
     if "size" not in init:
         pytest.skip("not a byte model")
-    P = getattr(config_from_name(init["size"], **(init.get("overrides") or {})), "patch_size", None)
+    config = config_from_name(init["size"], **(init.get("overrides") or {}))
+    if getattr(config, "patching", "fixed") != "fixed":
+        pytest.skip("patches follow the bytes (SpaceByte's words, BLT's entropy), not fixed tiles")
+    P = config.patch_size
     data = r["data"]["init_args"]
     for s in data.get("sets", [data]):
         options = s.get("codec_options") or {}
@@ -43,7 +46,7 @@ def test_image_tiles_fit_the_model_patches_in_every_recipe(recipe):
             continue
         tile = image.get("tile", 4) ** 2 * (1 if s["codec"] == "idx" else image.get("channels", 3))
         assert tile % P == 0 or P % tile == 0, f"{tile}-byte tiles, P = {P}"
-        assert s.get("patch_size", data.get("patch_size")) == P
+        assert s.get("patch_size", data.get("patch_size", 1)) == P  # 1: the datamodule's default
 
 
 @pytest.mark.parametrize("recipe,size", [("transformer.yaml", "transformer-small"),
