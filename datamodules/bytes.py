@@ -355,9 +355,13 @@ def check_loader_options(seq_len: int, batch_size: int, num_workers: int, shuffl
                                ("interleave", interleave, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise OptionError(f"data.{name} must be a whole number of at least {least}, not {value!r}")
-    for v in (val_fraction.values() if isinstance(val_fraction, dict) else [val_fraction]):
-        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1:
+    fractions = val_fraction if isinstance(val_fraction, dict) else {"default": val_fraction}
+    for name, v in fractions.items():  # one modality may go to validation whole (1), the default may not
+        number = not isinstance(v, bool) and isinstance(v, int | float)
+        if name == "default" and not (number and 0 <= v < 1):
             raise OptionError(f"data.val_fraction must be at least 0 and less than 1, not {v!r}")
+        if name != "default" and not (number and 0 <= v <= 1):
+            raise OptionError(f"data.val_fraction of {name} must be between 0 and 1, not {v!r}")
 
 
 def collate(seq_len: int):

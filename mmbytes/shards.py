@@ -287,9 +287,12 @@ def prepare_out(out: Path, sources: list[str | Path]) -> None:
 
 def check_options(val_fraction: float | dict[str, float], max_shard_bytes: int, max_file_bytes: int,
                   chunk_bytes: int | None, workers: int) -> None:
-    for v in (val_fraction.values() if isinstance(val_fraction, dict) else [val_fraction]):
-        if not 0 <= v < 1:
-            raise OptionError(f"val_fraction must be in [0, 1), not {v}")
+    if isinstance(val_fraction, dict):  # one modality may go to validation whole; all of them may not
+        if not all(0 <= v <= 1 for v in val_fraction.values()) or val_fraction.get("default", 0.1) >= 1:
+            raise OptionError(f"val_fraction per modality must be in [0, 1] (the default in [0, 1)), not "
+                              f"{val_fraction}")
+    elif not 0 <= val_fraction < 1:
+        raise OptionError(f"val_fraction must be in [0, 1), not {val_fraction}")
     if max_shard_bytes < 1 or max_file_bytes < 1:
         raise OptionError(f"shard and file size limits must be positive, not {max_shard_bytes} and {max_file_bytes}")
     if chunk_bytes is not None and chunk_bytes < 1:
