@@ -5,6 +5,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 
 from datamodules import ByteDataModule
 from mmbytes.callbacks import FlopBudget
@@ -57,3 +58,77 @@ def test_flop_budget_without_budget_only_counts(shards, tmp_path):
     _trainer(tmp_path, [counter], max_steps=2).fit(model, data)
     assert counter.flops == pytest.approx(model.model.flops_per_byte(64) * 2 * 2 * 64, rel=1e-12)
     assert math.isfinite(counter.flops)
+
+
+# -- the BPE baseline
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from mmbytes.model.bpe import train_tokenizer
+
+    text = (ROOT / "samples" / "text" / "tinyshakespeare.txt").read_bytes()[:100_000]
+    return train_tokenizer([text], 512)
+
+
+def test_bpe_bits_per_byte_equal_a_hand_computation_on_a_short_text(tokenizer):
+    from tokenizers import Tokenizer
+
+    from mmbytes.model.bpe import to_chars
+
+    lm = ByteLM(size="bpe-debug")
+    model = lm.model
+    model.set_tokenizer(*tokenizer)
+    texts = ["First Citizen:\nWe are accounted poor citizens, the patricians good.", "Caf\u00e9 \u00e0 deux\x00\xff"]
+    rows = [t.encode("utf-8") if i == 0 else t.encode("utf-8") + b"\xfe\x80" for i, t in enumerate(texts)]
+    T = max(map(len, rows)) + 3
+    x = torch.zeros(2, T, dtype=torch.uint8)
+    mask = torch.zeros(2, T, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        x[i, : len(r)] = torch.tensor(list(r))
+        mask[i, : len(r)] = True
+    got = lm.predict_step({"x": x, "mask": mask, "modality": torch.zeros(2, dtype=torch.long)}, 0)
+    hf = Tokenizer.from_str(tokenizer[0])
+    with torch.no_grad():
+        for i, r in enumerate(rows):
+            ids = hf.encode(to_chars(r), add_special_tokens=False).ids
+            assert model.tokenizer.decode(ids) == r  # byte level: every byte is covered, non-UTF-8 included
+            assert len(ids) < len(r)  # merges were learned
+            inputs = torch.tensor([[model.bos, *ids[:-1]]])
+            logp = model.head(model.transformer(model.embed(inputs))).log_softmax(-1)[0]  # (N, V)
+            nats = -sum(float(logp[j, t]) for j, t in enumerate(ids))
+            assert float(got["nats"][i]) == pytest.approx(nats, rel=1e-5)
+            assert int(got["count"][i]) == len(r)
+            assert float(got["bpb"][i]) == pytest.approx(nats / len(r) / math.log(2), rel=1e-5)
+            # each token's nats sit at its last byte; padding and the other bytes of a token get none
+            per_byte = model.nll(x, mask)[i]
+            ends = torch.tensor([len(model.tokenizer.decode(ids[: j + 1])) - 1 for j in range(len(ids))])
+            assert set(per_byte.nonzero().squeeze(1).tolist()) == set(ends.tolist())
+    assert model.flops_per_byte(1024) == pytest.approx(
+        build_flops_per_token(model, 1024 / tokenizer[1]) / tokenizer[1], rel=1e-12)
+
+
+def build_flops_per_token(model, n_tokens: float) -> float:
+    """Training FLOPs per token of the token Transformer at n_tokens per window, written out."""
+    c = model.config
+    d, hidden = c.d_model, int(c.d_model * c.mlp_ratio)
+    per_layer = 2 * 4 * d * d + 2 * 2 * d * hidden + 4 * n_tokens * d
+    return 3 * (c.n_layer * per_layer + 2 * d * c.vocab_size)
+
+
+def test_bpe_trains_its_tokenizer_on_the_training_split_keeps_it_in_the_checkpoint_and_samples_bytes(shards, tmp_path):
+    from mmbytes.checkpoint import load_model
+    from mmbytes.sample import sample_bytes
+
+    data = ByteDataModule(data_dir=str(shards), seq_len=128, batch_size=2, train_batches_per_epoch=2)
+    lm = ByteLM(size="bpe-debug", warmup_steps=1)
+    assert not lm.model.trained_tokenizer and lm.model.bytes_per_token == 1.0
+    trainer = _trainer(tmp_path, [FlopBudget()], max_steps=2)
+    trainer.fit(lm, data)
+    assert lm.model.trained_tokenizer and 1.5 < lm.model.bytes_per_token < 4
+    assert 1.5 < float(trainer.callback_metrics["train/bytes_per_token"]) < 4
+    trainer.save_checkpoint(tmp_path / "bpe.ckpt")
+    model, _ = load_model(tmp_path / "bpe.ckpt")
+    assert model.tokenizer.json == lm.model.tokenizer.json and model.bytes_per_token == lm.model.bytes_per_token
+    samples = sample_bytes(model, 2, 40, b"First", seed=1)
+    assert [len(s) for s in samples] == [40, 40] and all(s.startswith(b"First") for s in samples)
