@@ -122,6 +122,9 @@ class FlopBudget(L.Callback):
         if stage != "fit":
             return
         seq_len, batch_size = self._window(trainer)
+        # callbacks are set up before the module; a module whose FLOPs depend on what it prepares for training (the
+        # BPE baseline's tokenizer sets its bytes per token) prepares it now
+        getattr(pl_module, "prepare_model", lambda stage: None)(stage)
         self.flops_per_byte = float(pl_module.model.flops_per_byte(seq_len))
         if self.budget is None:
             return

@@ -4,6 +4,7 @@
     mmbytes shards samples/ --out data/mine --codec auto
     mmbytes sample --ckpt runs/quickstart/version_0/checkpoints/last.ckpt --modality text --num 4 --out out/
     mmbytes calibrate --ckpt ENTROPY.ckpt --data data/mixed --out runs/entropy_calibrated
+    mmbytes study --data data/text --budget 3e13 --models small,transformer-small,bpe-small --out runs/study
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ EXTRA = {
     "compare": ("mmbytes.compare", "byte model vs VQ-VAE + prior on the same validation files: report, plots"),
     "calibrate": ("mmbytes.entropy:calibrate_main", "BLT: per-modality entropy thresholds for a mean patch size"),
     "patches": ("mmbytes.entropy:patches_main", "BLT: PNG of a file's entropy curve and patch boundaries"),
+    "study": ("mmbytes.study", "models at one training-FLOP budget on the same shards: report, bpb against FLOPs"),
 }
 
 

@@ -87,10 +87,17 @@ class ByteLM(L.LightningModule):
         return self.model(x)
 
     def setup(self, stage: str) -> None:
+        self.prepare_model(stage)
+
+    def prepare_model(self, stage: str) -> None:
         """The BPE baseline's tokenizer: trained on the training split (or read from ``tokenizer``) at the start of a
-        fresh ``fit``; a resumed or loaded model has it from its checkpoint."""
+        fresh ``fit``; a resumed or loaded model has it from its checkpoint. Done once; ``FlopBudget`` calls it from
+        its own ``setup`` (callbacks are set up before the module), since the tokenizer sets the FLOPs per byte."""
         if stage != "fit" or not hasattr(self.model, "set_tokenizer") or self.trainer.ckpt_path:
             return
+        if getattr(self, "_prepared", False):
+            return
+        self._prepared = True
         from mmbytes.model import bpe
 
         samples = getattr(self.trainer.datamodule, "train_samples", None)

@@ -132,3 +132,68 @@ def test_bpe_trains_its_tokenizer_on_the_training_split_keeps_it_in_the_checkpoi
     assert model.tokenizer.json == lm.model.tokenizer.json and model.bytes_per_token == lm.model.bytes_per_token
     samples = sample_bytes(model, 2, 40, b"First", seed=1)
     assert [len(s) for s in samples] == [40, 40] and all(s.startswith(b"First") for s in samples)
+
+
+def test_the_flop_budget_counts_the_trained_tokenizers_bytes_per_token(shards, tmp_path):
+    data = ByteDataModule(data_dir=str(shards), seq_len=128, batch_size=2, train_batches_per_epoch=2)
+    lm = ByteLM(size="bpe-debug")
+    counter = FlopBudget()
+    _trainer(tmp_path, [counter], max_steps=1).fit(lm, data)
+    assert lm.model.bytes_per_token > 1.5
+    assert counter.flops_per_byte == pytest.approx(lm.model.flops_per_byte(128), rel=1e-12)
+
+
+# -- mmbytes study
+
+
+def _study_args(shards, out, models: str, budget: str = "2e8") -> list[str]:
+    return ["study", "--data", str(shards), "--budget", budget, "--models", models, "--out", str(out),
+            "--seq-len", "64", "--batch-size", "2", "--evals", "1", "--val-batches", "4"]
+
+
+def test_a_tiny_study_writes_its_report_and_a_resumed_study_trains_only_the_rest(shards, tmp_path):
+    import csv
+
+    from PIL import Image
+
+    from mmbytes import study
+
+    out = tmp_path / "study"
+    first = study.main(_study_args(shards, out, "debug")[1:])
+    assert first["trained"] == ["debug/seed0"]
+    done = out / "runs" / "debug" / "seed0" / "result.json"
+    stamp = done.stat().st_mtime_ns
+    second = study.main(_study_args(shards, out, "debug,bpe-debug")[1:])
+    assert second["trained"] == ["bpe-debug/seed0"]  # the finished run is read, not redone
+    assert done.stat().st_mtime_ns == stamp
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert [r["model"] for r in rows] == ["debug", "bpe-debug"]
+    for r in rows:
+        assert 0 < float(r["val/bpb"]) < 9 and float(r["val/bpb"]) == pytest.approx(float(r["val/bpb_text"]))
+        per_step = float(r["flops_per_byte"]) * 64 * 2
+        assert 2e8 <= float(r["flops"]) < 2e8 + per_step  # the budget is spent, by less than one step more
+        assert float(r["flops"]) == pytest.approx(float(r["flops_per_byte"]) * float(r["bytes"]), rel=1e-9)
+    assert float(rows[1]["bytes_per_token"]) > 1.5 and float(rows[0]["patch_size"]) == 4
+    report = (out / "report.md").read_text()
+    assert "| debug |" in report and "| bpe-debug |" in report and "bpb_vs_flops.png" in report
+    assert Image.open(out / "bpb_vs_flops.png").size[0] > 300
+    assert list((out / "runs" / "bpe-debug" / "seed0" / "logs").glob("events.out.tfevents.*"))
+    with pytest.raises(SystemExit, match="other settings"):  # another budget in the same folder is refused
+        study.main(_study_args(shards, out, "debug", budget="3e8")[1:])
+
+
+@pytest.mark.slow
+def test_a_study_of_every_architecture_trains_blts_entropy_model_first(shards, tmp_path):
+    import csv
+
+    from mmbytes.cli import main
+
+    out = tmp_path / "study"
+    main(_study_args(shards, out, "transformer-debug,spacebyte-debug,blt-debug,blt-fixed-debug", budget="2e8")
+         + ["--seeds", "2"])
+    rows = {r["model"]: r for r in csv.DictReader((out / "report.csv").open())}
+    assert set(rows) == {"transformer-debug", "spacebyte-debug", "blt-debug", "blt-fixed-debug"}
+    assert all(r["seeds"] == "2" and r["val/bpb_std"] for r in rows.values())
+    assert float(rows["blt-debug"]["entropy_flops_per_byte"]) > 0
+    assert (out / "entropy" / "blt-entropy-debug" / "result.json").exists()
+    assert "entropy model `blt-entropy-debug`" in (out / "report.md").read_text()
