@@ -18,7 +18,8 @@ stored in each run's checkpoint. BLT models with entropy patches first train the
 their config) on the same shards for ``--entropy-budget`` FLOPs and calibrate its thresholds for the model's mean
 patch size (``OUT/entropy/``), or take a calibrated one with ``--entropy-ckpt``. The entropy model's forward runs in
 every BLT training step and is part of BLT's FLOPs per byte, so the budget includes it; the entropy model's own
-training is not in the budget and is reported separately.
+training is not in the budget and is reported separately. SpaceByte's cap on global positions is set for the
+study's sequence length (``context = --seq-len``).
 """
 
 from __future__ import annotations
@@ -353,6 +354,10 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     for size in models:
         config = config_from_name(size)
         kwargs: dict[str, Any] = {}
+        if config.arch == "spacebyte" and config.context != args.seq_len:
+            # SpaceByte's cap on global positions (context x global_ratio) is set for the training length
+            kwargs["overrides"] = {"context": args.seq_len}
+            config = config_from_name(size, **kwargs["overrides"])
         estimate = build(config)
         if config.arch == "bpe":
             path, per_token = tokenizer_for(size, args)
