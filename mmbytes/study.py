@@ -140,10 +140,12 @@ def train_run(size: str, seed: int, budget: float, run_dir: Path, args: argparse
 
 
 def mean_patch(model: torch.nn.Module, train_metrics: dict[str, float]) -> float | None:
-    """Bytes per patch: measured in training where patches vary (BLT), else fixed by the config; None without
-    patches (byte Transformer, SpaceByte's word patches are not logged)."""
+    """Bytes per patch: measured in training where patches vary (BLT, SpaceByte: the last training batch), else
+    fixed by the config; None without patches (byte Transformer, BPE: see its bytes per token)."""
     if "train/patch_size" in train_metrics:
         return train_metrics["train/patch_size"]
+    if train_metrics.get("train/spacebyte_global_share"):  # SpaceByte: bytes per global position, cap included
+        return 1 / train_metrics["train/spacebyte_global_share"]
     c = model.config
     if c.arch == "megabyte" or (c.arch == "blt" and c.patching == "fixed"):
         return float(c.patch_size)
