@@ -197,3 +197,20 @@ def test_a_study_of_every_architecture_trains_blts_entropy_model_first(shards, t
     assert float(rows["blt-debug"]["entropy_flops_per_byte"]) > 0
     assert (out / "entropy" / "blt-entropy-debug" / "result.json").exists()
     assert "entropy model `blt-entropy-debug`" in (out / "report.md").read_text()
+
+
+def test_bpe_flops_per_byte_match_the_flop_counter(tokenizer):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmbytes.model import build
+
+    model = build("bpe-debug").train()
+    model.set_tokenizer(*tokenizer)
+    T = 1024
+    x = torch.tensor(list((ROOT / "samples" / "text" / "tinyshakespeare.txt").read_bytes()[5000 : 5000 + T]))[None]
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model.nll(x).sum().backward()
+    n_tokens = int(model.tokenize(x)[2].sum())
+    model.bytes_per_token = T / n_tokens  # this window's own bytes per token
+    assert model.flops_per_byte(T) == pytest.approx(counter.get_total_flops() / T, rel=0.10)
