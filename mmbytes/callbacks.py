@@ -109,6 +109,7 @@ class FlopBudget(L.Callback):
         self.bytes = 0
         self.flops_per_byte = 0.0
         self.steps: int | None = None
+        self._trainer: L.Trainer | None = None
 
     def _window(self, trainer: L.Trainer) -> tuple[int, int]:
         """(seq_len, batch_size) of the training windows."""
@@ -121,13 +122,19 @@ class FlopBudget(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        seq_len, batch_size = self._window(trainer)
+        seq_len, _ = self._window(trainer)
         # callbacks are set up before the module; a module whose FLOPs depend on what it prepares for training (the
         # BPE baseline's tokenizer sets its bytes per token) prepares it now
         getattr(pl_module, "prepare_model", lambda stage: None)(stage)
         self.flops_per_byte = float(pl_module.model.flops_per_byte(seq_len))
+        self._trainer = trainer
+        self._plan(trainer)
+
+    def _plan(self, trainer: L.Trainer) -> None:
+        """``max_steps``: the steps the budget pays for, rounded up."""
         if self.budget is None:
             return
+        seq_len, batch_size = self._window(trainer)
         if not batch_size:
             raise ValueError("FlopBudget with a budget needs the datamodule's batch_size to plan the steps")
         per_step = self.flops_per_byte * seq_len * batch_size * trainer.world_size * trainer.accumulate_grad_batches
@@ -156,7 +163,14 @@ class FlopBudget(L.Callback):
                         logger.experiment.add_scalar(f"flops/{name}", float(value), int(self.flops))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"flops": self.flops, "bytes": self.bytes}
+        return {"flops": self.flops, "bytes": self.bytes, "flops_per_byte": self.flops_per_byte}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A resumed run goes on counting at the FLOPs per byte it started with (a BPE model's tokenizer, which sets
+        them, comes back from the checkpoint after ``setup``); restored before ``configure_optimizers``, so the
+        schedule is planned with them too."""
         self.flops, self.bytes = float(state["flops"]), int(state["bytes"])
+        if state.get("flops_per_byte"):
+            self.flops_per_byte = float(state["flops_per_byte"])
+            if getattr(self, "_trainer", None) is not None:
+                self._plan(self._trainer)

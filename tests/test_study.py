@@ -214,3 +214,20 @@ def test_bpe_flops_per_byte_match_the_flop_counter(tokenizer):
     n_tokens = int(model.tokenize(x)[2].sum())
     model.bytes_per_token = T / n_tokens  # this window's own bytes per token
     assert model.flops_per_byte(T) == pytest.approx(counter.get_total_flops() / T, rel=0.10)
+
+
+def test_a_resumed_bpe_run_counts_at_its_own_flops_per_byte_and_plans_the_rest_of_the_budget(shards, tmp_path):
+    data = ByteDataModule(data_dir=str(shards), seq_len=128, batch_size=2, train_batches_per_epoch=50)
+    lm = ByteLM(size="bpe-debug")
+    first = FlopBudget(1.0)  # one step
+    trainer = _trainer(tmp_path, [first], max_epochs=1)
+    trainer.fit(lm, data)
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    fpb = first.flops_per_byte
+    assert trainer.global_step == 1 and lm.model.bytes_per_token > 1.5
+    assert fpb == pytest.approx(lm.model.flops_per_byte(128))
+    more = FlopBudget(fpb * 128 * 2 * 2.5)  # pays for 3 steps at the tokenizer's FLOPs per byte
+    resumed = _trainer(tmp_path, [more], max_epochs=1)
+    resumed.fit(ByteLM(size="bpe-debug"), data, ckpt_path=tmp_path / "one.ckpt")
+    assert more.flops_per_byte == fpb and more.steps == 3 and resumed.global_step == 3
+    assert more.flops == pytest.approx(fpb * 3 * 2 * 128, rel=1e-12)
