@@ -121,7 +121,7 @@ def train_run(size: str, seed: int, budget: float, run_dir: Path, args: argparse
     wall = time.time() - start + (json.loads((run_dir / "wall.json").read_text())["s"]
                                   if last.exists() and (run_dir / "wall.json").exists() else 0.0)
     train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-    trainer.save_checkpoint(last)
+    trainer.save_checkpoint(last, weights_only=False)  # the full state: a study run again finds it done
     (run_dir / "wall.json").write_text(json.dumps({"s": wall}))
     trainer.validate(lm, data, verbose=False)  # the final weights; Curve records the point
     val = {k: v for k, v in curve.rows[-1].items() if k.startswith("val/")}
@@ -280,6 +280,11 @@ def write_report(out: Path, results: list[dict], settings: dict, entropy: dict[s
                             f"{e['params'] / 1e6:.2f}M parameters, trained for {e['flops']:.3g} FLOPs "
                             f"on the same shards, val bpb {e['val/bpb']:.4f}"))
         lines.append("")
+    for meta in sorted((out / "tokenizers").glob("*.meta.json")):
+        m = json.loads(meta.read_text())
+        lines.append(f"BPE tokenizer `tokenizers/{meta.name.removesuffix('.meta.json')}.json`: byte-level BPE of at "
+                     f"most {m['vocab_size']} tokens, trained on the training split, {m['bytes_per_token']:.3f} bytes "
+                     "per token there.")
     lines += ["BPE: bits per byte of the original bytes (a window's token nats / its bytes / ln 2); FLOPs per byte "
               "= FLOPs per token / bytes per token." if any(r.get("bytes_per_token") for r in rows) else "",
               "Per-run figures: `runs.csv`; logs: `runs/<model>/seed<k>/` (TensorBoard, `curve.json`)."]
