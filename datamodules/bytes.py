@@ -487,6 +487,14 @@ class ByteDataModule(L.LightningDataModule):
             partial(self.cut, seed=None),
         )
 
+    def train_samples(self) -> Iterator[bytes]:
+        """Every training sample's bytes once, in shard order (to train a tokenizer on the training split)."""
+        pipeline = wds.DataPipeline(wds.SimpleShardList(self.urls("train")),
+                                    wds.tarfile_to_samples(handler=skip_and_count),
+                                    wds.map(decode, handler=skip_and_count))
+        for data, _ in pipeline:
+            yield data.tobytes()
+
     def train_pipeline(self, epoch: int = 0) -> wds.DataPipeline:
         hp = self.hp
         return wds.DataPipeline(

@@ -1,12 +1,15 @@
-"""Callbacks with side effects: writing generated samples. Rank zero only; the module's mode is left as found."""
+"""Callbacks: writing generated samples (rank zero only; the module's mode is left as found) and counting training
+FLOPs against a budget (``FlopBudget``)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from mmbytes.sample import sample_bytes, sample_length, warn_beyond_training, write_samples
@@ -88,3 +91,93 @@ class SampleWriter(L.Callback):
                 for i, data in enumerate(samples):
                     wave = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
                     writer.add_audio(f"{tag}_{i}", wave[None], step, sample_rate=self.meta["sample_rate"])
+
+
+class FlopBudget(L.Callback):
+    def __init__(self, budget: float | None = None, seq_len: int | None = None) -> None:
+        """Counts training FLOPs and, with a ``budget``, trains until it is spent (compute-matched comparisons, as
+        in the MEGABYTE, SpaceByte and BLT papers: bits per byte against training FLOPs).
+
+        FLOPs = the model's ``flops_per_byte(seq_len)`` x the bytes of every training batch of every process. A batch
+        counts all its window positions, padding included: the model computes on them. The total is logged as
+        ``train/flops`` (summed over processes) and every validation figure is also written to TensorBoard with the
+        FLOPs as its step (``flops/val/bpb``...), so TensorBoard plots bits per byte against compute.
+
+        With a budget the trainer's ``max_steps`` is set in ``setup`` (before ``configure_optimizers``) to the steps
+        the budget pays for, rounded up, so the learning-rate schedule ends where the budget does; ``max_epochs`` is
+        lifted. Training stops at the first step whose total reaches the budget.
+
+        Args:
+            budget: training FLOPs to spend (None: count only).
+            seq_len: bytes per training window; default: the datamodule's ``seq_len``.
+        """
+        self.budget, self.seq_len = budget, seq_len
+        self.flops = 0.0
+        self.bytes = 0
+        self.flops_per_byte = 0.0
+        self.steps: int | None = None
+        self._trainer: L.Trainer | None = None
+
+    def _window(self, trainer: L.Trainer) -> tuple[int, int]:
+        """(seq_len, batch_size) of the training windows."""
+        hp = getattr(trainer.datamodule, "hparams", {}) if trainer.datamodule is not None else {}
+        seq_len = self.seq_len or hp.get("seq_len")
+        if seq_len is None:
+            raise ValueError("FlopBudget needs seq_len (give it, or use a datamodule with a seq_len)")
+        return int(seq_len), int(hp.get("batch_size", 0))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        seq_len, _ = self._window(trainer)
+        # callbacks are set up before the module; a module whose FLOPs depend on what it prepares for training (the
+        # BPE baseline's tokenizer sets its bytes per token) prepares it now
+        getattr(pl_module, "prepare_model", lambda stage: None)(stage)
+        self.flops_per_byte = float(pl_module.model.flops_per_byte(seq_len))
+        self._trainer = trainer
+        self._plan(trainer)
+
+    def _plan(self, trainer: L.Trainer) -> None:
+        """``max_steps``: the steps the budget pays for, rounded up."""
+        if self.budget is None:
+            return
+        seq_len, batch_size = self._window(trainer)
+        if not batch_size:
+            raise ValueError("FlopBudget with a budget needs the datamodule's batch_size to plan the steps")
+        per_step = self.flops_per_byte * seq_len * batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        self.steps = max(1, math.ceil(self.budget / per_step))
+        trainer.fit_loop.epoch_loop.max_steps = self.steps
+        trainer.fit_loop.max_epochs = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = torch.tensor(float(batch["x"].numel()), device=pl_module.device, dtype=torch.float64)
+        n = trainer.strategy.reduce(n, reduce_op="sum")  # every process's bytes
+        self.bytes += int(n)
+        self.flops = self.flops_per_byte * self.bytes
+        pl_module.log("train/flops", self.flops)
+        if self.budget is not None and self.flops >= self.budget * (1 - 1e-9):
+            trainer.should_stop = True
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                for name, value in trainer.callback_metrics.items():
+                    if name.startswith("val/"):
+                        logger.experiment.add_scalar(f"flops/{name}", float(value), int(self.flops))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"flops": self.flops, "bytes": self.bytes, "flops_per_byte": self.flops_per_byte}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A resumed run goes on counting at the FLOPs per byte it started with (a BPE model's tokenizer, which sets
+        them, comes back from the checkpoint after ``setup``); restored before ``configure_optimizers``, so the
+        schedule is planned with them too."""
+        self.flops, self.bytes = float(state["flops"]), int(state["bytes"])
+        if state.get("flops_per_byte"):
+            self.flops_per_byte = float(state["flops_per_byte"])
+            if getattr(self, "_trainer", None) is not None:
+                self._plan(self._trainer)

@@ -5,6 +5,7 @@
     mmbytes sample --ckpt runs/quickstart/version_0/checkpoints/last.ckpt --modality text --num 4 --out out/
     mmbytes calibrate --ckpt ENTROPY.ckpt --data data/mixed --out runs/entropy_calibrated
     mmbytes compress --ckpt runs/quickstart/version_0/checkpoints/last.ckpt notes.txt --out packed/
+    mmbytes study --data data/text --budget 3e13 --models small,transformer-small,bpe-small --out runs/study
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ EXTRA = {
     "patches": ("mmbytes.entropy:patches_main", "BLT: PNG of a file's entropy curve and patch boundaries"),
     "compress": ("mmbytes.compress", "compress files losslessly with a trained model (arithmetic coding) -> .mmbz"),
     "decompress": ("mmbytes.compress:main_decompress", "decompress .mmbz files with the model that compressed them"),
+    "study": ("mmbytes.study", "models at one training-FLOP budget on the same shards: report, bpb against FLOPs"),
 }
 
 

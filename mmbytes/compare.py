@@ -171,106 +171,83 @@ def byte_samples(model, meta: dict, num: int, num_bytes: int, temperature: float
     return [sample_array(np.frombuffer(b, dtype=np.uint8), meta, "byte model sample") for b in out]
 
 
-# -- pictures, with Pillow only
+# -- pictures (matplotlib, the project's plotting library)
 
 
-def _font():
-    from PIL import ImageFont
+def _pyplot():
+    import matplotlib
 
-    return ImageFont.load_default()
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def image_grid(rows: list[tuple[str, list[np.ndarray]]], out: Path, scale: int) -> Path:
-    """Labelled rows of (C, H, W) uint8 images."""
-    from PIL import Image, ImageDraw
-
+    """Labelled rows of (C, H, W) uint8 images, shown pixel for pixel (nearest neighbour) at ``scale``."""
+    plt = _pyplot()
     C, H, W = next(a for _, imgs in rows for a in imgs).shape
-    h, w, gap, label = H * scale, W * scale, 4, 150
     cols = max(len(imgs) for _, imgs in rows)
-    sheet = Image.new("RGB", (label + cols * (w + gap) + gap, len(rows) * (h + gap) + gap), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
+    dpi = 100
+    side = max(H, W) * scale / dpi
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.6 + cols * side * 1.05, len(rows) * side * 1.1), dpi=dpi,
+                             squeeze=False)
     for r, (name, imgs) in enumerate(rows):
-        y = gap + r * (h + gap)
-        draw.text((4, y + h // 2 - 6), name, fill=(0, 0, 0), font=_font())
-        for c, a in enumerate(imgs):
-            pixels = a.transpose(1, 2, 0)
-            im = Image.fromarray(pixels[..., 0] if C == 1 else pixels).convert("RGB")
-            sheet.paste(im.resize((w, h), Image.Resampling.NEAREST), (label + gap + c * (w + gap), y))
-    sheet.save(out)
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(imgs):
+                pixels = imgs[c].transpose(1, 2, 0)  # (H, W, C)
+                ax.imshow(pixels[..., 0] if C == 1 else pixels, cmap="gray" if C == 1 else None, vmin=0, vmax=255,
+                          interpolation="nearest")
+            else:
+                ax.axis("off")
+        axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.subplots_adjust(left=1.5 / fig.get_figwidth(), right=0.99, top=0.98, bottom=0.02, wspace=0.05, hspace=0.1)
+    fig.savefig(out)
+    plt.close(fig)
     return out
 
 
-def wave_grid(rows: list[tuple[str, list[np.ndarray]]], out: Path, w: int = 240, h: int = 64) -> Path:
-    """Labelled rows of int16 waveforms, drawn as min/max envelopes per pixel column."""
-    from PIL import Image, ImageDraw
-
-    gap, label = 4, 150
+def wave_grid(rows: list[tuple[str, list[np.ndarray]]], out: Path) -> Path:
+    """Labelled rows of int16 waveforms on a common -1..1 scale (full scale)."""
+    plt = _pyplot()
     cols = max(len(clips) for _, clips in rows)
-    sheet = Image.new("RGB", (label + cols * (w + gap) + gap, len(rows) * (h + gap) + gap), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.6 + 2.4 * cols, 0.8 * len(rows)), dpi=100, squeeze=False,
+                             sharey=True)
     for r, (name, clips) in enumerate(rows):
-        y0 = gap + r * (h + gap)
-        draw.text((4, y0 + h // 2 - 6), name, fill=(0, 0, 0), font=_font())
-        for c, a in enumerate(clips):
-            x0 = label + gap + c * (w + gap)
-            draw.rectangle([x0, y0, x0 + w - 1, y0 + h - 1], outline=(200, 200, 200))
-            if len(a) == 0:
-                continue
-            v = a.astype(np.float64) / 32768.0
-            edges = np.linspace(0, len(v), w + 1).astype(int)
-            for x in range(w):
-                seg = v[edges[x] : max(edges[x + 1], edges[x] + 1)]
-                lo, hi = seg.min(), seg.max()
-                draw.line([x0 + x, y0 + h / 2 - hi * h / 2, x0 + x, y0 + h / 2 - lo * h / 2], fill=(30, 60, 160))
-    sheet.save(out)
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_ylim(-1, 1)
+            if c < len(clips) and len(clips[c]):
+                ax.plot(clips[c].astype(np.float64) / 32768.0, lw=0.5, color="tab:blue")
+        axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.subplots_adjust(left=1.5 / fig.get_figwidth(), right=0.99, top=0.97, bottom=0.03, wspace=0.05, hspace=0.15)
+    fig.savefig(out)
+    plt.close(fig)
     return out
 
 
-def nice_ticks(top: float) -> tuple[float, int]:
-    """(step, count): a tick step of 1, 2 or 5 times a power of ten and at most 6 steps that pass ``top``."""
-    if top <= 0 or not math.isfinite(top):
-        return 1.0, 5
-    base = 10 ** math.floor(math.log10(top / 6))
-    step = next(m * base for m in (1, 2, 5, 10) if top / (m * base) < 6)
-    return step, math.floor(top / step) + 1
-
-
-def rd_plot(points: list[tuple[str, float, float, tuple[int, int, int]]], out: Path, ylabel: str,
-            title: str) -> Path:
-    """Rate (x: bits per dimension) against distortion (y); points (name, x, y, colour)."""
-    from PIL import Image, ImageDraw
-
-    W, H, left, right, top, bottom = 720, 480, 90, 30, 40, 60
-    im = Image.new("RGB", (W, H), (255, 255, 255))
-    d = ImageDraw.Draw(im)
-    font = _font()
-    (xstep, nx), (ystep, ny) = nice_ticks(max(p[1] for p in points)), nice_ticks(max(p[2] for p in points))
-    xmax, ymax = xstep * nx, ystep * ny
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        return left + x / xmax * (W - left - right), H - bottom - y / ymax * (H - top - bottom)
-
-    d.line([at(0, 0), at(xmax, 0)], fill=(0, 0, 0))
-    d.line([at(0, 0), at(0, ymax)], fill=(0, 0, 0))
-    for i in range(nx + 1):
-        px, py = at(xstep * i, 0)
-        d.line([px, py, px, py + 4], fill=(0, 0, 0))
-        d.text((px - 12, py + 6), f"{xstep * i:.3g}", fill=(0, 0, 0), font=font)
-    for i in range(ny + 1):
-        y = ystep * i
-        qx, qy = at(0, y)
-        d.line([qx - 4, qy, qx, qy], fill=(0, 0, 0))
-        d.text((qx - 60, qy - 6), f"{y:.3g}", fill=(0, 0, 0), font=font)
-    d.text((left + (W - left - right) // 2 - 60, H - 25), "rate: bits per dimension", fill=(0, 0, 0), font=font)
-    d.text((6, top - 30), ylabel, fill=(0, 0, 0), font=font)
-    d.text((left + 150, 8), title, fill=(0, 0, 0), font=font)
-    for i, (name, x, y, colour) in enumerate(points):
-        px, py = at(x, y)
-        d.ellipse([px - 6, py - 6, px + 6, py + 6], fill=colour, outline=(0, 0, 0))
-        ly = top + 10 + 18 * i
-        d.ellipse([W - 250, ly, W - 240, ly + 10], fill=colour, outline=(0, 0, 0))
-        d.text((W - 232, ly - 1), f"{name}: {x:.3f} bpd, MSE {y:.3g}", fill=(0, 0, 0), font=font)
-    im.save(out)
+def rd_plot(points: list[tuple[str, float, float, str]], out: Path, ylabel: str, title: str) -> Path:
+    """Rate (x: bits per dimension) against distortion (y); points (name, x, y, colour). 720 x 480 pixels."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=100)
+    for name, x, y, colour in points:
+        ax.scatter([x], [y], s=60, color=colour, edgecolors="black", zorder=3, clip_on=False,
+                   label=f"{name}: {x:.3f} bpd, MSE {y:.3g}")
+    ax.set_xlim(left=0, right=max(p[1] for p in points) * 1.1 or 1)
+    ax.set_ylim(bottom=0, top=max(p[2] for p in points) * 1.1 or 1)
+    ax.set_xlabel("rate: bits per dimension")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
     return out
 
 
@@ -411,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
          "residual_bits_per_dim": vqf["residual"], **lossless, **codes,
          "params": vq.num_params() + prior.num_params()},
     ]
-    colours = [(40, 90, 200), (210, 60, 40), (40, 160, 70)]
+    colours = ["tab:blue", "tab:red", "tab:green"]
     rd_plot([(r["system"], r["bits_per_dim"], r["mse"], c) for r, c in zip(rows, colours, strict=True)],
             args.out / "rate_distortion.png",
             "distortion: MSE per dimension (" + ("0..255 pixels" if modality == "image" else "int16 samples") + ")",

@@ -33,6 +33,8 @@ class ByteLM(L.LightningModule):
         max_bad_steps: int = 8,
         decay_embeddings: bool = True,
         entropy_ckpt: str | None = None,
+        tokenizer: str | None = None,
+        tokenizer_bytes: int = 64 * 2**20,
     ) -> None:
         """
         Args:
@@ -57,6 +59,11 @@ class ByteLM(L.LightningModule):
             entropy_ckpt: BLT: the checkpoint of its entropy model (any byte model trained with ``mmbytes fit``,
                 best with thresholds stored by ``mmbytes calibrate``); frozen inside the BLT model and saved with it.
                 Without it a BLT size carries a randomly initialised entropy model.
+            tokenizer: BPE baseline (``bpe-*``): a Hugging Face tokenizer JSON file of a byte-level BPE tokenizer
+                (``mmbytes.model.bpe.train_tokenizer``). Without it, ``fit`` trains one of the size's ``vocab_size``
+                on the datamodule's training split before training. Either way it is stored in the checkpoint.
+            tokenizer_bytes: BPE baseline: train the tokenizer (and measure its bytes per token) on the first this
+                many bytes of the training split.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -83,6 +90,34 @@ class ByteLM(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def setup(self, stage: str) -> None:
+        self.prepare_model(stage)
+
+    def prepare_model(self, stage: str) -> None:
+        """The BPE baseline's tokenizer: trained on the training split (or read from ``tokenizer``) at the start of a
+        fresh ``fit``; a resumed or loaded model has it from its checkpoint. Done once; ``FlopBudget`` calls it from
+        its own ``setup`` (callbacks are set up before the module), since the tokenizer sets the FLOPs per byte."""
+        if stage != "fit" or not hasattr(self.model, "set_tokenizer") or self.trainer.ckpt_path:
+            return
+        if getattr(self, "_prepared", False):
+            return
+        self._prepared = True
+        from mmbytes.model import bpe
+
+        samples = getattr(self.trainer.datamodule, "train_samples", None)
+        if samples is None:
+            raise ValueError(f"{type(self.trainer.datamodule).__name__} cannot list its training samples for the BPE "
+                             "tokenizer; use datamodules.ByteDataModule")
+        hp = self.hparams
+        if hp.tokenizer:
+            from pathlib import Path
+
+            tokenizer_json = Path(hp.tokenizer).read_text()
+            per_token = bpe.bytes_per_token(tokenizer_json, samples(), hp.tokenizer_bytes)
+        else:
+            tokenizer_json, per_token = bpe.train_tokenizer(samples(), self.config.vocab_size, hp.tokenizer_bytes)
+        self.model.set_tokenizer(tokenizer_json, per_token)
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (FSDP2), shard each transformer block and then the rest of the model over

@@ -3,7 +3,8 @@
 A model makes its cache (``new_cache``), takes the prompt in parallel (``prefill``) and then one byte at a time
 (``step``); each returns the logits of the next byte. MEGABYTE advances its global model one patch at a time and
 decodes the bytes of a patch with a cache cleared for every patch (Yu et al., 2023, section 2.3); SpaceByte runs its
-global blocks one cached step whenever a byte opens a word. ``generate_reference`` runs the full model for every
+global blocks one cached step whenever a byte opens a word. A token model (``generate_bytes``: the BPE baseline)
+samples tokens and decodes them to bytes. ``generate_reference`` runs the full model for every
 byte; it is the slow decoder the fast one is tested against.
 """
 
@@ -56,6 +57,12 @@ def generate(model: nn.Module, prompt: Tensor, num_bytes: int, *, temperature: f
     was_training = model.training
     model.eval()
     try:
+        if hasattr(model, "generate_bytes"):  # a token model (the BPE baseline) samples tokens and decodes them
+            if on_logits is not None:
+                raise ValueError(f"{type(model).__name__} samples tokens, not bytes: it has no byte logits to show")
+            return model.generate_bytes(prompt.long(), num_bytes,
+                                        lambda logits: sample_next(logits, temperature, top_k, top_p, generator),
+                                        on_progress)
         B, L0 = prompt.shape
         total = L0 + num_bytes
         cache = model.new_cache(B, total, prompt.device, next(model.parameters()).dtype,

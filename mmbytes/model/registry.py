@@ -10,7 +10,9 @@ model makes (the Lightning module, the CLI, the generator, the benches):
 - ``new_cache(batch, max_len, device, dtype)``, ``prefill(prompt, cache)``, ``step(byte, cache)``: cached generation,
   each returning the (B, 256) logits of the next byte (see ``mmbytes.model.generate``).
 
-A fourth architecture is a new module with those pieces and one entry in ``ARCHITECTURES``.
+The BPE baseline (``bpe``) answers the same calls on byte windows, except that ``forward`` gives token logits and
+generation is its own ``generate_bytes`` (it samples tokens). A new architecture is a new module with those pieces
+and one entry in ``ARCHITECTURES``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from mmbytes.model import blt, megabyte, spacebyte
+from mmbytes.model import blt, bpe, megabyte, spacebyte
 
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module], Any]] = {
     # arch -> (config class, model class, module holding SIZES and LEGACY)
@@ -28,13 +30,14 @@ ARCHITECTURES: dict[str, tuple[type, type[nn.Module], Any]] = {
     "transformer": (megabyte.MegabyteConfig, megabyte.Megabyte, megabyte),  # the flat baseline: MEGABYTE with P = 1
     "spacebyte": (spacebyte.SpaceByteConfig, spacebyte.SpaceByte, spacebyte),
     "blt": (blt.BLTConfig, blt.BLT, blt),
+    "bpe": (bpe.BPEConfig, bpe.BPETransformer, bpe),  # the subword baseline: tokenizes each byte window itself
 }
 
 SIZES: dict[str, Any] = {name: config for _, _, module in {id(a[2]): a for a in ARCHITECTURES.values()}.values()
                          for name, config in module.SIZES.items()}
 """Every named size of every architecture: ``debug``/``small``/``base`` are MEGABYTE, ``transformer-*`` the flat
 byte Transformer, ``spacebyte-*`` SpaceByte, ``blt-*`` BLT (``blt-entropy-*``: its entropy models, flat windowed
-byte Transformers)."""
+byte Transformers), ``bpe-*`` the subword (BPE) token Transformer baseline."""
 
 
 def config_from_name(name: str, **overrides: Any):

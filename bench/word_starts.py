@@ -1,0 +1,90 @@
+"""Word starts in trained models (issue 13): SpaceByte's premise and BLT's patches.
+
+- MEGABYTE (or any byte model): mean bits of word-initial bytes against the rest, on the validation windows. SpaceByte
+  (Slagle, 2024, section 2) puts its global blocks at word starts because the first byte of a word is the hardest.
+- BLT: the share of its patch starts that are word starts, against the share of word starts among all bytes.
+
+A word-initial byte is one that is not spacelike (an ASCII letter or digit, or a UTF-8 lead or continuation byte)
+right after a spacelike byte (``mmbytes.model.patching.spacelike``).
+
+    python bench/word_starts.py --data data/text --ckpt runs/study/runs/debug/seed0/checkpoints/last.ckpt \\
+        --ckpt runs/study/runs/blt-debug/seed0/checkpoints/last.ckpt --seq-len 512 --batches 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from datamodules import ByteDataModule
+from mmbytes.checkpoint import load_model
+from mmbytes.model import patching
+
+
+def word_initial(x: torch.Tensor) -> torch.Tensor:
+    """(B, T) True where byte t is not spacelike and byte t-1 is."""
+    s = patching.spacelike(x)
+    prev = torch.nn.functional.pad(s[:, :-1], (1, 0), value=False)
+    return ~s & prev
+
+
+@torch.no_grad()
+def measure(ckpt: Path, data: str, seq_len: int, batches: int) -> dict:
+    model, _ = load_model(ckpt)
+    dm = ByteDataModule(data_dir=data, seq_len=seq_len, batch_size=8)
+    nats = {"word": 0.0, "rest": 0.0}
+    count = {"word": 0, "rest": 0}
+    starts = {"patch": 0, "patch_at_word": 0, "bytes": 0, "words": 0}
+    for i, batch in enumerate(dm.val_dataloader()):
+        if i >= batches:
+            break
+        x, mask = batch["x"].long(), batch["mask"]
+        kw = {"modality": batch["modality"]} if getattr(model, "per_modality", False) else {}
+        nll = model.nll(x, mask, **kw)
+        w = word_initial(x) & mask
+        nats["word"] += float(nll[w].sum())
+        nats["rest"] += float(nll[~w & mask].sum())
+        count["word"] += int(w.sum())
+        count["rest"] += int((~w & mask).sum())
+        if model.config.arch == "blt":
+            s = model.starts(x, **kw) & mask
+            s[:, 0] = False  # every window starts a patch at byte 0
+            starts["patch"] += int(s.sum())
+            starts["patch_at_word"] += int((s & w).sum())
+            starts["bytes"] += int(mask[:, 1:].sum())
+            starts["words"] += int(w[:, 1:].sum())
+    out = {"ckpt": str(ckpt), "arch": model.config.arch,
+           "bits_word_initial": nats["word"] / max(1, count["word"]) / math.log(2),
+           "bits_rest": nats["rest"] / max(1, count["rest"]) / math.log(2),
+           "word_initial_share": count["word"] / max(1, count["word"] + count["rest"])}
+    if starts["patch"]:
+        out["patch_starts_at_word_starts"] = starts["patch_at_word"] / starts["patch"]
+        out["mean_patch"] = starts["bytes"] / starts["patch"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, help="shard folder; its validation split is read")
+    ap.add_argument("--ckpt", required=True, action="append", type=Path, help="a checkpoint (repeatable)")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batches", type=int, default=40, help="validation batches of 8 windows")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    rows = [measure(c, args.data, args.seq_len, args.batches) for c in args.ckpt]
+    print(f"{'checkpoint':60s} {'bits word-initial':>18s} {'bits rest':>10s} {'word share':>10s} "
+          f"{'patch starts at words':>22s}")
+    for r in rows:
+        at = f"{r['patch_starts_at_word_starts']:.3f}" if "patch_starts_at_word_starts" in r else ""
+        print(f"{r['ckpt'][-60:]:60s} {r['bits_word_initial']:18.3f} {r['bits_rest']:10.3f} "
+              f"{r['word_initial_share']:10.3f} {at:>22s}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

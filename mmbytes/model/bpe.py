@@ -1,0 +1,324 @@
+"""The subword baseline of the byte-level papers (MEGABYTE section 5, SpaceByte section 4, BLT section 6): a
+byte-level BPE tokenizer (Hugging Face ``tokenizers``) and a causal token Transformer built from the project's blocks,
+scored in bits per *byte* of the original data so it sits in one column with the byte models.
+
+The model takes the same byte windows as every other architecture (``nll(x, mask)``, x (B, T) bytes) and tokenizes
+each window's real bytes itself, so every architecture scores exactly the same validation bytes:
+
+    window bytes (B, T) -> BPE tokens t_1 .. t_N per row (a token never crosses the window's edge)
+      -> [BOS, t_1 .. t_{N-1}] -> embedding -> causal Transformer (rotary token positions) -> head -> V logits
+      -> nats of t_i, written at the position of t_i's last byte; every other byte position gets 0
+
+so the sum of ``nll`` over a window is the window's total nats and bits per byte = total nats / real bytes / ln 2,
+the same reduction as for the byte models (``mmbytes.metrics.BitsPerByte``). The first token is predicted from BOS
+alone, as the byte models predict the first byte from their start vector.
+
+Byte level: every byte value maps to one printable character (GPT-2's table), so a token's string has exactly one
+character per byte and any file, UTF-8 or not, is covered by the 256 single-byte tokens. Words are split before
+BPE (a GPT-2-like rule on the mapped characters: letters, digits, other bytes, runs of spaces and newlines, each
+with at most one leading space), so merges stay inside words, as in GPT-2's tokenizer.
+
+The tokenizer is part of the model's state (``get_extra_state``: its JSON and its measured bytes per token), so a
+checkpoint holds it and ``mmbytes sample`` decodes tokens back to bytes. An untrained model carries the 256
+single-byte tokens only. FLOPs per byte divide the FLOPs per token by the tokenizer's bytes per token, measured on
+the training data it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from mmbytes.model.layers import Transformer
+from mmbytes.model.megabyte import block_flops, chunked_nll
+
+SPLIT = r"Ġ?[A-Za-z]+|Ġ?[0-9]{1,3}|Ġ?[^A-Za-z0-9ĠĊ]+|[ĠĊ]+"
+"""Pre-tokenization on the mapped characters (``Ġ`` is the space byte, ``Ċ`` the newline): a token never spans two
+words. Every character matches one of the alternatives, so no byte is dropped."""
+
+
+@lru_cache(maxsize=1)
+def byte_chars() -> tuple[str, ...]:
+    """GPT-2's byte -> character table: printable bytes map to themselves, the others to characters from U+0100 on."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return tuple(chars[b] for b in range(256))
+
+
+@lru_cache(maxsize=1)
+def char_bytes() -> dict[str, int]:
+    return {c: b for b, c in enumerate(byte_chars())}
+
+
+def to_chars(data: bytes) -> str:
+    table = byte_chars()
+    return "".join(table[b] for b in data)
+
+
+def from_chars(text: str) -> bytes:
+    table = char_bytes()
+    return bytes(table[c] for c in text)
+
+
+def _tokenizer(model):
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(SPLIT), behavior="isolated")
+    return tok
+
+
+def byte_tokenizer_json() -> str:
+    """A tokenizer with the 256 single-byte tokens and no merges (an untrained model's)."""
+    from tokenizers import models
+
+    return _tokenizer(models.BPE(vocab={c: i for i, c in enumerate(byte_chars())}, merges=[])).to_str()
+
+
+def _texts(samples: Iterable[bytes], max_bytes: int) -> list[str]:
+    texts, total = [], 0
+    for data in samples:
+        if total >= max_bytes:
+            break
+        data = bytes(data[: max_bytes - total])
+        texts.append(to_chars(data))
+        total += len(data)
+    if not total:
+        raise ValueError("no training bytes for the tokenizer")
+    return texts
+
+
+def bytes_per_token(tokenizer_json: str, samples: Iterable[bytes], max_bytes: int = 64 * 2**20) -> float:
+    """Mean bytes per token of a tokenizer on (the first ``max_bytes`` of) ``samples``."""
+    from tokenizers import Tokenizer
+
+    texts = _texts(samples, max_bytes)
+    tokens = sum(len(e.ids) for e in Tokenizer.from_str(tokenizer_json).encode_batch(texts, add_special_tokens=False))
+    return sum(map(len, texts)) / max(1, tokens)
+
+
+def train_tokenizer(samples: Iterable[bytes], vocab_size: int, max_bytes: int = 64 * 2**20) -> tuple[str, float]:
+    """Train a byte-level BPE tokenizer of at most ``vocab_size`` tokens on ``samples`` (the first ``max_bytes`` of
+    them); returns its JSON and its bytes per token on those samples."""
+    from tokenizers import models, trainers
+
+    if vocab_size < 256:
+        raise ValueError(f"vocab_size {vocab_size} < 256: byte-level BPE needs every byte as a token")
+    texts = _texts(samples, max_bytes)
+    tok = _tokenizer(models.BPE())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=list(byte_chars()), show_progress=False,
+                                  special_tokens=[])
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    tokens = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+    return tok.to_str(), sum(map(len, texts)) / max(1, tokens)
+
+
+class ByteTokenizer:
+    """Bytes <-> token ids with a byte-level BPE tokenizer's JSON."""
+
+    def __init__(self, tokenizer_json: str) -> None:
+        from tokenizers import Tokenizer
+
+        self.json = tokenizer_json
+        self.tok = Tokenizer.from_str(tokenizer_json)
+        vocab = self.tok.get_vocab()
+        self.vocab_size = len(vocab)
+        self.token_bytes: list[bytes] = [b""] * (max(vocab.values()) + 1)
+        for text, i in vocab.items():
+            self.token_bytes[i] = from_chars(text)
+
+    def encode(self, rows: list[bytes]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch([to_chars(r) for r in rows], add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> bytes:
+        return b"".join(self.token_bytes[i] for i in ids)
+
+
+@dataclass(frozen=True)
+class BPEConfig:
+    arch: Literal["bpe"] = "bpe"
+    """Architecture name in checkpoints and the registry."""
+    vocab_size: int = 4096
+    """Tokens of the BPE vocabulary (at most; a tokenizer trained on little data may have fewer). A BOS token comes
+    on top, as an input only."""
+    d_model: int = 384
+    """Width of the token Transformer."""
+    n_layer: int = 6
+    """Transformer blocks."""
+    n_head: int = 6
+    """Attention heads."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of the block width."""
+    dropout: float = 0.0
+    """Dropout on attention and MLP outputs in training."""
+    rope_base: float = 10000.0
+    """Base of the rotary position embeddings (token index)."""
+    embed_std: float = 0.02
+    """Initial standard deviation of the token embeddings."""
+    checkpointing: bool = False
+    """Recompute each block in the backward pass instead of storing its activations."""
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 256:
+            raise ValueError(f"vocab_size {self.vocab_size} < 256: byte-level BPE needs every byte as a token")
+        if self.d_model % self.n_head:
+            raise ValueError(f"width {self.d_model} is not divisible by its {self.n_head} heads")
+
+
+SIZES: dict[str, BPEConfig] = {
+    "bpe-debug": BPEConfig(vocab_size=512, d_model=64, n_layer=2, n_head=2),
+    # ~10M parameters in the blocks (as transformer-small) + 3.1M in the embedding and head of 4,096 tokens
+    "bpe-small": BPEConfig(),
+}
+
+
+class BPETransformer(nn.Module):
+    """A causal token Transformer that reads and scores bytes: ``nll(x, mask)`` tokenizes each window itself (see
+    the module docstring); ``forward(x)`` returns the token logits (B, N, V) of the windows' tokens."""
+
+    per_modality = False
+
+    def __init__(self, config: BPEConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.embed = nn.Embedding(c.vocab_size + 1, c.d_model)  # the last id is BOS
+        self.transformer = Transformer(c.d_model, c.n_layer, c.n_head, c.mlp_ratio, c.dropout, c.rope_base,
+                                       checkpointing=c.checkpointing)
+        self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.stats: dict[str, float] = {}
+        self.set_tokenizer(byte_tokenizer_json(), 1.0)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.transformer.reset_parameters()
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.normal_(self.embed.weight, std=self.config.embed_std)
+
+    @property
+    def bos(self) -> int:
+        return self.config.vocab_size
+
+    def num_params(self, part: str = "all") -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- the tokenizer, stored in the state dict
+
+    def set_tokenizer(self, tokenizer_json: str, bytes_per_token: float) -> None:
+        tokenizer = ByteTokenizer(tokenizer_json)
+        if len(tokenizer.token_bytes) > self.config.vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer.token_bytes)} tokens; the model "
+                             f"{self.config.vocab_size}")
+        self.tokenizer, self.bytes_per_token = tokenizer, float(bytes_per_token)
+
+    @property
+    def trained_tokenizer(self) -> bool:
+        return len(self.tokenizer.tok.get_vocab()) > 256
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"tokenizer": self.tokenizer.json, "bytes_per_token": self.bytes_per_token}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.set_tokenizer(state["tokenizer"], state["bytes_per_token"])
+
+    # -- scoring byte windows
+
+    def tokenize(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Each row's real bytes -> token ids (B, N), the byte position of each token's last byte (B, N) and which
+        tokens are real (B, N); rows are padded to the longest."""
+        B, T = x.shape
+        mask = torch.ones_like(x, dtype=torch.bool) if mask is None else mask
+        x_cpu, mask_cpu = x.detach().to("cpu", torch.uint8), mask.detach().cpu()
+        where = [row_mask.nonzero().squeeze(1) for row_mask in mask_cpu]  # the real positions of each row
+        rows = [bytes(x_cpu[i, where[i]].numpy().tobytes()) for i in range(B)]
+        ids = self.tokenizer.encode(rows)
+        N = max(1, max(len(r) for r in ids))
+        tokens = torch.zeros(B, N, dtype=torch.long)
+        ends = torch.zeros(B, N, dtype=torch.long)
+        real = torch.zeros(B, N, dtype=torch.bool)
+        lengths = torch.tensor([len(b) for b in self.tokenizer.token_bytes])
+        for i, r in enumerate(ids):
+            if not r:
+                continue
+            t = torch.tensor(r, dtype=torch.long)
+            tokens[i, : len(r)] = t
+            ends[i, : len(r)] = where[i][lengths[t].cumsum(0) - 1]
+            real[i, : len(r)] = True
+        n_bytes, n_tokens = sum(len(r) for r in rows), int(real.sum())
+        if n_tokens:
+            self.stats["bytes_per_token"] = n_bytes / n_tokens
+        return tokens.to(x.device), ends.to(x.device), real.to(x.device)
+
+    def hidden(self, tokens: Tensor) -> Tensor:
+        """Token ids (B, N) -> hidden states (B, N, D); position i has seen BOS and tokens < i."""
+        inputs = torch.cat([torch.full_like(tokens[:, :1], self.bos), tokens[:, :-1]], dim=1)  # (B, N)
+        return self.transformer(self.embed(inputs))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        tokens, _, _ = self.tokenize(x, mask)
+        return self.head(self.hidden(tokens))  # (B, N, V)
+
+    def nll(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768) -> Tensor:
+        """Nats (B, T): each token's nats at the position of its last byte, 0 elsewhere and where ``mask`` is False.
+        Summed over a window: the window's total nats."""
+        tokens, ends, real = self.tokenize(x, mask)
+        nats = chunked_nll(self.head.weight, self.hidden(tokens), tokens, real, chunk)  # (B, N)
+        rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(ends)
+        out = torch.zeros(x.shape, dtype=nats.dtype, device=x.device)
+        return out.index_put((rows[real], ends[real]), nats[real])
+
+    def flops_per_byte(self, seq_len: int) -> float:
+        """Training FLOPs per byte (forward + backward = 3 x forward) at ``seq_len`` bytes per window: a window of
+        N = seq_len / bytes-per-token tokens (the tokenizer's, measured on its training data), every block with
+        attention over all N keys (causal SDPA charged in full, as the byte models), and the head; FLOPs per token
+        divided by bytes per token. Embeddings, norms and the softmax are free."""
+        c = self.config
+        n = max(1.0, seq_len / self.bytes_per_token)
+        per_token = c.n_layer * block_flops(c.d_model, 0, c.mlp_ratio) + 4 * n * c.d_model * c.n_layer \
+            + 2 * c.d_model * c.vocab_size
+        return 3 * per_token / self.bytes_per_token
+
+    # -- generation: tokens are sampled and decoded to bytes (``mmbytes.model.generate.generate`` calls this)
+
+    @torch.no_grad()
+    def generate_bytes(self, prompt: Tensor, num_bytes: int, sample: Callable[[Tensor], Tensor],
+                       on_progress: Callable[[int], None] | None = None) -> Tensor:
+        """Continue each row of ``prompt`` (B, L0) bytes by ``num_bytes`` bytes: the prompt is tokenized, tokens are
+        drawn with ``sample`` ((1, V) logits -> (1,) ids) one at a time with a KV cache and decoded; the last token
+        is cut to length. Rows are generated one after the other (their prompts have different token counts)."""
+        B, L0 = prompt.shape
+        out = torch.zeros(B, L0 + num_bytes, dtype=torch.long, device=prompt.device)
+        out[:, :L0] = prompt
+        device, dtype = prompt.device, next(self.parameters()).dtype
+        for i in range(B):
+            ids = self.tokenizer.encode([bytes(prompt[i].to(torch.uint8).cpu().tolist())])[0]
+            caches = self.transformer.make_caches(1, len(ids) + num_bytes + 1, device, dtype)
+            inputs = torch.tensor([[self.bos, *ids]], dtype=torch.long, device=device)
+            h = self.transformer(self.embed(inputs), caches)
+            made = bytearray()
+            while len(made) < num_bytes:
+                token = sample(self.head(h[:, -1]))  # (1,)
+                made += self.tokenizer.token_bytes[int(token)]
+                if on_progress is not None:  # bytes per row so far, as the byte models' loop reports them
+                    on_progress((i * num_bytes + min(len(made), num_bytes)) // B)
+                if len(made) < num_bytes:
+                    h = self.transformer(self.embed(token[:, None]), caches)
+            out[i, L0:] = torch.tensor(list(made[:num_bytes]), dtype=torch.long, device=device)
+        return out
+
+
+def tokenizer_summary(model: BPETransformer) -> dict[str, Any]:
+    """What a report says about a BPE model's tokenizer."""
+    return {"vocab": len(model.tokenizer.tok.get_vocab()), "bytes_per_token": model.bytes_per_token,
+            "merges": len(json.loads(model.tokenizer.json)["model"]["merges"])}

@@ -1,0 +1,424 @@
+"""``mmbytes study``: every model on the same shards at the same training-FLOP budget, scored on the same validation
+bytes; bits per byte against training FLOPs, as in the MEGABYTE (section 5), SpaceByte (section 4) and BLT
+(section 6) papers.
+
+    mmbytes study --data data/text --budget 3e13 \\
+        --models megabyte-small,spacebyte-small,blt-small,transformer-small,bpe-small --out runs/study --seeds 3
+
+(``megabyte-small`` is MEGABYTE's ``small``: MEGABYTE's sizes carry no prefix in the registry, and the study accepts
+one.) Every run trains with ``FlopBudget`` (FLOPs = the model's ``flops_per_byte(seq_len)`` x the bytes of every
+batch; the step count is what the budget pays for and the learning-rate schedule ends there), validates a few times
+on the way (the curve of ``bpb_vs_flops.png``) and once at the end (the table). Each run lives in
+``OUT/runs/<model>/seed<k>/`` (TensorBoard logs, ``curve.json``, ``result.json``, ``checkpoints/last.ckpt``); a run
+with a ``result.json`` is done and is not redone, and a run with only a checkpoint goes on from it, so a study
+interrupted or extended with more models or seeds finishes the rest.
+
+The BPE baseline's tokenizer is trained once per vocabulary size on the training split (``OUT/tokenizers/``) and
+stored in each run's checkpoint. BLT models with entropy patches first train their entropy model (the size named by
+their config) on the same shards for ``--entropy-budget`` FLOPs and calibrate its thresholds for the model's mean
+patch size (``OUT/entropy/``), or take a calibrated one with ``--entropy-ckpt``. The entropy model's forward runs in
+every BLT training step and is part of BLT's FLOPs per byte, so the budget includes it; the entropy model's own
+training is not in the budget and is reported separately. SpaceByte's cap on global positions is set for the
+study's sequence length (``context = --seq-len``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+RECOMMENDED_LR = {"megabyte": 1e-3, "transformer": 1e-3, "spacebyte": 1e-3, "blt": 1e-3, "bpe": 1e-3}
+"""Peak learning rate per architecture at the ``small`` sizes: the recipes' (``recipes/*.yaml``); the BPE baseline
+takes the byte Transformer's. ``debug`` sizes take ``DEBUG_LR``."""
+DEBUG_LR = 2e-3
+"""The quickstart's learning rate, for the ``debug`` sizes."""
+ALIASES = {"megabyte-debug": "debug", "megabyte-small": "small", "megabyte-base": "base"}
+IDENTITY = ("data", "budget", "seq_len", "batch_size", "val_batches", "evals", "entropy_budget", "entropy_ckpt",
+            "warmup")
+"""Study settings that runs of one study must share (models and seeds may grow)."""
+
+
+def size_of(model: str) -> str:
+    return ALIASES.get(model, model)
+
+
+def recommended_lr(model: str, given: dict[str, float]) -> float:
+    from mmbytes.model.registry import config_from_name
+
+    if model in given:
+        return given[model]
+    if "debug" in model:
+        return DEBUG_LR
+    return RECOMMENDED_LR[config_from_name(size_of(model)).arch]
+
+
+class Curve(L.Callback):
+    """Validation figures at each validation end, with the FLOPs and step they were reached at."""
+
+    def __init__(self, counter, path: Path, rows: list[dict] | None = None) -> None:
+        self.counter, self.path, self.rows = counter, path, list(rows or [])
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        row = {"step": trainer.global_step, "flops": self.counter.flops, "bytes": self.counter.bytes}
+        row.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+        self.rows = [r for r in self.rows if r["step"] != row["step"]] + [row]
+        self.path.write_text(json.dumps(self.rows, indent=1))
+
+
+def _data(args: argparse.Namespace, seed: int):
+    from datamodules import ByteDataModule
+
+    return ByteDataModule(data_dir=str(args.data), seq_len=args.seq_len, batch_size=args.batch_size,
+                          num_workers=args.num_workers, train_batches_per_epoch=1000, seed=seed)
+
+
+def train_run(size: str, seed: int, budget: float, run_dir: Path, args: argparse.Namespace, lr: float,
+              model_kwargs: dict[str, Any] | None = None, estimate: torch.nn.Module | None = None) -> dict[str, Any]:
+    """One run of one model: train to the budget (going on from ``run_dir``'s last checkpoint if there is one),
+    validate, write ``result.json``; return the result."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from mmbytes.callbacks import FlopBudget
+    from mmbytes.checkpoint import AtomicCheckpointIO
+    from mmbytes.lit import ByteLM
+    from mmbytes.model.registry import build
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(seed, workers=True, verbose=False)
+    model_kwargs = dict(model_kwargs or {})
+    estimate = estimate if estimate is not None else build(size)
+    steps = max(1, math.ceil(budget / (estimate.flops_per_byte(args.seq_len) * args.seq_len * args.batch_size)))
+    warmup = max(1, round(args.warmup * steps))
+    lm = ByteLM(size=size, lr=lr, warmup_steps=warmup, **model_kwargs)
+    data = _data(args, seed)
+    counter = FlopBudget(budget)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    curve_path = run_dir / "curve.json"
+    rows = json.loads(curve_path.read_text()) if last.exists() and curve_path.exists() else []
+    curve = Curve(counter, curve_path, rows)
+    every = max(1, steps // max(1, args.evals))
+    trainer = L.Trainer(
+        accelerator=args.accelerator, devices=1, max_epochs=1, gradient_clip_val=1.0,
+        val_check_interval=every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        limit_val_batches=args.val_batches or 1.0, log_every_n_steps=max(1, min(50, every)),
+        logger=TensorBoardLogger(str(run_dir), name="", version="logs"),
+        callbacks=[counter, curve, ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                                   every_n_train_steps=every)],
+        plugins=[AtomicCheckpointIO()], enable_progress_bar=args.progress, enable_model_summary=False)
+    start = time.time()
+    trainer.fit(lm, data, ckpt_path=str(last) if last.exists() else None)
+    wall = time.time() - start + (json.loads((run_dir / "wall.json").read_text())["s"]
+                                  if last.exists() and (run_dir / "wall.json").exists() else 0.0)
+    train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    trainer.save_checkpoint(last, weights_only=False)  # the full state: a study run again finds it done
+    (run_dir / "wall.json").write_text(json.dumps({"s": wall}))
+    trainer.validate(lm, data, verbose=False)  # the final weights; Curve records the point
+    val = {k: v for k, v in curve.rows[-1].items() if k.startswith("val/")}
+    model = lm.model
+    result = {
+        "model": size, "seed": seed, "lr": lr, "warmup_steps": warmup, "params": model.num_params(),
+        "flops_per_byte": counter.flops_per_byte, "steps": trainer.global_step, "bytes": counter.bytes,
+        "flops": counter.flops, "wall_s": wall, **val,
+        "patch_size": mean_patch(model, train_metrics),
+        "bytes_per_token": getattr(model, "bytes_per_token", None),
+        "entropy_flops_per_byte": model.entropy_flops_per_byte(args.seq_len)
+        if hasattr(model, "entropy_flops_per_byte") else None,
+    }
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def mean_patch(model: torch.nn.Module, train_metrics: dict[str, float]) -> float | None:
+    """Bytes per patch: measured in training where patches vary (BLT, SpaceByte: the last training batch), else
+    fixed by the config; None without patches (byte Transformer, BPE: see its bytes per token)."""
+    if "train/patch_size" in train_metrics:
+        return train_metrics["train/patch_size"]
+    if train_metrics.get("train/spacebyte_global_share"):  # SpaceByte: bytes per global position, cap included
+        return 1 / train_metrics["train/spacebyte_global_share"]
+    c = model.config
+    if c.arch == "megabyte" or (c.arch == "blt" and c.patching == "fixed"):
+        return float(c.patch_size)
+    if c.arch == "spacebyte" and c.patching == "fixed":
+        return float(c.patch_size)
+    return None
+
+
+# -- what some models need first: the BPE tokenizer, BLT's entropy model
+
+
+def tokenizer_for(size: str, args: argparse.Namespace) -> tuple[Path, float]:
+    """The study's tokenizer for a BPE size (trained once per vocabulary size) and its bytes per token."""
+    from mmbytes.model import bpe
+    from mmbytes.model.registry import config_from_name
+
+    vocab = config_from_name(size).vocab_size
+    path = args.out / "tokenizers" / f"bpe{vocab}.json"
+    meta = path.with_suffix(".meta.json")
+    if not (path.exists() and meta.exists()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer_json, per_token = bpe.train_tokenizer(_data(args, 0).train_samples(), vocab)
+        path.write_text(tokenizer_json)
+        meta.write_text(json.dumps({"vocab_size": vocab, "bytes_per_token": per_token}))
+    return path, json.loads(meta.read_text())["bytes_per_token"]
+
+
+def entropy_for(size: str, args: argparse.Namespace, log: list[str]) -> tuple[str, dict]:
+    """A calibrated entropy model for a BLT size: ``--entropy-ckpt``, else trained on the study's shards (once per
+    entropy size) and calibrated for the size's rule and mean patch size; its path and training record."""
+    from mmbytes.entropy import calibrate_main
+    from mmbytes.model.registry import config_from_name
+
+    if args.entropy_ckpt:
+        return str(args.entropy_ckpt), {"entropy_model": str(args.entropy_ckpt), "flops": None}
+    c = config_from_name(size)
+    name = c.entropy if isinstance(c.entropy, str) else "entropy"
+    run_dir = args.out / "entropy" / name
+    result_path = run_dir / "result.json"
+    if not result_path.exists():
+        log.append(f"training entropy model {name}")
+        train_run(name, 0, args.entropy_budget, run_dir, args, recommended_lr(name, args.lr))
+    record = json.loads(result_path.read_text())
+    tag = f"{c.patching}-p{c.patch_size:g}-max{c.max_patch_len}"
+    calibrated = run_dir / "calibrated" / tag / "entropy.ckpt"
+    if not calibrated.exists():
+        calibrate_main(["--ckpt", str(run_dir / "checkpoints" / "last.ckpt"), "--data", str(args.data),
+                        "--out", str(calibrated.parent), "--patch-size", str(c.patch_size), "--rule", c.patching,
+                        "--max-patch-len", str(c.max_patch_len), "--seq-len", str(args.seq_len),
+                        "--windows", "16", "--device", "cpu"])
+    return str(calibrated), {"entropy_model": name, "flops": record["flops"], "params": record["params"],
+                             "val/bpb": record.get("val/bpb")}
+
+
+# -- the report
+
+
+def aggregate(results: list[dict]) -> list[dict]:
+    """One row per model: mean and spread (sample standard deviation) over seeds of every number."""
+    rows = []
+    for model in dict.fromkeys(r["model"] for r in results):
+        runs = [r for r in results if r["model"] == model]
+        row: dict[str, Any] = {"model": model, "seeds": len(runs)}
+        for key in runs[0]:
+            values = [r.get(key) for r in runs]
+            if key in ("model", "seed") or not all(isinstance(v, int | float) for v in values):
+                continue
+            mean = sum(values) / len(values)
+            row[key] = mean
+            if key.startswith("val/") and len(values) > 1:
+                row[f"{key}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        rows.append(row)
+    return rows
+
+
+def fmt(v: Any, key: str = "") -> str:
+    if v is None or v == "":
+        return ""
+    if isinstance(v, float):
+        if key in ("flops", "flops_per_byte", "entropy_flops_per_byte", "bytes", "params") or abs(v) >= 1e5:
+            return f"{v:.3g}"
+        return f"{v:.4f}" if key.startswith("val/") else f"{v:.3g}"
+    return str(v)
+
+
+def write_report(out: Path, results: list[dict], settings: dict, entropy: dict[str, dict]) -> None:
+    rows = aggregate(results)
+    val_keys = sorted({k for r in rows for k in r if k.startswith("val/") and not k.endswith("_std")},
+                      key=lambda k: (k != "val/bpb", k))
+    columns = ["model", "seeds", "params", "flops_per_byte", "lr", "steps", "bytes", "flops", "wall_s", *val_keys,
+               "patch_size", "bytes_per_token", "entropy_flops_per_byte"]
+    with (out / "report.csv").open("w", newline="") as f:
+        std_cols = [f"{k}_std" for k in val_keys]
+        w = csv.DictWriter(f, [*columns, *std_cols], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    with (out / "runs.csv").open("w", newline="") as f:
+        keys = list(dict.fromkeys(k for r in results for k in r))
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows(results)
+
+    def cell(r: dict, k: str) -> str:
+        s = fmt(r.get(k), k)
+        if k.startswith("val/") and f"{k}_std" in r:
+            s += f" ± {r[f'{k}_std']:.4f}"
+        return s
+
+    heads = {"flops_per_byte": "FLOPs/byte", "wall_s": "wall s", "patch_size": "mean patch",
+             "bytes_per_token": "bytes/token", "entropy_flops_per_byte": "entropy FLOPs/byte (in FLOPs/byte)"}
+    lines = [
+        "# Compute-matched study", "",
+        f"Data `{settings['data']}`, budget {settings['budget']:.3g} training FLOPs per run, "
+        f"{settings['seq_len']}-byte windows, batch {settings['batch_size']}, seeds {settings['seeds']}, validation on "
+        + ("every validation byte" if not settings["val_batches"] else
+           f"the first {settings['val_batches']} validation batches (the same bytes for every model)") + ".",
+        "Each model trains at its own recommended peak learning rate (the `lr` column), warmup "
+        f"{settings['warmup']:.0%} of its steps, then cosine decay ending at the budget. Bits per byte are over the "
+        "same validation bytes for every model (mean ± sample standard deviation over seeds); `bpd_image` and "
+        "`bpd_audio` are bits per 8-bit sub-pixel and per 16-bit sample.", "",
+        "| " + " | ".join(heads.get(k, k) for k in columns) + " |",
+        "|" + "|".join("---" if k == "model" else "---:" for k in columns) + "|",
+        *("| " + " | ".join(cell(r, k) for k in columns) + " |" for r in rows), "",
+        "![bits per byte against training FLOPs](bpb_vs_flops.png)", "",
+    ]
+    if any(r.get("entropy_flops_per_byte") for r in rows):
+        lines += ["BLT: the entropy model's forward runs in every training step and is part of FLOPs/byte, so the "
+                  "budget includes it; the entropy model's own training is not in the budget:", ""]
+        for name, e in entropy.items():
+            lines.append(f"- `{name}`: entropy model `{e['entropy_model']}`, "
+                         + ("given by path" if e.get("flops") is None else
+                            f"{e['params'] / 1e6:.2f}M parameters, trained for {e['flops']:.3g} FLOPs "
+                            f"on the same shards, val bpb {e['val/bpb']:.4f}"))
+        lines.append("")
+    for meta in sorted((out / "tokenizers").glob("*.meta.json")):
+        m = json.loads(meta.read_text())
+        lines.append(f"BPE tokenizer `tokenizers/{meta.name.removesuffix('.meta.json')}.json`: byte-level BPE of at "
+                     f"most {m['vocab_size']} tokens, trained on the training split, {m['bytes_per_token']:.3f} bytes "
+                     "per token there.")
+    lines += ["BPE: bits per byte of the original bytes (a window's token nats / its bytes / ln 2); FLOPs per byte "
+              "= FLOPs per token / bytes per token." if any(r.get("bytes_per_token") for r in rows) else "",
+              "Per-run figures: `runs.csv`; logs: `runs/<model>/seed<k>/` (TensorBoard, `curve.json`)."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    plot(out / "bpb_vs_flops.png", out)
+
+
+def plot(path: Path, out: Path) -> Path:
+    """Validation bpb against training FLOPs: every validation of every run (seeds averaged per step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for model_dir in sorted((out / "runs").iterdir()):
+        curves = [json.loads(p.read_text()) for p in sorted(model_dir.glob("seed*/curve.json"))
+                  if (p.parent / "result.json").exists()]
+        if not curves:
+            continue
+        by_step: dict[int, list[dict]] = {}
+        for c in curves:
+            for r in c:
+                if "val/bpb" in r:
+                    by_step.setdefault(r["step"], []).append(r)
+        steps = sorted(by_step)
+        flops = [sum(r["flops"] for r in by_step[s]) / len(by_step[s]) for s in steps]
+        bpb = [sum(r["val/bpb"] for r in by_step[s]) / len(by_step[s]) for s in steps]
+        (line,) = ax.plot(flops, bpb, marker="o", ms=3, label=model_dir.name)
+        ax.plot(flops[-1:], bpb[-1:], marker="o", ms=7, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation bits per byte")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("bits per byte against training FLOPs")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# -- the command
+
+
+def parse_lr(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        out[size_of(name)] = float(value)
+    return out
+
+
+def run_study(args: argparse.Namespace) -> dict[str, Any]:
+    """Train what is not done yet and write the report; returns ``{"trained": [...], "results": [...]}``."""
+    from mmbytes.model.registry import SIZES, build, config_from_name
+
+    models = [size_of(m.strip()) for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in SIZES]
+    if unknown:
+        raise SystemExit(f"unknown models {unknown}; known: {', '.join(SIZES)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in IDENTITY}
+    stored = args.out / "study.json"
+    if stored.exists():
+        before = json.loads(stored.read_text())
+        differ = {k: (before.get(k), settings[k]) for k in IDENTITY if before.get(k) != settings[k]}
+        if differ:
+            raise SystemExit(f"{args.out} holds a study with other settings {differ} (stored, given); "
+                             "use another --out")
+    stored.write_text(json.dumps(settings, indent=1))
+    log: list[str] = []
+    trained, results, entropy = [], [], {}
+    for size in models:
+        config = config_from_name(size)
+        kwargs: dict[str, Any] = {}
+        if config.arch == "spacebyte" and config.context != args.seq_len:
+            # SpaceByte's cap on global positions (context x global_ratio) is set for the training length
+            kwargs["overrides"] = {"context": args.seq_len}
+            config = config_from_name(size, **kwargs["overrides"])
+        estimate = build(config)
+        if config.arch == "bpe":
+            path, per_token = tokenizer_for(size, args)
+            kwargs["tokenizer"] = str(path)
+            estimate.set_tokenizer(path.read_text(), per_token)
+        if config.arch == "blt" and config.uses_entropy:
+            kwargs["entropy_ckpt"], entropy[size] = entropy_for(size, args, log)
+        for seed in range(args.seeds):
+            run_dir = args.out / "runs" / size / f"seed{seed}"
+            if (run_dir / "result.json").exists():
+                results.append(json.loads((run_dir / "result.json").read_text()))
+                continue
+            print(f"study: {size} seed {seed}", flush=True)
+            results.append(train_run(size, seed, args.budget, run_dir, args, recommended_lr(size, args.lr), kwargs,
+                                     estimate))
+            trained.append(f"{size}/seed{seed}")
+    write_report(args.out, results, {**settings, "seeds": args.seeds}, entropy)
+    return {"trained": trained, "results": results, "log": log}
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mmbytes study", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, type=Path, help="shard folder (`mmbytes shards`)")
+    ap.add_argument("--budget", required=True, type=float, help="training FLOPs per run")
+    ap.add_argument("--models", required=True, help="comma-separated named sizes (e.g. small,transformer-small,"
+                    "spacebyte-small,blt-small,bpe-small)")
+    ap.add_argument("--out", required=True, type=Path, help="study folder: report.md, report.csv, bpb_vs_flops.png, "
+                    "runs/")
+    ap.add_argument("--seeds", type=int, default=1, help="runs per model (seeds 0..N-1)")
+    ap.add_argument("--seq-len", type=int, default=1024, help="bytes per window, for every model")
+    ap.add_argument("--batch-size", type=int, default=8, help="windows per batch, for every model")
+    ap.add_argument("--evals", type=int, default=4, help="validations during each run (the curve), besides the last")
+    ap.add_argument("--val-batches", type=int, default=0,
+                    help="score the first N validation batches (0: every validation byte)")
+    ap.add_argument("--warmup", type=float, default=0.05, help="warmup as a fraction of each run's steps")
+    ap.add_argument("--lr", nargs="*", default=[], metavar="MODEL=LR", help="replace a model's recommended rate")
+    ap.add_argument("--entropy-budget", type=float, default=None,
+                    help="training FLOPs of BLT's entropy model (default: a quarter of --budget)")
+    ap.add_argument("--entropy-ckpt", type=Path, help="a calibrated entropy model for every BLT model instead")
+    ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--accelerator", default="auto")
+    ap.add_argument("--progress", action="store_true", help="progress bars")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
+    if args.budget <= 0 or args.seeds < 1:
+        raise SystemExit("--budget must be positive and --seeds at least 1")
+    if args.entropy_budget is None:
+        args.entropy_budget = args.budget / 4
+    args.lr = parse_lr(args.lr)
+    done = run_study(args)
+    print(f"wrote {args.out / 'report.md'}, {args.out / 'report.csv'}, {args.out / 'bpb_vs_flops.png'} "
+          f"({len(done['trained'])} runs trained, {len(done['results']) - len(done['trained'])} already done)")
+    return done
