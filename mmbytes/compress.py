@@ -89,6 +89,13 @@ def model_hash(model: nn.Module) -> bytes:
     return h.digest()
 
 
+def require_byte_model(model: nn.Module) -> None:
+    """Coding needs next-byte distributions from the cached byte path; a token model (the BPE baseline) has none."""
+    if not hasattr(model, "step"):
+        raise CompressionError(f"a {getattr(model.config, 'arch', type(model).__name__)} model predicts tokens, not "
+                               "bytes: compress with a byte model (MEGABYTE, SpaceByte, BLT, the byte Transformer)")
+
+
 def rows_independent(model: nn.Module) -> bool:
     return getattr(model.config, "arch", None) in ROW_INDEPENDENT
 
@@ -489,6 +496,7 @@ def compress_files(model: nn.Module, inputs: list[tuple[bytes, str]], *, chunk: 
 
     if chunk < 1 or batch < 1:
         raise ValueError(f"chunk ({chunk}) and batch ({batch}) must be at least 1")
+    require_byte_model(model)
     mhash = model_hash(model)
     device = next(model.parameters()).device.type
     shared = rows_independent(model)
@@ -533,6 +541,7 @@ def decompress_files(model: nn.Module, inputs: list[tuple[bytes, str]], *, progr
     model, truncated, corrupt, or decoded bytes whose checksum differs: nothing of such an item is returned)."""
     import constriction
 
+    require_byte_model(model)
     mhash = model_hash(model)
     device = next(model.parameters()).device.type
     shared = rows_independent(model)

@@ -23,7 +23,8 @@ from mmbytes.compress import (
 from mmbytes.model.registry import SIZES, build
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
-DEBUG_SIZES = [name for name in SIZES if "debug" in name]  # every architecture's test size (a new one joins by name)
+# every byte architecture's test size (a new one joins by name); token models have no next-byte distributions
+DEBUG_SIZES = [name for name in SIZES if "debug" in name and SIZES[name].arch != "bpe"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -236,3 +237,8 @@ def test_cli_compresses_and_decompresses_folders_and_refuses_damaged_files(tmp_p
               "--quiet"])
     assert "leads outside" in capsys.readouterr().err
     assert not any((tmp_path / "elsewhere").iterdir())
+
+
+def test_a_token_model_is_refused_with_a_message():
+    with pytest.raises(CompressionError, match="predicts tokens, not bytes"):
+        compress_files(build("bpe-debug"), [(b"hello", "x.txt")])
