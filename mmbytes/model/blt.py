@@ -335,16 +335,17 @@ class BLT(nn.Module):
         byte t given bytes < t), in float32 at least. Rows are independent (one batched pass)."""
         return entropy_of(self.entropy_model(x))
 
-    def starts(self, x: Tensor, modality: Tensor | None = None) -> Tensor:
-        """(B, T) True where byte t starts a patch (byte 0 always does); depends on bytes < t only."""
+    def starts(self, x: Tensor, modality: Tensor | None = None, theta: Tensor | None = None) -> Tensor:
+        """(B, T) True where byte t starts a patch (byte 0 always does); depends on bytes < t only. Entropy rules use
+        each row's threshold: ``theta`` (B,) if given, else the one of its modality."""
         c = self.config
         if c.patching == "fixed":
             s = patching.fixed_starts(x, int(c.patch_size))
         elif c.patching == "space":
             s = patching.spacelike_starts(x)
         else:
-            return patching.ENTROPY_RULES[c.patching](self.entropies(x), self.thresholds(modality, x.shape[0]),
-                                                      c.max_patch_len)
+            theta = self.thresholds(modality, x.shape[0]) if theta is None else theta
+            return patching.ENTROPY_RULES[c.patching](self.entropies(x), theta, c.max_patch_len)
         return patching.limit_length(s.clone(), c.max_patch_len)
 
     # -- the pieces, shared by training, prefill and generation
@@ -452,7 +453,7 @@ class BLT(nn.Module):
         cache.buf[:, :L0] = prompt
         cache.t = L0
         x = F.pad(cache.buf[:, :L0], (0, 1))  # the byte at L0 is not known yet; no position <= L0 depends on it
-        starts = self._starts_with(x, cache.theta)
+        starts = self.starts(x, theta=cache.theta)
         if cache.ent is not None:  # the entropy model's cache, for the bytes to come
             cache.entropy = entropy_of(self.entropy_model.prefill(x[:, :L0], cache.ent))
         pid = starts.long().cumsum(1) - 1  # (B, L0 + 1)
@@ -494,12 +495,6 @@ class BLT(nn.Module):
             cache.start = torch.where(opens, t + 1, cache.start)
         zero = torch.zeros(h.shape[0], 1, dtype=torch.long, device=h.device)
         return self.head(self.decode(h, cache.g[:, None], zero, cache.dec)[:, -1])
-
-    def _starts_with(self, x: Tensor, theta: Tensor) -> Tensor:
-        c = self.config
-        if not c.uses_entropy:
-            return self.starts(x)
-        return patching.ENTROPY_RULES[c.patching](self.entropies(x), theta, c.max_patch_len)
 
     def _opens(self, byte: Tensor, cache: BLTCache) -> Tensor:
         """Whether byte t + 1 (t: the byte just appended) starts a patch, by the same rule as ``starts``."""
