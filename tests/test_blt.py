@@ -174,7 +174,8 @@ def test_causality_check_catches_a_decoder_that_reads_its_own_patch(monkeypatch)
     """The one-patch shift: if bytes read the latent output of their own patch, the check must say so."""
     m = blt("blt-fixed-debug")
     decode = m.decode
-    monkeypatch.setattr(m, "decode", lambda d, g, pid, caches=None: decode(d, g[:, 1:], pid.clamp(max=g.shape[1] - 2)))
+    monkeypatch.setattr(m, "decode", lambda d, kv, pid, caches=None: decode(
+        d, [(k[:, 1:], v[:, 1:]) for k, v in kv], pid.clamp(max=kv[0][0].shape[1] - 2)))
     bad, _ = leaks(m, real_bytes(40).view(1, 40))
     assert len(bad) > 10
 

@@ -369,14 +369,19 @@ class BLT(nn.Module):
         queries = self.pool_init(top).view(B, K, self.config.cross_k, D)
         return self.to_global(self.pool.pool(queries, h, pid).reshape(B, K, -1))
 
-    def decode(self, d: Tensor, g: Tensor, pid: Tensor, caches: list | None = None) -> Tensor:
-        """Decoder: byte inputs d (B, L, D_L), each reading the latent output g[b, pid[b, t]] (g: (B, G, D)) before
-        every byte block. Returns the final-normed states (B, L, D_L)."""
+    def latent_keys(self, g: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """The latent outputs g (B, G, D) as the keys and values each decoder layer's cross-attention reads: k vectors
+        per patch, (B, G, k, H, hd) each."""
         B, G = g.shape[:2]
+        return [cross.keys(proj(g).view(B, G, self.config.cross_k, -1))
+                for cross, proj in zip(self.cross, self.from_global, strict=True)]
+
+    def decode(self, d: Tensor, kv: list[tuple[Tensor, Tensor]], pid: Tensor, caches: list | None = None) -> Tensor:
+        """Decoder: byte inputs d (B, L, D_L), each reading the keys and values ``kv`` (``latent_keys``) of latent
+        output pid[b, t] before every byte block. Returns the final-normed states (B, L, D_L)."""
         cos, sin = self.decoder.rotary(caches[0].pos if caches else 0, d.shape[1], d.dtype)
         for i, block in enumerate(self.decoder.blocks):
-            key, val = self.cross[i].keys(self.from_global[i](g).view(B, G, self.config.cross_k, -1))
-            d = d + self.cross[i].attend(d, key, val, pid)
+            d = d + self.cross[i].attend(d, *kv[i], pid)
             if self.config.checkpointing and self.training and torch.is_grad_enabled():
                 d = checkpoint(block, d, cos, sin, use_reentrant=False)
             else:
@@ -395,7 +400,7 @@ class BLT(nn.Module):
         g_in = torch.cat([self.global_start.to(p.dtype).expand(B, 1, -1), p[:, :-1]], dim=1)  # the one-patch shift
         g = self.global_model(g_in)  # (B, K, D): output j has seen patches < j
         d = torch.cat([self.start.to(h.dtype).expand(B, 1, -1), h[:, :-1]], dim=1)  # position t reads byte t - 1
-        return self.decode(d, g, pid)
+        return self.decode(d, self.latent_keys(g), pid)
 
     def forward(self, x: Tensor, modality: Tensor | None = None) -> Tensor:
         return self.head(self.hidden(x, modality))
@@ -469,10 +474,12 @@ class BLT(nn.Module):
             c.set_lengths(done + 1)
         g = self.global_model(g_in, cache.glob)
         rows = torch.arange(B, device=g.device)
-        cache.g, cache.count = g[rows, done], done + 1
+        kv = self.latent_keys(g)
+        cache.kv = [(key[rows, done][:, None], val[rows, done][:, None]) for key, val in kv]  # byte L0's patch
+        cache.count = done + 1
         cache.start = patching.latest_start(starts)[:, L0]
         d = torch.cat([self.start.to(h.dtype).expand(B, 1, -1), h], dim=1)  # (B, L0 + 1, D_L)
-        return self.head(self.decode(d, g, pid, cache.dec)[:, -1])
+        return self.head(self.decode(d, kv, pid, cache.dec)[:, -1])
 
     def step(self, byte: Tensor, cache: BLTCache) -> Tensor:
         """Append one byte per row (B,); return the logits of the byte after it."""
@@ -487,14 +494,16 @@ class BLT(nn.Module):
             first = int(cache.start[opens].min())
             mine = torch.arange(first, t + 1, device=h.device) >= cache.start[:, None]  # (B, L) bytes of the patch
             p = self.patch_vectors(cache.states[:, first : t + 1], (~mine).long(), 2)[:, :1]  # patch 0: its bytes
-            g = self.global_model(p, cache.glob, positions=cache.count)[:, 0]  # each row at its own latent index
+            g = self.global_model(p, cache.glob, positions=cache.count)  # each row at its own latent index
             for c in cache.glob:
                 c.commit(opens)
-            cache.g = torch.where(opens[:, None], g, cache.g)
+            now = opens.view(-1, 1, 1, 1, 1)  # the decoder's keys change only where a patch opened
+            cache.kv = [(torch.where(now, key, old_key), torch.where(now, val, old_val))
+                        for (key, val), (old_key, old_val) in zip(self.latent_keys(g), cache.kv, strict=True)]
             cache.count = cache.count + opens.long()
             cache.start = torch.where(opens, t + 1, cache.start)
         zero = torch.zeros(h.shape[0], 1, dtype=torch.long, device=h.device)
-        return self.head(self.decode(h, cache.g[:, None], zero, cache.dec)[:, -1])
+        return self.head(self.decode(h, cache.kv, zero, cache.dec)[:, -1])
 
     def _opens(self, byte: Tensor, cache: BLTCache) -> Tensor:
         """Whether byte t + 1 (t: the byte just appended) starts a patch, by the same rule as ``starts``."""
@@ -518,7 +527,7 @@ class BLTCache:
     """Generation state: the bytes so far (``t`` known), the encoder's and decoder's sliding-window caches, the
     entropy model's cache and its latest entropy, the latent transformer's row caches, every byte's encoder state
     (to pool a patch when it closes), and per row: its threshold, where its current patch started, its latent
-    positions so far and the latent output its current patch reads."""
+    positions so far, and the decoder's keys and values of the latent output its current patch reads."""
 
     buf: Tensor
     t: int
@@ -530,7 +539,7 @@ class BLTCache:
     theta: Tensor
     start: Tensor = field(default=None)
     count: Tensor = field(default=None)
-    g: Tensor = field(default=None)
+    kv: list = field(default=None)
     entropy: Tensor = field(default=None)
 
 
