@@ -37,6 +37,19 @@ def blt(name: str = "blt-debug", patch: float = 3.0, **kw):
     return m
 
 
+def cached_equals_reference(m, prompt: torch.Tensor, n: int, **kw) -> torch.Tensor:
+    """Greedy generation with the cache and with a full forward per byte: the logits agree at every step (float64)
+    and so do the bytes; returns them."""
+    fast, slow = {}, {}
+    a = generate(m, prompt, n, temperature=0, on_logits=lambda t, v: fast.__setitem__(t, v), **kw)
+    b = generate_reference(m, prompt, n, temperature=0, on_logits=lambda t, v: slow.__setitem__(t, v), **kw)
+    assert sorted(fast) == sorted(slow) == list(range(prompt.shape[1], prompt.shape[1] + n))
+    for t in fast:
+        torch.testing.assert_close(fast[t], slow[t], atol=1e-10, rtol=0)
+    assert torch.equal(a, b)
+    return a
+
+
 def leaks(m, x: torch.Tensor) -> tuple[list[int], int]:
     """Positions t where changing byte t changes a logit at a position <= t, and how many of the changes moved a
     later patch boundary."""
@@ -185,24 +198,13 @@ def test_causality_check_catches_a_decoder_that_reads_its_own_patch(monkeypatch)
 def test_blt_cached_logits_equal_the_reference_at_every_step(kw, prompt_len):
     m = blt(**kw)
     x = real_bytes(2 * prompt_len + 2)[: 2 * prompt_len].view(2, prompt_len)
-    fast, slow = {}, {}
-    a = generate(m, x, 40, temperature=0, on_logits=lambda t, v: fast.__setitem__(t, v))
-    b = generate_reference(m, x, 40, temperature=0, on_logits=lambda t, v: slow.__setitem__(t, v))
-    assert sorted(fast) == sorted(slow) == list(range(prompt_len, prompt_len + 40))
-    for t in fast:
-        torch.testing.assert_close(fast[t], slow[t], atol=1e-10, rtol=0)
-    assert torch.equal(a, b)
+    cached_equals_reference(m, x, 40)
 
 
 @pytest.mark.parametrize("name,kw", [("blt-fixed-debug", {}), ("blt-fixed-debug", {"patching": "space"})])
 def test_static_patch_blt_cached_logits_equal_the_reference(name, kw):
     m = blt(name, **kw)
-    x = real_bytes(40).view(2, 20)
-    fast, slow = {}, {}
-    generate(m, x, 30, temperature=0, on_logits=lambda t, v: fast.__setitem__(t, v))
-    generate_reference(m, x, 30, temperature=0, on_logits=lambda t, v: slow.__setitem__(t, v))
-    for t in fast:
-        torch.testing.assert_close(fast[t], slow[t], atol=1e-10, rtol=0)
+    cached_equals_reference(m, real_bytes(40).view(2, 20), 30)
 
 
 def test_identical_prompts_in_one_batch_decode_identically_while_rows_open_patches_at_different_steps():
@@ -223,12 +225,7 @@ def test_each_row_uses_the_threshold_of_its_modality_in_training_and_generation(
     starts = m.starts(x, modality)
     assert int(starts[1].sum()) == 1 and int(starts[0].sum()) > 10
     assert not torch.allclose(m(x, modality)[1], m(x)[1])  # without modality a row takes the raw threshold
-    fast, slow = {}, {}
-    generate(m, x[:, :10], 30, temperature=0, modality=modality, on_logits=lambda t, v: fast.__setitem__(t, v))
-    generate_reference(m, x[:, :10], 30, temperature=0, modality=modality,
-                       on_logits=lambda t, v: slow.__setitem__(t, v))
-    for t in fast:
-        torch.testing.assert_close(fast[t], slow[t], atol=1e-10, rtol=0)
+    cached_equals_reference(m, x[:, :10], 30, modality=modality)
 
 
 def test_padded_patches_give_no_nan_and_a_row_scores_the_same_alone_or_in_a_batch():
@@ -313,11 +310,7 @@ def test_windowed_entropy_transformer_cached_logits_equal_the_reference_past_its
     m = build("blt-entropy-debug").double().eval()
     assert m.config.window == 16
     x = real_bytes(2 * prompt_len + 2)[: 2 * prompt_len].view(2, prompt_len)
-    fast, slow = {}, {}
-    generate(m, x, 30, temperature=0, on_logits=lambda t, v: fast.__setitem__(t, v))
-    generate_reference(m, x, 30, temperature=0, on_logits=lambda t, v: slow.__setitem__(t, v))
-    for t in fast:
-        torch.testing.assert_close(fast[t], slow[t], atol=1e-10, rtol=0)
+    cached_equals_reference(m, x, 30)
     # the window really limits what a position sees: a byte 16 positions back no longer matters
     y = real_bytes(40).view(1, 40)
     z = y.clone()
