@@ -141,6 +141,10 @@ SIZES: dict[str, Any] = {
     # for tests: windows of 8 bytes, tiny hash tables
     "blt-debug": BLTConfig(entropy="blt-entropy-debug", d_local=32, n_layer_encoder=1, n_layer_decoder=1,
                            n_head_local=2, window=8, d_global=64, n_layer_global=2, n_head_global=2, hash_vocab=64),
+    # the paper's ablation: no hash n-gram embeddings
+    "blt-nohash-debug": BLTConfig(entropy="blt-entropy-debug", d_local=32, n_layer_encoder=1, n_layer_decoder=1,
+                                  n_head_local=2, window=8, d_global=64, n_layer_global=2, n_head_global=2,
+                                  hash_vocab=0),
     "blt-fixed-debug": BLTConfig(patching="fixed", patch_size=4, d_local=32, n_layer_encoder=1, n_layer_decoder=1,
                                  n_head_local=2, window=8, d_global=64, n_layer_global=2, n_head_global=2,
                                  hash_vocab=64),
