@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
@@ -112,14 +113,19 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", expec
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over it: readers and a crash
-    at any moment see the old file or the new one, never half of one. The temporary file goes if saving fails."""
+    """``torch.save`` to ``path`` with ``write_atomically``."""
+    write_atomically(path, lambda f: torch.save(obj, f))
+
+
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write(f)`` into a temporary file beside ``path``, flushed to disk, then renamed over it: readers and a crash
+    at any moment see the old file or the new one, never half of one. The temporary file goes if writing fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -44,10 +44,8 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import struct
 import sys
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -606,17 +604,9 @@ def atomic_write(path: Path, data: bytes, root: Path) -> None:
         existing = existing.parent
     if not existing.resolve().is_relative_to(root.resolve()):
         raise CompressionError(f"{path}: its folder leads outside {root}; not written")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from mmbytes.checkpoint import write_atomically
+
+    write_atomically(path, lambda f: f.write(data))
 
 
 def walk(sources: list[Path], suffix: str | None = None) -> list[tuple[Path, Path]]:
