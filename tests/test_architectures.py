@@ -4,11 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from generation_check import cached_equals_reference
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmbytes.model import SIZES, build, config_from_name, patching
-from mmbytes.model.generate import generate, generate_reference
+from mmbytes.model.generate import generate
 from mmbytes.model.registry import config_from_dict, config_to_dict
 
 DEBUG = ["debug", "debug-long", "transformer-debug", "spacebyte-debug", "spacebyte-fixed-debug", "blt-fixed-debug"]
@@ -185,13 +186,7 @@ def test_causality_check_catches_a_spacebyte_leak(monkeypatch):
 def test_spacebyte_cached_logits_equal_the_reference_at_every_step(name, shift, prompt_len):
     m = sb(name, token_shift=shift)
     x = real_text(2 * prompt_len + 2)[: 2 * prompt_len].view(2, prompt_len)
-    fast, slow = {}, {}
-    a = generate(m, x, 40, temperature=0, on_logits=lambda t, v: fast.__setitem__(t, v))
-    b = generate_reference(m, x, 40, temperature=0, on_logits=lambda t, v: slow.__setitem__(t, v))
-    assert sorted(fast) == sorted(slow) == list(range(prompt_len, prompt_len + 40))
-    for t in fast:
-        torch.testing.assert_close(fast[t], slow[t], atol=1e-10, rtol=0)
-    assert torch.equal(a, b)
+    cached_equals_reference(m, x, 40)
 
 
 def test_identical_prompts_in_one_batch_decode_identically_while_rows_open_words_at_different_steps():

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from generation_check import cached_equals_reference
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmbytes.codecs import MODALITIES
 from mmbytes.model import build, patching
 from mmbytes.model.blt import entropy_of, ngram_ids
-from mmbytes.model.generate import generate, generate_reference
+from mmbytes.model.generate import generate
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 TEXT_ID, IMAGE_ID = MODALITIES.index("text"), MODALITIES.index("image")
@@ -35,19 +36,6 @@ def blt(name: str = "blt-debug", patch: float = 3.0, **kw):
         theta, _ = patching.calibrate_threshold(list(h), patch, m.config.patching, m.config.max_patch_len)
         m.theta.fill_(theta)
     return m
-
-
-def cached_equals_reference(m, prompt: torch.Tensor, n: int, **kw) -> torch.Tensor:
-    """Greedy generation with the cache and with a full forward per byte: the logits agree at every step (float64)
-    and so do the bytes; returns them."""
-    fast, slow = {}, {}
-    a = generate(m, prompt, n, temperature=0, on_logits=lambda t, v: fast.__setitem__(t, v), **kw)
-    b = generate_reference(m, prompt, n, temperature=0, on_logits=lambda t, v: slow.__setitem__(t, v), **kw)
-    assert sorted(fast) == sorted(slow) == list(range(prompt.shape[1], prompt.shape[1] + n))
-    for t in fast:
-        torch.testing.assert_close(fast[t], slow[t], atol=1e-10, rtol=0)
-    assert torch.equal(a, b)
-    return a
 
 
 def leaks(m, x: torch.Tensor) -> tuple[list[int], int]:
