@@ -27,7 +27,7 @@ from mmbytes.lit import param_groups, warmup_cosine
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
 
 # name -> (config overrides of `--size`, embeddings decayed); "reference" is MEGABYTE-pytorch
-PAPER = dict(embed_std=0.02, token_shift=False, patch_embed="concat", global_to_local="slice")
+PAPER = dict(embed_std=0.02, token_shift=False, patch_embed="concat", global_to_local="slice", local_shift="patch")
 VARIANTS: dict[str, tuple[dict, bool]] = {
     "paper": (PAPER, True),
     "embed1": ({**PAPER, "embed_std": 1.0}, True),
@@ -36,6 +36,9 @@ VARIANTS: dict[str, tuple[dict, bool]] = {
     "embed1+shift+nodecay": ({**PAPER, "embed_std": 1.0, "token_shift": True}, False),
     "embed1+shift+project": ({**PAPER, "embed_std": 1.0, "token_shift": True, "patch_embed": "project"}, True),
     "embed1+shift+full": ({**PAPER, "embed_std": 1.0, "token_shift": True, "global_to_local": "full"}, True),
+    "seqshift": ({**PAPER, "local_shift": "sequence"}, True),
+    "embed1+seqshift": ({**PAPER, "embed_std": 1.0, "local_shift": "sequence"}, True),
+    "embed1+shift+seqshift": ({**PAPER, "embed_std": 1.0, "token_shift": True, "local_shift": "sequence"}, True),
     "pytorch-like": ({"embed_std": 1.0, "token_shift": True, "patch_embed": "project", "global_to_local": "full"},
                      True),
     "default": ({}, True),  # whatever the named size is today

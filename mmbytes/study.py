@@ -61,10 +61,17 @@ def recommended_lr(model: str, given: dict[str, float]) -> float:
 
 
 class Curve(L.Callback):
-    """Validation figures at each validation end, with the FLOPs and step they were reached at."""
+    """Validation figures at each validation end, with the FLOPs and step they were reached at; also the run's
+    training wall time so far (``wall_path``: earlier sessions' seconds plus this one's), so that a run interrupted
+    and resumed reports the time of all its sessions."""
 
-    def __init__(self, counter, path: Path, rows: list[dict] | None = None) -> None:
+    def __init__(self, counter, path: Path, rows: list[dict] | None = None, wall_path: Path | None = None,
+                 wall_before: float = 0.0) -> None:
         self.counter, self.path, self.rows = counter, path, list(rows or [])
+        self.wall_path, self.wall_before, self.start = wall_path, wall_before, time.time()
+
+    def wall(self) -> float:
+        return self.wall_before + time.time() - self.start
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -73,6 +80,8 @@ class Curve(L.Callback):
         row.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
         self.rows = [r for r in self.rows if r["step"] != row["step"]] + [row]
         self.path.write_text(json.dumps(self.rows, indent=1))
+        if self.wall_path is not None:
+            self.wall_path.write_text(json.dumps({"s": self.wall(), "step": trainer.global_step}))
 
 
 def _data(args: argparse.Namespace, seed: int):
@@ -106,7 +115,9 @@ def train_run(size: str, seed: int, budget: float, run_dir: Path, args: argparse
     last = run_dir / "checkpoints" / "last.ckpt"
     curve_path = run_dir / "curve.json"
     rows = json.loads(curve_path.read_text()) if last.exists() and curve_path.exists() else []
-    curve = Curve(counter, curve_path, rows)
+    wall_path = run_dir / "wall.json"  # seconds trained so far, written at each validation (as often as checkpoints)
+    wall_before = json.loads(wall_path.read_text())["s"] if last.exists() and wall_path.exists() else 0.0
+    curve = Curve(counter, curve_path, rows, wall_path, wall_before)
     every = max(1, steps // max(1, args.evals))
     trainer = L.Trainer(
         accelerator=args.accelerator, devices=1, max_epochs=1, gradient_clip_val=1.0,
@@ -116,13 +127,11 @@ def train_run(size: str, seed: int, budget: float, run_dir: Path, args: argparse
         callbacks=[counter, curve, ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
                                                    every_n_train_steps=every)],
         plugins=[AtomicCheckpointIO()], enable_progress_bar=args.progress, enable_model_summary=False)
-    start = time.time()
     trainer.fit(lm, data, ckpt_path=str(last) if last.exists() else None)
-    wall = time.time() - start + (json.loads((run_dir / "wall.json").read_text())["s"]
-                                  if last.exists() and (run_dir / "wall.json").exists() else 0.0)
+    wall = curve.wall()
     train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     trainer.save_checkpoint(last, weights_only=False)  # the full state: a study run again finds it done
-    (run_dir / "wall.json").write_text(json.dumps({"s": wall}))
+    wall_path.write_text(json.dumps({"s": wall, "step": trainer.global_step}))
     trainer.validate(lm, data, verbose=False)  # the final weights; Curve records the point
     val = {k: v for k, v in curve.rows[-1].items() if k.startswith("val/")}
     model = lm.model
@@ -265,7 +274,10 @@ def write_report(out: Path, results: list[dict], settings: dict, entropy: dict[s
         "Each model trains at its own recommended peak learning rate (the `lr` column), warmup "
         f"{settings['warmup']:.0%} of its steps, then cosine decay ending at the budget. Bits per byte are over the "
         "same validation bytes for every model (mean ± sample standard deviation over seeds); `bpd_image` and "
-        "`bpd_audio` are bits per 8-bit sub-pixel and per 16-bit sample.", "",
+        "`bpd_audio` are bits per 8-bit sub-pixel and per 16-bit sample."
+        + (f" `*_strided`: MEGABYTE scored with strided inference (rule `{settings['strided']}`: a second pass offset "
+           "by P/2, each byte from one of the two passes), twice the cost of plain scoring; the other columns are "
+           "plain scoring." if settings.get("strided") else ""), "",
         "| " + " | ".join(heads.get(k, k) for k in columns) + " |",
         "|" + "|".join("---" if k == "model" else "---:" for k in columns) + "|",
         *("| " + " | ".join(cell(r, k) for k in columns) + " |" for r in rows), "",
@@ -372,6 +384,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             estimate.set_tokenizer(path.read_text(), per_token)
         if config.arch == "blt" and config.uses_entropy:
             kwargs["entropy_ckpt"], entropy[size] = entropy_for(size, args, log)
+        if args.strided and config.arch == "megabyte":
+            kwargs["strided_eval"] = args.strided
         for seed in range(args.seeds):
             run_dir = args.out / "runs" / size / f"seed{seed}"
             if (run_dir / "result.json").exists():
@@ -381,7 +395,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             results.append(train_run(size, seed, args.budget, run_dir, args, recommended_lr(size, args.lr), kwargs,
                                      estimate))
             trained.append(f"{size}/seed{seed}")
-    write_report(args.out, results, {**settings, "seeds": args.seeds}, entropy)
+    write_report(args.out, results, {**settings, "seeds": args.seeds, "strided": args.strided}, entropy)
     return {"trained": trained, "results": results, "log": log}
 
 
@@ -405,6 +419,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--entropy-budget", type=float, default=None,
                     help="training FLOPs of BLT's entropy model (default: a quarter of --budget)")
     ap.add_argument("--entropy-ckpt", type=Path, help="a calibrated entropy model for every BLT model instead")
+    ap.add_argument("--strided", nargs="?", const="paper", choices=["paper", "later"],
+                    help="MEGABYTE runs also score with strided inference (paper section 2.3.3; twice the validation "
+                    "cost), reported as val/bpb_strided; the rule: paper (default) or later")
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--accelerator", default="auto")
     ap.add_argument("--progress", action="store_true", help="progress bars")

@@ -9,6 +9,8 @@ SIZES = ["debug", "debug-long", "transformer-debug"]  # two stages, three stages
 FORMS = {  # the paper's exact form and MEGABYTE-pytorch's choices (token shift, unit embeddings, projections)
     "paper": dict(token_shift=False, embed_std=0.02, patch_embed="concat", global_to_local="slice"),
     "shift-project-full": dict(token_shift=True, embed_std=1.0, patch_embed="project", global_to_local="full"),
+    "sequence-shift": dict(token_shift=False, embed_std=0.02, patch_embed="concat", global_to_local="slice",
+                           local_shift="sequence"),
 }
 
 
@@ -42,8 +44,9 @@ FOUR_STAGES = dict(patch_size=16, d_global=4, mid_patch_sizes=(8, 2), d_mid=(8, 
 
 
 @pytest.mark.parametrize("T", [32, 35])
-def test_strict_causality_with_four_stages(T):
-    m = model("debug", **FOUR_STAGES)
+@pytest.mark.parametrize("local_shift", ["patch", "sequence"])
+def test_strict_causality_with_four_stages(T, local_shift):
+    m = model("debug", **FOUR_STAGES, local_shift=local_shift)
     assert [s.patch for s in m.stages()] == [16, 8, 2, 1]
     assert leaks(m, T) == []
 
@@ -51,7 +54,7 @@ def test_strict_causality_with_four_stages(T):
 def test_causality_test_catches_a_leak(monkeypatch):
     """Without the shift by the padding byte, the local model sees the byte it predicts: the check must say so."""
     m = model("debug")
-    monkeypatch.setattr(m, "local_inputs", lambda xp: m.local_embed(xp))
+    monkeypatch.setattr(m, "unit_inputs", lambda s, x, parent: s.embed(x.reshape(-1, parent)))
     assert leaks(m, 8) == list(range(8))
 
 
@@ -222,3 +225,17 @@ def test_configs_stored_before_tied_head_load_untied():
     stored = config_to_dict(MegabyteConfig.from_name("debug"))
     stored.pop("tied_head")
     assert config_from_dict(stored).tied_head is False
+
+
+@pytest.mark.parametrize("local_shift, reads_previous_byte", [("patch", False), ("sequence", True)])
+def test_local_shift_decides_whether_a_patch_start_reads_the_byte_before_it(local_shift, reads_previous_byte):
+    """With the global model cut off (w^GL zero), a patch's first byte is predicted from its own stage's input alone:
+    the padding byte (``patch``) or the last byte of the patch before (``sequence``)."""
+    m = model("debug", local_shift=local_shift)
+    torch.nn.init.zeros_(m.global_to_local.weight)
+    x = torch.randint(0, 256, (1, 8))
+    y = x.clone()
+    y[0, 3] ^= 1  # the last byte of patch 0 (P = 4)
+    with torch.no_grad():
+        changed = not torch.allclose(m(x)[0, 4], m(y)[0, 4])
+    assert changed == reads_previous_byte

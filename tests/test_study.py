@@ -2,6 +2,7 @@
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -147,6 +148,7 @@ def test_the_flop_budget_counts_the_trained_tokenizers_bytes_per_token(shards, t
 
 
 def _study_args(shards, out, models: str, budget: str = "2e8") -> list[str]:
+    """``mmbytes study`` arguments (``[1:]`` for ``study.main``)."""
     return ["study", "--data", str(shards), "--budget", budget, "--models", models, "--out", str(out),
             "--seq-len", "64", "--batch-size", "2", "--evals", "1", "--val-batches", "4"]
 
@@ -180,6 +182,32 @@ def test_a_tiny_study_writes_its_report_and_a_resumed_study_trains_only_the_rest
     assert list((out / "runs" / "bpe-debug" / "seed0" / "logs").glob("events.out.tfevents.*"))
     with pytest.raises(SystemExit, match="other settings"):  # another budget in the same folder is refused
         study.main(_study_args(shards, out, "debug", budget="3e8")[1:])
+
+
+def test_a_study_with_strided_scores_megabyte_both_ways_and_a_resumed_run_keeps_its_earlier_wall_time(shards,
+                                                                                                  tmp_path):
+    import csv
+    import json
+
+    from mmbytes import study
+
+    out = tmp_path / "study"
+    study.main(_study_args(shards, out, "debug,transformer-debug")[1:] + ["--strided"])
+    rows = {r["model"]: r for r in csv.DictReader((out / "report.csv").open())}
+    plain, strided = float(rows["debug"]["val/bpb"]), float(rows["debug"]["val/bpb_strided"])
+    assert strided != plain and abs(strided - plain) < 0.5  # a second pass that scores the same bytes differently
+    assert rows["transformer-debug"]["val/bpb_strided"] == ""  # no patches, no strided inference
+    assert "rule `paper`" in (out / "report.md").read_text()
+    # an interrupted run: its checkpoint and the wall time its earlier session wrote at its last validation are
+    # there, its result is not
+    run = out / "runs" / "debug" / "seed0"
+    (run / "result.json").unlink()
+    curve = study.Curve(FlopBudget(), tmp_path / "curve.json", wall_path=run / "wall.json", wall_before=999.0)
+    curve.on_validation_end(SimpleNamespace(sanity_checking=False, global_step=3, callback_metrics={}), None)
+    assert json.loads((run / "wall.json").read_text())["s"] > 999
+    again = study.main(_study_args(shards, out, "debug,transformer-debug")[1:] + ["--strided"])
+    assert again["trained"] == ["debug/seed0"]
+    assert 999 < json.loads((run / "result.json").read_text())["wall_s"] < 999 + 120
 
 
 @pytest.mark.slow

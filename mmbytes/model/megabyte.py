@@ -83,6 +83,13 @@ class MegabyteConfig:
     """Sliding-window attention of the global model, in its positions (bytes for ``transformer``): each position
     sees itself and the ``window - 1`` before it; 0: full causal attention. BLT's entropy model is a windowed byte
     transformer (Pagnoni et al., 2024: window 512)."""
+    local_shift: Literal["patch", "sequence"] = "patch"
+    """How the stages below the global model are shifted. ``patch`` (paper): each patch's byte embeddings move right by
+    one padding byte inside the patch, so a patch's first byte is predicted without any of its own stage's inputs
+    (only the global model's summary of the patches before it). ``sequence``: they move right by one byte across the
+    whole sequence, so a patch's first position reads the last byte of the patch before it (the padding byte only at
+    the sequence start), as every byte after it reads the byte before it; MEGABYTE-pytorch's local model also sees the
+    previous byte there. Middle stages follow the same choice, with sub-patches for bytes. Same cost; causal."""
     tied_head: bool = False
     """The output head reuses the last stage's byte embedding matrix (the local one; the global one in
     ``arch: transformer``), as the paper's output equation does (softmax of E^local-embed times the local output).
@@ -110,6 +117,8 @@ class MegabyteConfig:
                 raise ValueError("arch='megabyte' needs patch_size >= 1 and n_layer_local >= 1")
         else:
             raise ValueError(f"unknown arch {self.arch!r}: expected 'megabyte' or 'transformer'")
+        if self.local_shift not in ("patch", "sequence"):
+            raise ValueError(f"local_shift must be 'patch' or 'sequence', got {self.local_shift!r}")
         if self.patch_embed not in ("concat", "project") or self.global_to_local not in ("slice", "full"):
             raise ValueError(f"patch_embed must be 'concat' or 'project' (got {self.patch_embed!r}) and "
                              f"global_to_local 'slice' or 'full' (got {self.global_to_local!r})")
@@ -173,7 +182,7 @@ SIZES: dict[str, MegabyteConfig] = {
 }
 
 LEGACY = {"window": 0, "token_shift": False, "embed_std": 0.02, "patch_embed": "concat", "d_embed": 0,
-          "global_to_local": "slice", "tied_head": False}
+          "global_to_local": "slice", "tied_head": False, "local_shift": "patch"}
 """Values of fields that configs stored before the field existed were trained with (the paper's form)."""
 
 
@@ -268,10 +277,17 @@ class Megabyte(nn.Module):
             out.append(Stage(1, self.local_model, self.global_to_local, self.local_embed, self.local_pad, full))
         return out
 
-    def local_inputs(self, x: Tensor) -> Tensor:
-        """Shift each patch's local byte embeddings right by one padding byte. x: (N, P) -> (N, P, D_L)."""
-        e = self.local_embed(x[:, :-1])  # (N, P-1, D_L)
-        return torch.cat([self.local_pad.expand(x.shape[0], 1, -1), e], dim=1)
+    def unit_inputs(self, s: Stage, x: Tensor, parent: int) -> Tensor:
+        """A stage's own inputs below the global model: the embeddings of its units (bytes or sub-patches) shifted right
+        by one unit, inside each parent unit (``local_shift: patch``) or across the sequence (``sequence``).
+        x: (B, T) bytes, T a multiple of ``parent`` -> (B * T / parent, parent / s.patch, width)."""
+        B, T = x.shape
+        N, n = B * T // parent, parent // s.patch
+        if self.config.local_shift == "patch":
+            xs = x.reshape(N, parent)
+            return torch.cat([s.pad.expand(N, 1, -1), s.embed(xs[:, : parent - s.patch])], dim=1)
+        e = s.embed(x).reshape(B, T // s.patch, -1)
+        return torch.cat([s.pad.expand(B, 1, -1), e[:, :-1]], dim=1).reshape(N, n, -1)
 
     def hidden(self, x: Tensor) -> Tensor:
         """Bytes (B, T) -> final hidden states (B, T, D) that the head turns into logits."""
@@ -287,15 +303,10 @@ class Megabyte(nn.Module):
         out = self.global_model(h)  # (B, K, P*D_G); patch k has seen patches < k
         for s in self.stages()[1:]:
             # fold every parent position into the batch; its output, cut into one slice per sub-patch, is projected
-            # and added to the sub-patches' own embeddings, shifted right by one padding sub-patch inside the parent
+            # and added to the sub-patches' own embeddings, shifted right by one unit (``unit_inputs``)
             N = out.shape[0] * out.shape[1]
             up = s.up(out.reshape(N, -1), P)  # (N, P/p, p*D_s)
-            xs = x.reshape(N, P)
-            if s.patch == 1:
-                own = self.local_inputs(xs)
-            else:
-                own = torch.cat([s.pad.to(up.dtype).expand(N, 1, -1), s.embed(xs[:, : P - s.patch])], dim=1)
-            out = s.model(up + own)  # (N, P/p, p*D_s): causal over the sub-patches of each parent
+            out = s.model(up + self.unit_inputs(s, x, P).to(up.dtype))  # (N, P/p, p*D_s), causal inside each parent
             P = s.patch
         return out.reshape(B, x.shape[1], -1)[:, :T]  # (B, T, D)
 
@@ -392,7 +403,8 @@ class Megabyte(nn.Module):
             up = None if i == 0 else s.up(h, stages[i - 1].patch)  # (B, units in the parent, width)
             cache.up[i] = up
             known = (L0 - start) // s.patch  # whole units of this stage already known
-            inputs = torch.cat([s.pad.expand(B, 1, -1), s.embed(cache.buf[:, start : start + known * s.patch])], 1)
+            first = self.first_input(s, cache.buf, start, i)
+            inputs = torch.cat([first, s.embed(cache.buf[:, start : start + known * s.patch])], 1)
             if up is not None:
                 inputs = inputs + up[:, : known + 1]
             h = s.model(inputs, cache.kv[i])[:, -1]  # output for the unit the next byte falls in
@@ -416,8 +428,15 @@ class Megabyte(nn.Module):
             for c in cache.kv[i]:
                 c.reset()
             cache.up[i] = s.up(h, stages[i - 1].patch)
-            h = s.model(s.pad.expand(h.shape[0], 1, -1) + cache.up[i][:, :1], cache.kv[i])[:, -1]
+            h = s.model(self.first_input(s, cache.buf, t, i) + cache.up[i][:, :1], cache.kv[i])[:, -1]
         return self.head(h)
+
+    def first_input(self, s: Stage, buf: Tensor, start: int, level: int) -> Tensor:
+        """Own input (B, 1, width) of the first unit of stage ``s`` when it starts at byte ``start``: the padding unit,
+        or with ``local_shift: sequence`` below the global model the unit just before it, once there is one."""
+        if level == 0 or self.config.local_shift == "patch" or start == 0:
+            return s.pad.expand(buf.shape[0], 1, -1)
+        return s.embed(buf[:, start - s.patch : start])
 
 
 @dataclass
