@@ -239,3 +239,21 @@ def test_local_shift_decides_whether_a_patch_start_reads_the_byte_before_it(loca
     with torch.no_grad():
         changed = not torch.allclose(m(x)[0, 4], m(y)[0, 4])
     assert changed == reads_previous_byte
+
+
+@pytest.mark.parametrize("name", ["small", "debug-long"])
+def test_gpt2_init_keeps_the_depth_scaled_residual_projections_and_fan_in_is_pytorchs_default(name):
+    gpt2 = Megabyte(MegabyteConfig.from_name(name, init="gpt2"))
+    for stack in (gpt2.global_model, *gpt2.mid_models, gpt2.local_model):
+        scaled = 0.02 / math.sqrt(2 * len(stack.blocks))
+        for block in stack.blocks:
+            assert block.attn.proj.weight.std().item() == pytest.approx(scaled, rel=0.1)
+            assert block.mlp.fc.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    fan_in = Megabyte(MegabyteConfig.from_name(name, init="fan_in"))
+    linears = [m for m in fan_in.modules() if isinstance(m, torch.nn.Linear)]
+    assert fan_in.head in linears
+    for m in linears:  # U(-1/sqrt(fan_in), 1/sqrt(fan_in)): std 1/sqrt(3 fan_in)
+        bound = 1 / math.sqrt(m.in_features)
+        assert m.weight.abs().max().item() <= bound * (1 + 1e-6)
+        if m.weight.numel() > 1000:
+            assert m.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)

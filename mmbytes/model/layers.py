@@ -4,6 +4,7 @@ attention through ``scaled_dot_product_attention`` with an optional preallocated
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -235,6 +236,19 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(h))
 
 
+def init_linear(m: nn.Linear, init: Literal["gpt2", "fan_in"]) -> None:
+    """``gpt2``: weight N(0, 0.02), bias 0. ``fan_in``: PyTorch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for
+    weight and bias."""
+    if init == "fan_in":
+        m.reset_parameters()
+    elif init == "gpt2":
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    else:
+        raise ValueError(f"init must be 'gpt2' or 'fan_in', got {init!r}")
+
+
 class Transformer(nn.Module):
     """A causal pre-norm transformer stack, with a final norm unless ``final_norm`` is False (a stack whose output
     goes on in a residual stream). Positions are rotary, so any length works; ``window`` > 0 makes the attention
@@ -249,14 +263,16 @@ class Transformer(nn.Module):
         self.norm = nn.RMSNorm(d, eps=1e-6) if final_norm else nn.Identity()
         self.rotary = Rotary(d // n_head, rope_base)
 
-    def reset_parameters(self) -> None:
-        """GPT-2 initialisation: N(0, 0.02), residual projections scaled down by depth."""
+    def reset_parameters(self, init: Literal["gpt2", "fan_in"] = "gpt2") -> None:
+        """``gpt2``: N(0, 0.02), residual projections scaled down by depth (0.02 / sqrt(2 * layers)). ``fan_in``:
+        PyTorch's default for every linear layer, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (as MEGABYTE-pytorch)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-        for block in self.blocks:
-            for proj in (block.attn.proj, block.mlp.proj):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * len(self.blocks)))
+                init_linear(m, init)
+        if init == "gpt2":
+            for block in self.blocks:
+                for proj in (block.attn.proj, block.mlp.proj):
+                    nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * len(self.blocks)))
 
     def forward(self, x: Tensor, caches: list[KVCache] | None = None, positions: Tensor | None = None) -> Tensor:
         """x (B, L, d). With ``positions`` (B,), x holds one position per row at that row's own index (row caches)."""

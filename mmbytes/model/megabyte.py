@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mmbytes.model.layers import Transformer
+from mmbytes.model.layers import Transformer, init_linear
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,10 @@ class MegabyteConfig:
     """Sliding-window attention of the global model, in its positions (bytes for ``transformer``): each position
     sees itself and the ``window - 1`` before it; 0: full causal attention. BLT's entropy model is a windowed byte
     transformer (Pagnoni et al., 2024: window 512)."""
+    init: Literal["gpt2", "fan_in"] = "gpt2"
+    """Initialisation of the linear layers. ``gpt2`` (the paper's GPT-2 form): N(0, 0.02), the residual projections
+    of every block 0.02 / sqrt(2 * its stack's layers). ``fan_in``: PyTorch's default, U(-1/sqrt(fan_in),
+    1/sqrt(fan_in)), head included (MEGABYTE-pytorch). Byte embeddings and padding units follow ``embed_std``."""
     local_shift: Literal["patch", "sequence"] = "patch"
     """How the stages below the global model are shifted. ``patch`` (paper): each patch's byte embeddings move right by
     one padding byte inside the patch, so a patch's first byte is predicted without any of its own stage's inputs
@@ -117,6 +121,8 @@ class MegabyteConfig:
                 raise ValueError("arch='megabyte' needs patch_size >= 1 and n_layer_local >= 1")
         else:
             raise ValueError(f"unknown arch {self.arch!r}: expected 'megabyte' or 'transformer'")
+        if self.init not in ("gpt2", "fan_in"):
+            raise ValueError(f"init must be 'gpt2' or 'fan_in', got {self.init!r}")
         if self.local_shift not in ("patch", "sequence"):
             raise ValueError(f"local_shift must be 'patch' or 'sequence', got {self.local_shift!r}")
         if self.patch_embed not in ("concat", "project") or self.global_to_local not in ("slice", "full"):
@@ -182,7 +188,8 @@ SIZES: dict[str, MegabyteConfig] = {
 }
 
 LEGACY = {"window": 0, "token_shift": False, "embed_std": 0.02, "patch_embed": "concat", "d_embed": 0,
-          "global_to_local": "slice", "tied_head": False, "local_shift": "patch"}
+          "global_to_local": "slice", "tied_head": False, "local_shift": "patch",
+          "init": "gpt2"}
 """Values of fields that configs stored before the field existed were trained with (the paper's form)."""
 
 
@@ -235,20 +242,20 @@ class Megabyte(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        std = self.config.embed_std
+        c = self.config
+        transformers = [m for m in self.modules() if isinstance(m, Transformer)]
+        inside = {id(p) for t in transformers for p in t.parameters()}
         for m in self.modules():
-            if isinstance(m, nn.Linear) and not (m is self.head and self.config.tied_head):  # tied: an embedding
-                nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+            if isinstance(m, nn.Linear) and id(m.weight) not in inside and not (m is self.head and c.tied_head):
+                init_linear(m, c.init)  # tied: the head is an embedding
             elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=std)
+                nn.init.normal_(m.weight, std=c.embed_std)
             elif isinstance(m, nn.LayerNorm):
                 m.reset_parameters()
-            elif isinstance(m, Transformer):
-                m.reset_parameters()
+        for t in transformers:  # last, so nothing above undoes their depth-scaled residual projections
+            t.reset_parameters(c.init)
         for pad in (self.global_pad, *self.mid_pad, *([self.local_pad] if self.local_model is not None else [])):
-            nn.init.normal_(pad, std=std)
+            nn.init.normal_(pad, std=c.embed_std)
 
     def num_params(self, part: str = "all") -> int:
         modules = {"all": self, "global": self.global_model, "mid": self.mid_models, "local": self.local_model}[part]
