@@ -19,6 +19,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import random
 import re
 import stat
 import sys
@@ -384,15 +385,19 @@ OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw", codec_options: dict | None = None,
                  val_fraction: float | dict[str, float] = 0.1, max_shard_bytes: int = 64 * 2**20,
                  max_file_bytes: int = 256 * 2**20, chunk_bytes: int | None = None, workers: int = 0,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, shuffle_seed: int | None = 0) -> dict:
     """Write shards and the manifest into ``out``; return the manifest. ``val_fraction``: the share of samples held
     out for validation, one for all modalities or per modality (``{audio: 0.2, default: 0.1}``). ``max_file_bytes``
-    also bounds what a file may decode to."""
+    also bounds what a file may decode to. Files are written in an order shuffled with ``shuffle_seed`` (None: sorted
+    by path): training reads shards in order and shuffles only inside a buffer, so files written folder by folder
+    would reach it one folder (often one modality) at a time. Which split a sample goes to does not depend on it."""
     out = Path(out)
     check_options(val_fraction, max_shard_bytes, max_file_bytes, chunk_bytes, workers)
     coder = get_codec(codec, **(codec_options or {}))  # bad codec options fail here, before any file is touched
     prepare_out(out, sources)
     files, skipped = list_files(sources, out)
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(files)
     writers = {s: ShardWriter(out, s, max_shard_bytes) for s in ("train", "val")}
     modalities: dict[str, Counter] = {}
     chosen, converted, encoded_files = Counter(), [], 0
@@ -519,6 +524,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sample-rate", type=positive_int, help="resample audio to this rate")
     ap.add_argument("--no-convert", action="store_true", help="refuse audio that is not mono 16-bit PCM at the rate")
     ap.add_argument("--workers", type=count, default=min(8, os.cpu_count() or 1), help="decoding processes")
+    ap.add_argument("--shuffle-seed", type=int, default=0,
+                    help="files are written in an order shuffled with this seed, so that training, which reads "
+                    "shards in order, does not see one folder at a time")
+    ap.add_argument("--sorted", action="store_true", help="write files in path order instead")
     args = ap.parse_args(argv)
     if args.image_size and args.image_order == "patch" and args.image_size % args.image_tile:
         ap.error(f"--image-size {args.image_size} does not split into --image-tile {args.image_tile} tiles; give a "
@@ -535,7 +544,8 @@ def main(argv: list[str] | None = None) -> None:
     idx = {"order": args.image_order, "tile": args.image_tile}
     options = {"image": image, "audio": audio, "auto": {"image": image, "audio": audio}, "idx": idx}.get(args.codec, {})
     m = write_shards(args.sources, args.out, args.codec, options, args.val_fraction, int(args.max_shard_mb * 2**20),
-                     int(args.max_file_mb * 2**20), args.chunk_bytes, args.workers)
+                     int(args.max_file_mb * 2**20), args.chunk_bytes, args.workers,
+                     shuffle_seed=None if args.sorted else args.shuffle_seed)
     for split, s in m["splits"].items():
         print(f"{split}: {s['samples']} samples, {s['bytes']:,} bytes in {len(s['shards'])} shards")
     for modality, s in m["modalities"].items():

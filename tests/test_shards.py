@@ -200,7 +200,7 @@ def test_interrupted_rerun_leaves_no_stale_manifest_and_only_whole_shards(tmp_pa
     monkeypatch.setattr(type(get_codec("text")), "encode", interrupted)
     with pytest.raises(KeyboardInterrupt):  # the first file fills several shards before the second one fails
         write_shards([SAMPLES / "text", SAMPLES / "files"], out, codec="text", max_shard_bytes=200_000,
-                     progress=False)
+                     progress=False, shuffle_seed=None)
     names = sorted(os.listdir(out))
     assert "manifest.json" not in names and not any(n.startswith(".") for n in names)  # no manifest, no partial
     assert len(names) >= 4  # the shards finished before the interruption are kept, each one whole
@@ -219,3 +219,23 @@ def test_output_inside_a_source_and_folders_with_the_same_name(tmp_path):
     assert m["files"] == 2 and m["skipped"] == []  # the first run's shards are not read as sources
     got = {**read_back(out, "train"), **read_back(out, "val")}
     assert sorted(meta["source"] for _, meta in got.values()) == ["text/this.py", "text/this.py~2"]
+
+
+def test_files_are_written_in_a_shuffled_order_so_training_does_not_read_one_folder_at_a_time(tmp_path):
+    """Training reads shards in order and shuffles only in a buffer: folders written one after another would reach
+    it one modality at a time. The split of each sample does not depend on the order."""
+    sources = [SAMPLES / "audio", SAMPLES / "images", SAMPLES / "text"]
+
+    def order(out: Path, **kw) -> list[str]:
+        write_shards(sources, out, codec="auto", val_fraction=0.0, progress=False, **kw)
+        return [meta["modality"] for _, meta in read_back(out, "train").values()]
+
+    def switches(modalities: list[str]) -> int:
+        return sum(a != b for a, b in zip(modalities, modalities[1:], strict=False))
+
+    in_path_order = order(tmp_path / "sorted", shuffle_seed=None)
+    shuffled = order(tmp_path / "shuffled")
+    assert switches(in_path_order) == 2  # audio, then images, then text
+    assert switches(shuffled) > 4 and sorted(shuffled) == sorted(in_path_order)
+    assert order(tmp_path / "again") == shuffled  # the same seed, the same order
+    assert set(read_back(tmp_path / "sorted", "train")) == set(read_back(tmp_path / "shuffled", "train"))
