@@ -27,7 +27,8 @@ from mmbytes.lit import param_groups, warmup_cosine
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
 
 # name -> (config overrides of `--size`, embeddings decayed); "reference" is MEGABYTE-pytorch
-PAPER = dict(embed_std=0.02, token_shift=False, patch_embed="concat", global_to_local="slice", local_shift="patch")
+PAPER = dict(embed_std=0.02, token_shift=False, patch_embed="concat", global_to_local="slice", local_shift="patch",
+             init="gpt2")
 VARIANTS: dict[str, tuple[dict, bool]] = {
     "paper": (PAPER, True),
     "embed1": ({**PAPER, "embed_std": 1.0}, True),
@@ -39,6 +40,10 @@ VARIANTS: dict[str, tuple[dict, bool]] = {
     "seqshift": ({**PAPER, "local_shift": "sequence"}, True),
     "embed1+seqshift": ({**PAPER, "embed_std": 1.0, "local_shift": "sequence"}, True),
     "embed1+shift+seqshift": ({**PAPER, "embed_std": 1.0, "token_shift": True, "local_shift": "sequence"}, True),
+    "embed1+fanin": ({**PAPER, "embed_std": 1.0, "init": "fan_in"}, True),
+    "embed1+fanin+seqshift": ({**PAPER, "embed_std": 1.0, "init": "fan_in", "local_shift": "sequence"}, True),
+    "fanin+seqshift": ({**PAPER, "init": "fan_in", "local_shift": "sequence"}, True),
+    "default+shift": ({"token_shift": True}, True),
     "pytorch-like": ({"embed_std": 1.0, "token_shift": True, "patch_embed": "project", "global_to_local": "full"},
                      True),
     "default": ({}, True),  # whatever the named size is today

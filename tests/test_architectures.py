@@ -85,10 +85,12 @@ def test_a_stored_config_builds_the_same_architecture(name):
 
 def test_a_megabyte_config_stored_before_the_new_fields_loads_in_the_paper_form():
     stored = config_to_dict(config_from_name("small"))
-    for field in ("token_shift", "embed_std", "patch_embed", "d_embed", "global_to_local"):
+    for field in ("token_shift", "embed_std", "patch_embed", "d_embed", "global_to_local", "local_shift", "init"):
         del stored[field]
     old = config_from_dict(stored)
-    assert (old.token_shift, old.embed_std, old.patch_embed, old.global_to_local) == (False, 0.02, "concat", "slice")
+    assert (old.token_shift, old.embed_std, old.patch_embed, old.global_to_local, old.local_shift, old.init) == (
+        False, 0.02, "concat", "slice", "patch", "gpt2")
+    assert config_from_name("small").local_shift == "sequence"  # what the named size builds today
 
 
 def test_spacebyte_small_is_about_ten_million_parameters_at_megabyte_small_flops():

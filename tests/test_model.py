@@ -7,9 +7,10 @@ from mmbytes import Megabyte, MegabyteConfig
 
 SIZES = ["debug", "debug-long", "transformer-debug"]  # two stages, three stages, flat
 FORMS = {  # the paper's exact form and MEGABYTE-pytorch's choices (token shift, unit embeddings, projections)
-    "paper": dict(token_shift=False, embed_std=0.02, patch_embed="concat", global_to_local="slice"),
+    "paper": dict(token_shift=False, embed_std=0.02, patch_embed="concat", global_to_local="slice",
+                  local_shift="patch", init="gpt2"),
     "shift-project-full": dict(token_shift=True, embed_std=1.0, patch_embed="project", global_to_local="full"),
-    "sequence-shift": dict(token_shift=False, embed_std=0.02, patch_embed="concat", global_to_local="slice",
+    "sequence-shift": dict(token_shift=False, embed_std=1.0, patch_embed="concat", global_to_local="slice",
                            local_shift="sequence"),
 }
 
@@ -179,7 +180,10 @@ def test_config_rejects_bad_fields():
     cfg = MegabyteConfig(patch_size=8, mid_patch_sizes=[2], d_mid=[16], n_layer_mid=[1], n_head_mid=[2])  # YAML lists
     assert cfg.mid_patch_sizes == (2,) and cfg == MegabyteConfig.from_name("debug-long", **{
         k: getattr(cfg, k) for k in ("d_global", "n_layer_global", "n_head_global", "d_local", "n_layer_local",
-                                     "n_head_local")})
+                                     "n_head_local", "embed_std", "init", "local_shift")})
+    for field, value in [("init", "xavier"), ("local_shift", "global")]:
+        with pytest.raises(ValueError, match=field):
+            MegabyteConfig.from_name("debug", **{field: value})
 
 
 def test_strided_nll_paper_rule_takes_each_byte_from_the_pass_where_it_is_early_in_its_patch():
