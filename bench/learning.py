@@ -41,7 +41,6 @@ VARIANTS: dict[str, tuple[dict, bool]] = {
     "embed1+seqshift": ({**PAPER, "embed_std": 1.0, "local_shift": "sequence"}, True),
     "embed1+shift+seqshift": ({**PAPER, "embed_std": 1.0, "token_shift": True, "local_shift": "sequence"}, True),
     "embed1+fanin": ({**PAPER, "embed_std": 1.0, "init": "fan_in"}, True),
-    "embed1+fanin+seqshift": ({**PAPER, "embed_std": 1.0, "init": "fan_in", "local_shift": "sequence"}, True),
     "fanin+seqshift": ({**PAPER, "init": "fan_in", "local_shift": "sequence"}, True),
     "default+shift": ({"token_shift": True}, True),
     "pytorch-like": ({"embed_std": 1.0, "token_shift": True, "patch_embed": "project", "global_to_local": "full"},

@@ -73,6 +73,10 @@ class Curve(L.Callback):
     def wall(self) -> float:
         return self.wall_before + time.time() - self.start
 
+    def write_wall(self, step: int, seconds: float | None = None) -> None:
+        if self.wall_path is not None:
+            self.wall_path.write_text(json.dumps({"s": self.wall() if seconds is None else seconds, "step": step}))
+
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
@@ -80,8 +84,7 @@ class Curve(L.Callback):
         row.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
         self.rows = [r for r in self.rows if r["step"] != row["step"]] + [row]
         self.path.write_text(json.dumps(self.rows, indent=1))
-        if self.wall_path is not None:
-            self.wall_path.write_text(json.dumps({"s": self.wall(), "step": trainer.global_step}))
+        self.write_wall(trainer.global_step)
 
 
 def _data(args: argparse.Namespace, seed: int):
@@ -131,7 +134,7 @@ def train_run(size: str, seed: int, budget: float, run_dir: Path, args: argparse
     wall = curve.wall()
     train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     trainer.save_checkpoint(last, weights_only=False)  # the full state: a study run again finds it done
-    wall_path.write_text(json.dumps({"s": wall, "step": trainer.global_step}))
+    curve.write_wall(trainer.global_step, wall)
     trainer.validate(lm, data, verbose=False)  # the final weights; Curve records the point
     val = {k: v for k, v in curve.rows[-1].items() if k.startswith("val/")}
     model = lm.model
