@@ -134,9 +134,11 @@ def test_every_byte_value_is_data():
 
 @pytest.mark.parametrize("name", SIZES)
 def test_overfits_one_batch(name, text_bytes):
+    torch.manual_seed(0)
     m = model(name).train()
     x = torch.tensor(list(text_bytes[:256])).view(2, 128)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    # 3e-3: at 1e-2 the byte Transformer's loss oscillates (1.38 after 200 steps with torch 2.6, seed 0)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     first = None
     for _ in range(200):
         loss = m.nll(x).mean()

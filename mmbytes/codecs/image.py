@@ -139,17 +139,19 @@ def to_8bit(im, rawmode: str, changes: list[str]):
     from PIL import Image
 
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        # a 16-bit grayscale file: Pillow >= 10.1 opens it as I;16, Pillow 10.0 as I (its rawmode still says 16 bits)
+        mode = "I;16" if im.mode.startswith("I;16") or (im.mode == "I" and ";16" in rawmode) else im.mode
         a = np.asarray(im, dtype=np.float64)
         finite = a[np.isfinite(a)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-        if im.mode.startswith("I;16") or (im.mode == "I" and lo >= 0 and hi <= 65535):
+        if mode == "I;16" or (im.mode == "I" and lo >= 0 and hi <= 65535):
             scaled, how = np.round(a / 257), "16-bit -> 8-bit (divided by 257)"
         elif im.mode == "F" and lo >= 0 and hi <= 1:
             scaled, how = np.round(a * 255), "32-bit float -> 8-bit (times 255)"
         else:
             scale = 255 / (hi - lo) if hi > lo else 0.0
-            scaled, how = np.round((a - lo) * scale), f"{im.mode} -> 8-bit (range {lo:g}..{hi:g} stretched to 0..255)"
-        changes.append(f"{im.mode} {how}")
+            scaled, how = np.round((a - lo) * scale), f"-> 8-bit (range {lo:g}..{hi:g} stretched to 0..255)"
+        changes.append(f"{mode} {how}")
         return Image.fromarray(np.nan_to_num(scaled, nan=0.0).clip(0, 255).astype(np.uint8), "L")
     if rawmode.endswith(";16") or rawmode.endswith(";16B") or rawmode.endswith(";16L"):  # 16-bit colour
         changes.append(f"{im.mode} 16-bit -> 8-bit (high byte)")
