@@ -9,6 +9,11 @@ trained alongside as the reference, with plain AdamW on all its parameters.
 
     python bench/learning.py --steps 150 --json bench/learning.json
     python bench/learning.py --steps 1000 --variants paper,default,reference --eval-every 250
+    python bench/learning.py --steps 150 --variants reference,default --equal-wall
+
+With ``--equal-wall`` the first variant trains ``--steps`` steps and every other one trains for the same training
+time, measured in the same process: its step count (and so the end of its learning-rate schedule) is set from the
+seconds per step of a 10-step probe of a throwaway copy, and the table gives its steps, seconds and final bpb.
 """
 
 from __future__ import annotations
@@ -42,9 +47,14 @@ VARIANTS: dict[str, tuple[dict, bool]] = {
     "embed1+shift+seqshift": ({**PAPER, "embed_std": 1.0, "token_shift": True, "local_shift": "sequence"}, True),
     "embed1+fanin": ({**PAPER, "embed_std": 1.0, "init": "fan_in"}, True),
     "fanin+seqshift": ({**PAPER, "init": "fan_in", "local_shift": "sequence"}, True),
-    "default+shift": ({"token_shift": True}, True),
-    "pytorch-like": ({"embed_std": 1.0, "token_shift": True, "patch_embed": "project", "global_to_local": "full"},
-                     True),
+    # the three fields of stop 11's named sizes (local_shift sequence, fan-in init, N(0, 1) embeddings) and the two
+    # added to them since, each alone and together: "default" is today's named size
+    "seq+fanin+embed1": ({**PAPER, "embed_std": 1.0, "init": "fan_in", "local_shift": "sequence"}, True),
+    "seq+fanin+embed1+shift": ({**PAPER, "embed_std": 1.0, "init": "fan_in", "local_shift": "sequence",
+                                "token_shift": True}, True),
+    "seq+fanin+embed1+shift+full": ({**PAPER, "embed_std": 1.0, "init": "fan_in", "local_shift": "sequence",
+                                     "token_shift": True, "global_to_local": "full"}, True),
+    "default+full": ({"global_to_local": "full"}, True),  # every MEGABYTE-pytorch choice the options offer
     "default": ({}, True),  # whatever the named size is today
 }
 
@@ -96,12 +106,25 @@ def evaluate(model: torch.nn.Module, val: torch.Tensor, T: int, batch: int) -> f
     return nats / windows.numel() / math.log(2)
 
 
+def seconds_per_step(name: str, args, batches: torch.Tensor, probe: int = 10) -> float:
+    """Training seconds per step of a throwaway copy of ``name`` (the first two steps are not timed)."""
+    model, groups = build(name, args.size, args.seq_len)
+    opt = torch.optim.AdamW(groups if groups is not None else model.parameters(), lr=args.lr)
+    for i, x in enumerate(batches[: probe + 2]):
+        if i == 2:
+            start = time.perf_counter()
+        model.nll(x).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return (time.perf_counter() - start) / probe
+
+
 def run(name: str, args, batches: torch.Tensor, val: torch.Tensor) -> dict:
     torch.manual_seed(args.seed)
     model, groups = build(name, args.size, args.seq_len)
     opt = torch.optim.AdamW(groups if groups is not None else model.parameters(), lr=args.lr, betas=(0.9, 0.98),
                             weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.warmup, args.steps, 0.1))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.warmup, len(batches), 0.1))
     curve, train_s = {}, 0.0
     model.train()
     for step, x in enumerate(batches, start=1):
@@ -118,7 +141,8 @@ def run(name: str, args, batches: torch.Tensor, val: torch.Tensor) -> dict:
             print(f"  {name:24s} step {step:5d}  val bpb {curve[step]:.3f}  ({train_s / step:.2f} s/step)",
                   flush=True)
     params = sum(p.numel() for p in model.parameters())
-    return {"variant": name, "params": params, "val_bpb": curve, "s_per_step": train_s / len(batches)}
+    return {"variant": name, "params": params, "val_bpb": curve, "steps": len(batches), "train_s": train_s,
+            "s_per_step": train_s / len(batches)}
 
 
 def main() -> None:
@@ -133,6 +157,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--equal-wall", action="store_true",
+                    help="every variant after the first trains for the first one's training time")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -147,12 +173,31 @@ def main() -> None:
             names.remove("reference")
     print(f"{args.text.name}: {len(train)} training bytes, {len(val) // args.seq_len * args.seq_len} held-out bytes; "
           f"size {args.size}, T={args.seq_len}, batch {args.batch}, lr {args.lr}, {args.steps} steps")
+    if args.equal_wall:
+        equal_wall(args, names, train, val)
+        return
     rows = [run(name, args, batches, val) for name in names]
     steps = sorted(rows[0]["val_bpb"])
     print(f"\n{'variant':24s} {'params':>8s} {'s/step':>7s} " + " ".join(f"{'@' + str(s):>7s}" for s in steps))
     for r in rows:
         print(f"{r['variant']:24s} {r['params'] / 1e6:7.2f}M {r['s_per_step']:7.2f} "
               + " ".join(f"{r['val_bpb'][s]:7.3f}" for s in steps))
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+
+
+def equal_wall(args, names: list[str], train: torch.Tensor, val: torch.Tensor) -> None:
+    first = run(names[0], args, train_batches(train, args.steps, args.batch, args.seq_len, args.seed), val)
+    rows = [first]
+    for name in names[1:]:
+        steps = max(1, round(first["train_s"] / seconds_per_step(name, args, train_batches(
+            train, 12, args.batch, args.seq_len, args.seed))))
+        rows.append(run(name, args, train_batches(train, steps, args.batch, args.seq_len, args.seed), val))
+    print(f"\nequal training time ({first['train_s']:.0f} s of {names[0]})")
+    print(f"{'variant':24s} {'params':>8s} {'steps':>6s} {'train s':>8s} {'s/step':>7s} {'val bpb':>8s}")
+    for r in rows:
+        print(f"{r['variant']:24s} {r['params'] / 1e6:7.2f}M {r['steps']:6d} {r['train_s']:8.0f} "
+              f"{r['s_per_step']:7.2f} {r['val_bpb'][r['steps']]:8.3f}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mmbytes import Megabyte, MegabyteConfig
+from mmbytes.model.megabyte import LEARNS_FAST
 
 SIZES = ["debug", "debug-long", "transformer-debug"]  # two stages, three stages, flat
 FORMS = {  # the paper's exact form and MEGABYTE-pytorch's choices (token shift, unit embeddings, projections)
@@ -182,7 +183,7 @@ def test_config_rejects_bad_fields():
     cfg = MegabyteConfig(patch_size=8, mid_patch_sizes=[2], d_mid=[16], n_layer_mid=[1], n_head_mid=[2])  # YAML lists
     assert cfg.mid_patch_sizes == (2,) and cfg == MegabyteConfig.from_name("debug-long", **{
         k: getattr(cfg, k) for k in ("d_global", "n_layer_global", "n_head_global", "d_local", "n_layer_local",
-                                     "n_head_local", "embed_std", "init", "local_shift")})
+                                     "n_head_local", *LEARNS_FAST)})
     for field, value in [("init", "xavier"), ("local_shift", "global")]:
         with pytest.raises(ValueError, match=field):
             MegabyteConfig.from_name("debug", **{field: value})

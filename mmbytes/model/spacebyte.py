@@ -65,7 +65,7 @@ class SpaceByteConfig:
     rope_base: float = 10000.0
     """Base of the rotary position embeddings."""
     token_shift: bool = False
-    """Token shift in every block (see ``MegabyteConfig.token_shift``; off by default, as MEGABYTE's)."""
+    """Token shift in every block (see ``MegabyteConfig.token_shift``; off by default, as in the paper)."""
     embed_std: float = 0.02
     """Initial standard deviation of the byte embeddings and the start vector (as MEGABYTE's default)."""
     checkpointing: bool = False
