@@ -28,6 +28,9 @@ import torch
 
 from mmbytes import Megabyte, MegabyteConfig
 from mmbytes.lit import param_groups, warmup_cosine
+from mmbytes.model.megabyte import SIZES as MEGABYTE_SIZES
+from mmbytes.model.registry import build as build_model
+from mmbytes.model.registry import config_from_name
 
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
 
@@ -55,6 +58,9 @@ VARIANTS: dict[str, tuple[dict, bool]] = {
     "seq+fanin+embed1+shift+full": ({**PAPER, "embed_std": 1.0, "init": "fan_in", "local_shift": "sequence",
                                      "token_shift": True, "global_to_local": "full"}, True),
     "default+full": ({"global_to_local": "full"}, True),  # every MEGABYTE-pytorch choice the options offer
+    # also for other architectures (--size spacebyte-small): their init and embedding scale
+    "fanin+embed1": ({"init": "fan_in", "embed_std": 1.0}, True),
+    "fanin+embed1+shift": ({"init": "fan_in", "embed_std": 1.0, "token_shift": True}, True),
     "default": ({}, True),  # whatever the named size is today
 }
 
@@ -93,7 +99,11 @@ def build(name: str, size: str, T: int) -> tuple[torch.nn.Module, list[dict] | N
     if name == "reference":
         return Reference(MegabyteConfig.from_name(size), T), None
     overrides, decay_embeddings = VARIANTS[name]
-    model = Megabyte(MegabyteConfig.from_name(size, **overrides))
+    if size in MEGABYTE_SIZES:
+        model = Megabyte(MegabyteConfig.from_name(size, **overrides))
+    else:  # another architecture of the registry; SpaceByte's cap on global positions is set for T
+        arch = config_from_name(size).arch
+        model = build_model(config_from_name(size, **overrides, **({"context": T} if arch == "spacebyte" else {})))
     return model, param_groups(model, 0.1, decay_embeddings)
 
 

@@ -182,6 +182,25 @@ def test_causality_check_catches_a_spacebyte_leak(monkeypatch):
     assert len(leaks(m, torch.randint(0, 256, (1, 20)), flip)) == 20
 
 
+def test_spacebyte_init_gpt2_depth_scales_residual_projections_and_fan_in_is_pytorchs_default():
+    import math
+
+    gpt2 = build("spacebyte-small", init="gpt2")
+    assert gpt2.head.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    for stack in (gpt2.local_in, gpt2.global_model, gpt2.local_out):
+        for block in stack.blocks:
+            assert block.mlp.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(2 * len(stack.blocks)),
+                                                                        rel=0.1)
+    fan_in = build("spacebyte-small", init="fan_in")
+    linears = [m for m in fan_in.modules() if isinstance(m, torch.nn.Linear)]
+    assert fan_in.head in linears
+    for m in linears:  # U(-1/sqrt(fan_in), 1/sqrt(fan_in)): std 1/sqrt(3 fan_in)
+        bound = 1 / math.sqrt(m.in_features)
+        assert m.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+    with pytest.raises(ValueError, match="init"):
+        config_from_name("spacebyte-debug", init="xavier")
+
+
 @pytest.mark.parametrize("name", SPACEBYTE)
 @pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("prompt_len", [0, 1, 5, 30])

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmbytes.model import patching
-from mmbytes.model.layers import Transformer
+from mmbytes.model.layers import Transformer, init_linear
 from mmbytes.model.megabyte import block_flops, chunked_nll
 
 
@@ -68,6 +68,9 @@ class SpaceByteConfig:
     """Token shift in every block (see ``MegabyteConfig.token_shift``; off by default, as in the paper)."""
     embed_std: float = 0.02
     """Initial standard deviation of the byte embeddings and the start vector (as MEGABYTE's default)."""
+    init: Literal["gpt2", "fan_in"] = "gpt2"
+    """Linear layers' initialisation (see ``MegabyteConfig.init``): ``gpt2`` (N(0, 0.02), residual projections
+    depth-scaled) or ``fan_in`` (PyTorch's default)."""
     checkpointing: bool = False
     """Recompute each block in the backward pass instead of storing its activations."""
     vocab_size: int = 256
@@ -76,6 +79,8 @@ class SpaceByteConfig:
     def __post_init__(self) -> None:
         if self.patching not in ("spacelike", "fixed"):
             raise ValueError(f"patching must be 'spacelike' or 'fixed', got {self.patching!r}")
+        if self.init not in ("gpt2", "fan_in"):
+            raise ValueError(f"init must be 'gpt2' or 'fan_in', got {self.init!r}")
         if self.d_global < self.d_local:
             raise ValueError(f"d_global ({self.d_global}) must be at least d_local ({self.d_local}): the global "
                              "blocks widen the local stream with zero channels")
@@ -132,8 +137,8 @@ class SpaceByte(nn.Module):
 
     def reset_parameters(self) -> None:
         for m in (self.local_in, self.global_model, self.local_out):
-            m.reset_parameters()
-        nn.init.normal_(self.head.weight, std=0.02)
+            m.reset_parameters(self.config.init)
+        init_linear(self.head, self.config.init)
         nn.init.normal_(self.embed.weight, std=self.config.embed_std)
         nn.init.normal_(self.start, std=self.config.embed_std)
 
