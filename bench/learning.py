@@ -59,6 +59,7 @@ VARIANTS: dict[str, tuple[dict, bool]] = {
                                      "token_shift": True, "global_to_local": "full"}, True),
     "default+full": ({"global_to_local": "full"}, True),  # every MEGABYTE-pytorch choice the options offer
     # also for other architectures (--size spacebyte-small): their init and embedding scale
+    "token_shift": ({"token_shift": True}, True),
     "fanin+embed1": ({"init": "fan_in", "embed_std": 1.0}, True),
     "fanin+embed1+shift": ({"init": "fan_in", "embed_std": 1.0, "token_shift": True}, True),
     "default": ({}, True),  # whatever the named size is today

@@ -1,5 +1,6 @@
 """Every architecture behind one interface; boundary rules; SpaceByte (causality, cache, cap, loss)."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -183,8 +184,6 @@ def test_causality_check_catches_a_spacebyte_leak(monkeypatch):
 
 
 def test_spacebyte_init_gpt2_depth_scales_residual_projections_and_fan_in_is_pytorchs_default():
-    import math
-
     gpt2 = build("spacebyte-small", init="gpt2")
     assert gpt2.head.weight.std().item() == pytest.approx(0.02, rel=0.1)
     for stack in (gpt2.local_in, gpt2.global_model, gpt2.local_out):
