@@ -193,6 +193,10 @@ def main() -> None:
     for r in rows:
         print(f"{r['variant']:24s} {r['params'] / 1e6:7.2f}M {r['s_per_step']:7.2f} "
               + " ".join(f"{r['val_bpb'][s]:7.3f}" for s in steps))
+    write_json(args, rows)
+
+
+def write_json(args, rows: list[dict]) -> None:
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
 
@@ -209,8 +213,7 @@ def equal_wall(args, names: list[str], train: torch.Tensor, val: torch.Tensor) -
     for r in rows:
         print(f"{r['variant']:24s} {r['params'] / 1e6:7.2f}M {r['steps']:6d} {r['train_s']:8.0f} "
               f"{r['s_per_step']:7.2f} {r['val_bpb'][r['steps']]:8.3f}")
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+    write_json(args, rows)
 
 
 if __name__ == "__main__":
