@@ -26,17 +26,16 @@ from pathlib import Path
 
 import torch
 
-from mmbytes import Megabyte, MegabyteConfig
+from mmbytes import MegabyteConfig
 from mmbytes.lit import param_groups, warmup_cosine
-from mmbytes.model.megabyte import SIZES as MEGABYTE_SIZES
+from mmbytes.model.megabyte import PAPER_FORM
 from mmbytes.model.registry import build as build_model
 from mmbytes.model.registry import config_from_name
 
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
 
 # name -> (config overrides of `--size`, embeddings decayed); "reference" is MEGABYTE-pytorch
-PAPER = dict(embed_std=0.02, token_shift=False, patch_embed="concat", global_to_local="slice", local_shift="patch",
-             init="gpt2")
+PAPER = PAPER_FORM
 VARIANTS: dict[str, tuple[dict, bool]] = {
     "paper": (PAPER, True),
     "embed1": ({**PAPER, "embed_std": 1.0}, True),
@@ -100,11 +99,9 @@ def build(name: str, size: str, T: int) -> tuple[torch.nn.Module, list[dict] | N
     if name == "reference":
         return Reference(MegabyteConfig.from_name(size), T), None
     overrides, decay_embeddings = VARIANTS[name]
-    if size in MEGABYTE_SIZES:
-        model = Megabyte(MegabyteConfig.from_name(size, **overrides))
-    else:  # another architecture of the registry; SpaceByte's cap on global positions is set for T
-        arch = config_from_name(size).arch
-        model = build_model(config_from_name(size, **overrides, **({"context": T} if arch == "spacebyte" else {})))
+    # any size of the registry; SpaceByte's cap on global positions is set for T
+    context = {"context": T} if config_from_name(size).arch == "spacebyte" else {}
+    model = build_model(config_from_name(size, **overrides, **context))
     return model, param_groups(model, 0.1, decay_embeddings)
 
 

@@ -3,6 +3,13 @@
 import torch
 
 from mmbytes.model.generate import generate, generate_reference
+from mmbytes.model.megabyte import PAPER_FORM
+
+# MEGABYTE forms every causality and cache test runs: the paper's exact form and MEGABYTE-pytorch's choices
+FORMS = {"paper": PAPER_FORM,
+         "shift-project-full": dict(token_shift=True, embed_std=1.0, patch_embed="project", global_to_local="full"),
+         "sequence-shift": dict(token_shift=False, embed_std=1.0, patch_embed="concat", global_to_local="slice",
+                                local_shift="sequence")}
 
 
 def cached_equals_reference(m, prompt: torch.Tensor, n: int, atol: float = 1e-10, **kw) -> torch.Tensor:

@@ -1,15 +1,9 @@
 import pytest
 import torch
-from generation_check import cached_equals_reference
+from generation_check import FORMS, cached_equals_reference
 
 from mmbytes import Megabyte, MegabyteConfig
 from mmbytes.model.generate import generate, sample_next
-
-FORMS = {"paper": dict(token_shift=False, embed_std=0.02, patch_embed="concat", global_to_local="slice",
-                  local_shift="patch", init="gpt2"),
-         "shift-project-full": dict(token_shift=True, embed_std=1.0, patch_embed="project", global_to_local="full"),
-         "sequence-shift": dict(token_shift=False, embed_std=1.0, patch_embed="concat", global_to_local="slice",
-                                local_shift="sequence")}
 
 
 def model(name: str, **form) -> Megabyte:

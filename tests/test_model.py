@@ -2,18 +2,12 @@ import math
 
 import pytest
 import torch
+from generation_check import FORMS
 
 from mmbytes import Megabyte, MegabyteConfig
 from mmbytes.model.megabyte import LEARNS_FAST
 
 SIZES = ["debug", "debug-long", "transformer-debug"]  # two stages, three stages, flat
-FORMS = {  # the paper's exact form and MEGABYTE-pytorch's choices (token shift, unit embeddings, projections)
-    "paper": dict(token_shift=False, embed_std=0.02, patch_embed="concat", global_to_local="slice",
-                  local_shift="patch", init="gpt2"),
-    "shift-project-full": dict(token_shift=True, embed_std=1.0, patch_embed="project", global_to_local="full"),
-    "sequence-shift": dict(token_shift=False, embed_std=1.0, patch_embed="concat", global_to_local="slice",
-                           local_shift="sequence"),
-}
 
 
 def model(name: str, **kw) -> Megabyte:

@@ -170,6 +170,10 @@ they learn faster than the paper's form, at equal steps and at equal time (``ben
 efficiency). The dataclass defaults stay the paper's exact form (``MegabyteConfig()``): give ``embed_std: 0.02,
 init: gpt2, local_shift: patch, token_shift: false, patch_embed: concat`` to a named size to train it that way."""
 
+PAPER_FORM = {k: getattr(MegabyteConfig(), k) for k in LEARNS_FAST}
+"""The same fields at the paper's values (the dataclass defaults): a named size with these overrides is the paper's
+exact form."""
+
 SIZES: dict[str, MegabyteConfig] = {
     # a training step in a few milliseconds on a CPU: for tests
     "debug": MegabyteConfig(patch_size=4, d_global=16, n_layer_global=2, n_head_global=2,
