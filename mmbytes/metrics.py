@@ -3,8 +3,8 @@
 Sums (not means) are the state, so the figure is exact over any batching and across processes (``dist_reduce_fx``
 is a sum). A byte of an image is one 8-bit sub-pixel, so its bits per dimension equal its bits per byte
 (``bpd_image``). An audio sample is two bytes (16-bit little endian): audio is reported in bits per byte
-(``bpb_audio``, as in the paper) and, under a name that cannot be taken for a per-byte figure, in bits per 16-bit
-sample (``bits_per_sample_audio`` = 2 x ``bpb_audio``).
+(``bpb_audio``, as MEGABYTE reports its audio results: Yu et al., 2023) and, under a name that cannot be taken for a
+per-byte figure, in bits per 16-bit sample (``bits_per_sample_audio`` = 2 x ``bpb_audio``).
 """
 
 from __future__ import annotations
