@@ -7,7 +7,8 @@ Two kinds of input:
 - result files (``docs/measurements/*.json``, or any folder given with ``--results``): a bench's ``--json`` output.
   A result file is a JSON object with ``rows`` (a list of objects, or of lists when ``columns`` names them) or a
   JSON list of row objects. Optional keys: ``title``, ``group`` (the section it goes under), ``command``,
-  ``machine``, ``commit``, ``versions`` (or all of these inside ``stamp``), ``formats`` (one format spec per column,
+  ``machine``, ``commit``, ``versions`` (or all of these inside ``stamp``), ``commands_in`` (a docs page listing
+  the commands, when one line cannot hold them), ``formats`` (one format spec per column,
   ``null`` for the default), ``notes`` (Markdown), ``transcribed`` (true when the rows were copied from an earlier
   document rather than written by the bench). Every other scalar key is listed as a setting.
 
@@ -28,7 +29,7 @@ DOCS = ROOT / "docs"
 
 STAMP_KEYS = ("commit", "machine", "command", "versions")
 RESERVED = {"title", "group", "columns", "formats", "rows", "notes", "transcribed", "stamp", "data",
-            "extra_commands", *STAMP_KEYS}
+            "extra_commands", "commands_in", *STAMP_KEYS}
 STUDY_ORDER = ("study_text", "study_mixed")  # the headline studies come first, the others by name
 GROUPS = {  # section order and titles of docs/measurements.md
     "architectures": "Architectures and their forms",
@@ -83,6 +84,8 @@ def stamp_lines(meta: dict) -> list[str]:
         lines.append(f"- versions: {text}")
     if "command" in stamp:
         lines.append(f"- command: `{stamp['command']}`")
+    if meta.get("commands_in"):  # a docs page (relative to docs/) that lists the several commands of a measurement
+        lines.append(f"- commands: [{meta['commands_in']}]({meta['commands_in']})")
     if meta.get("data"):
         lines.append(f"- data: {meta['data']}")
     if meta.get("transcribed"):
@@ -171,20 +174,19 @@ def render(studies: list[Path], results: list[Path]) -> str:
              "command reproduces them.", "", "## Compute-matched studies", ""]
     for folder in studies:
         lines += study_section(folder)
-    by_group: dict[str, list[dict]] = {}
+    by_group: dict[str, list[tuple[Path, dict]]] = {}
     for path in results:
         meta = load_result(path)
-        meta["_file"] = path
-        by_group.setdefault(meta.get("group", "other"), []).append(meta)
+        by_group.setdefault(meta.get("group", "other"), []).append((path, meta))
     for group in [*GROUPS, *sorted(set(by_group) - set(GROUPS))]:
         if group not in by_group:
             continue
         lines += [f"## {GROUPS.get(group, group.capitalize())}", ""]
-        for meta in by_group[group]:
+        for path, meta in by_group[group]:
             try:
-                source = meta["_file"].resolve().relative_to(DOCS).as_posix()
+                source = path.resolve().relative_to(DOCS).as_posix()
             except ValueError:
-                source = str(meta["_file"])
+                source = path.name
             lines += [f"### {meta['title']}", "", f"Source: [`{source}`]({source})", ""]
             lines += stamp_lines(meta) + [""] + result_table(meta)
             if meta.get("notes"):
