@@ -63,3 +63,4 @@ def test_every_architecture_trains_and_validates_in_bf16(size, precision, text_b
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
     bpb = trainer.callback_metrics["val/bpb"]
     assert torch.isfinite(bpb) and 1.0 < float(bpb) < 12.0
+
