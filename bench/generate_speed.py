@@ -33,11 +33,19 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def cached_bytes_per_s(model: nn.Module, n: int, seed: int = 0) -> float:
-    empty = torch.zeros(1, 0, dtype=torch.long)
+def cached_bytes_per_s(model: nn.Module, n: int, seed: int = 0, batch: int = 1, device=None) -> float:
+    """Bytes generated per second over all ``batch`` rows."""
+    device = torch.device(device or "cpu")
+    empty = torch.zeros(batch, 0, dtype=torch.long, device=device)
     generate(model, empty, min(n, 256))  # warm up allocators and kernels
-    g = torch.Generator().manual_seed(seed)
-    return n / timed(lambda: generate(model, empty, n, generator=g))
+    g = torch.Generator(device).manual_seed(seed)
+
+    def run():
+        generate(model, empty, n, generator=g)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return batch * n / timed(run)
 
 
 @torch.no_grad()

@@ -56,9 +56,15 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, 
     return 2 * n**3 / best / 1e9
 
 
-def measure(name: str, x: torch.Tensor, steps: int, warmup: int, dtype: torch.dtype) -> dict:
+def measure(name: str, x: torch.Tensor, steps: int, warmup: int, dtype: torch.dtype, compile: str | None = None
+            ) -> dict:
+    """One model's training step on x; ``compile``: a torch.compile backend for its blocks (``ByteLM(compile=)``)."""
     torch.manual_seed(0)
     model = build(name).to(x.device).train()
+    if compile:
+        from mmbytes.lit import compile_blocks
+
+        compile_blocks(model, compile)
     if hasattr(model, "calibrate_"):  # BLT: thresholds for its mean patch size on these bytes, as a user calibrates
         model.calibrate_(x)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.1)

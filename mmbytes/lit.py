@@ -35,6 +35,7 @@ class ByteLM(L.LightningModule):
         entropy_ckpt: str | None = None,
         tokenizer: str | None = None,
         tokenizer_bytes: int = 64 * 2**20,
+        compile: bool | str = False,
     ) -> None:
         """
         Args:
@@ -64,6 +65,9 @@ class ByteLM(L.LightningModule):
                 on the datamodule's training split before training. Either way it is stored in the checkpoint.
             tokenizer_bytes: BPE baseline: train the tokenizer (and measure its bytes per token) on the first this
                 many bytes of the training split.
+            compile: compile each transformer block with ``torch.compile`` (regional compilation, after FSDP
+                sharding where used): ``true`` for the inductor backend, or a backend's name. Cached generation
+                runs the blocks eagerly. Same weights and checkpoints as eager.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -120,10 +124,15 @@ class ByteLM(L.LightningModule):
         self.model.set_tokenizer(tokenizer_json, per_token)
 
     def configure_model(self) -> None:
-        """Under ``ModelParallelStrategy`` (FSDP2), shard each transformer block and then the rest of the model over
-        the data-parallel processes; other strategies keep the model whole. Works on CPU (gloo) and GPUs."""
-        if self.device_mesh is None or getattr(self.model, "_mmbytes_sharded", False):
-            return
+        """Shard under ``ModelParallelStrategy`` (``_shard``), then compile the blocks if asked (``compile``)."""
+        if self.device_mesh is not None and not getattr(self.model, "_mmbytes_sharded", False):
+            self._shard()
+        if self.hparams.get("compile") and not getattr(self.model, "_mmbytes_compiled", False):
+            compile_blocks(self.model, "inductor" if self.hparams.compile is True else self.hparams.compile)
+
+    def _shard(self) -> None:
+        """FSDP2: shard each transformer block and then the rest of the model over the data-parallel processes;
+        other strategies keep the model whole. Works on CPU (gloo) and GPUs."""
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         from mmbytes.model.layers import Block
@@ -231,6 +240,23 @@ class ByteLM(L.LightningModule):
         hp = self.hparams
         groups = param_groups(self.model, hp.weight_decay, hp.get("decay_embeddings", True))
         return adamw_warmup_cosine(self, groups, hp.lr, hp.betas, hp.warmup_steps, hp.min_lr_ratio)
+
+
+def compile_blocks(model: torch.nn.Module, backend: str) -> None:
+    """Regional compilation: each transformer block's forward without a KV cache goes through ``torch.compile``
+    (one graph per block, reused by every block of the same shape); with a cache (generation) the block runs eagerly.
+    Parameters and state-dict keys are unchanged."""
+    from mmbytes.model.layers import Block
+
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
+        eager = block.forward
+        compiled = torch.compile(eager, backend=backend)
+
+        def forward(x, cos, sin, cache=None, eager=eager, compiled=compiled):
+            return eager(x, cos, sin, cache) if cache is not None else compiled(x, cos, sin)
+
+        block.forward = forward
+    model._mmbytes_compiled = True
 
 
 def adamw_warmup_cosine(module: L.LightningModule, groups: list[dict], lr: float, betas: tuple[float, float],

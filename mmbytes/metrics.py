@@ -35,6 +35,15 @@ class BitsPerByte(Metric):
         self.add_state("nats", default=torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
 
+    def _apply(self, fn, exclude_state=()):
+        """Moves the sums with the module's device, never its dtype: a module cast to bf16 or fp16
+        (``precision: bf16-true``) keeps float64 sums, so the figure stays exact."""
+        this = super()._apply(fn, exclude_state=(*exclude_state, "nats", "count"))
+        for key in ("nats", "count"):
+            this._defaults[key] = this._defaults[key].to(this.device)
+            setattr(this, key, getattr(this, key).to(this.device))
+        return this
+
     def update(self, nats: Tensor, counts: Tensor, modality: Tensor | None = None) -> None:
         if modality is None:
             modality = torch.full_like(counts, MODALITIES.index("raw"), dtype=torch.long)

@@ -42,8 +42,10 @@ DEBUG_LR = 2e-3
 """The quickstart's learning rate, for the ``debug`` sizes."""
 ALIASES = {"megabyte-debug": "debug", "megabyte-small": "small", "megabyte-base": "base"}
 IDENTITY = ("data", "budget", "seq_len", "batch_size", "val_batches", "evals", "entropy_budget", "entropy_ckpt",
-            "warmup")
+            "warmup", "precision")
 """Study settings that runs of one study must share (models and seeds may grow)."""
+IDENTITY_DEFAULTS = {"precision": "32-true"}
+"""The value of a setting in a ``study.json`` written before the setting existed."""
 
 
 def size_of(model: str) -> str:
@@ -112,7 +114,7 @@ def train_run(size: str, seed: int, budget: float, run_dir: Path, args: argparse
     estimate = estimate if estimate is not None else build(size)
     steps = max(1, math.ceil(budget / (estimate.flops_per_byte(args.seq_len) * args.seq_len * args.batch_size)))
     warmup = max(1, round(args.warmup * steps))
-    lm = ByteLM(size=size, lr=lr, warmup_steps=warmup, **model_kwargs)
+    lm = ByteLM(size=size, lr=lr, warmup_steps=warmup, compile=args.compile, **model_kwargs)
     data = _data(args, seed)
     counter = FlopBudget(budget)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -129,7 +131,8 @@ def train_run(size: str, seed: int, budget: float, run_dir: Path, args: argparse
         logger=TensorBoardLogger(str(run_dir), name="", version="logs"),
         callbacks=[counter, curve, ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
                                                    every_n_train_steps=every)],
-        plugins=[AtomicCheckpointIO()], enable_progress_bar=args.progress, enable_model_summary=False)
+        plugins=[AtomicCheckpointIO()], enable_progress_bar=args.progress, enable_model_summary=False,
+        precision=args.precision)
     trainer.fit(lm, data, ckpt_path=str(last) if last.exists() else None)
     wall = curve.wall()
     train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
@@ -271,7 +274,8 @@ def write_report(out: Path, results: list[dict], settings: dict, entropy: dict[s
     lines = [
         "# Compute-matched study", "",
         f"Data `{settings['data']}`, budget {settings['budget']:.3g} training FLOPs per run, "
-        f"{settings['seq_len']}-byte windows, batch {settings['batch_size']}, seeds {settings['seeds']}, validation on "
+        f"{settings['seq_len']}-byte windows, batch {settings['batch_size']}, precision "
+        f"{settings.get('precision', '32-true')}, seeds {settings['seeds']}, validation on "
         + ("every validation byte" if not settings["val_batches"] else
            f"the first {settings['val_batches']} validation batches (the same bytes for every model)") + ".",
         "Each model trains at its own recommended peak learning rate (the `lr` column), warmup "
@@ -366,7 +370,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     stored = args.out / "study.json"
     if stored.exists():
         before = json.loads(stored.read_text())
-        differ = {k: (before.get(k), settings[k]) for k in IDENTITY if before.get(k) != settings[k]}
+        differ = {k: (before.get(k, IDENTITY_DEFAULTS.get(k)), settings[k]) for k in IDENTITY
+                  if before.get(k, IDENTITY_DEFAULTS.get(k)) != settings[k]}
         if differ:
             raise SystemExit(f"{args.out} holds a study with other settings {differ} (stored, given); "
                              "use another --out")
@@ -427,6 +432,10 @@ def parser() -> argparse.ArgumentParser:
                     "cost), reported as val/bpb_strided; the rule: paper (default) or later")
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--accelerator", default="auto")
+    ap.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "bf16-true", "16-mixed"],
+                    help="Lightning precision of every run (bf16-mixed on GPUs; the FLOP budget does not depend on it)")
+    ap.add_argument("--compile", nargs="?", const=True, default=False,
+                    help="compile each transformer block with torch.compile (optionally: the backend's name)")
     ap.add_argument("--progress", action="store_true", help="progress bars")
     return ap
 

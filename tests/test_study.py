@@ -259,3 +259,20 @@ def test_a_resumed_bpe_run_counts_at_its_own_flops_per_byte_and_plans_the_rest_o
     resumed.fit(ByteLM(size="bpe-debug"), data, ckpt_path=tmp_path / "one.ckpt")
     assert more.flops_per_byte == fpb and more.steps == 3 and resumed.global_step == 3
     assert more.flops == pytest.approx(fpb * 3 * 2 * 128, rel=1e-12)
+
+
+def test_a_study_runs_in_bf16_says_so_and_refuses_to_mix_precisions(shards, tmp_path):
+    import json
+
+    from mmbytes import study
+
+    out = tmp_path / "study"
+    study.main([*_study_args(shards, out, "debug")[1:], "--precision", "bf16-mixed"])
+    assert "precision bf16-mixed" in (out / "report.md").read_text()
+    with pytest.raises(SystemExit, match="precision"):
+        study.main(_study_args(shards, out, "debug")[1:])
+    stored = json.loads((out / "study.json").read_text())
+    del stored["precision"]  # a study written before the setting existed ran in 32-true
+    (out / "study.json").write_text(json.dumps(stored))
+    with pytest.raises(SystemExit, match="precision"):
+        study.main([*_study_args(shards, out, "debug")[1:], "--precision", "bf16-mixed"])

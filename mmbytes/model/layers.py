@@ -3,6 +3,7 @@ attention through ``scaled_dot_product_attention`` with an optional preallocated
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -164,6 +165,34 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
     return y.reshape(B, H, n * W, hd)[:, :, :T]
 
 
+@functools.lru_cache(maxsize=32)
+def sliding_block_mask(T: int, window: int, device: str):
+    """FlexAttention's block mask of causal sliding-window attention over T positions: query i sees keys
+    i - window + 1 .. i. Blocks outside the band are skipped, so the work is O(T * window)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def band(b, h, q, k):
+        return (k <= q) & (q - k < window)
+
+    return create_block_mask(band, None, None, T, T, device=device)
+
+
+@functools.cache
+def _flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
+    """``window_attention`` as one fused FlexAttention kernel, compiled for CUDA tensors (elsewhere FlexAttention's
+    unfused reference, which the tests compare). (B, H, T, hd) in and out."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    mask = sliding_block_mask(q.shape[2], window, str(q.device))
+    return (_flex() if q.is_cuda else flex_attention)(q, k, v, block_mask=mask)
+
+
 class Attention(nn.Module):
     """Causal self-attention; ``window`` > 0 limits each query to itself and the ``window - 1`` positions before it.
     With a cache, a fresh cache takes the whole input (prefill) and a started one one position at a time."""
@@ -183,7 +212,8 @@ class Attention(nn.Module):
         if cache is not None:
             cache.write(k, v)
         if fresh and self.window and L > self.window:
-            y = window_attention(q, k, v, self.window)
+            fused = q.is_cuda and not (self.training and self.dropout)  # FlexAttention has no dropout
+            y = (flex_window_attention if fused else window_attention)(q, k, v, self.window)
         elif fresh:
             drop = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
