@@ -202,7 +202,7 @@ def tail_cut(data: bytes, val_fraction: float, text: bool) -> int:
     if not text:
         return target
     before = data.rfind(b"\n", 0, target)
-    if before >= 0 and before + 1 >= target - (n - target) and before + 1 > 0:
+    if before >= 0 and before + 1 >= target - (n - target):
         return before + 1
     after = data.find(b"\n", target, n - 1)
     if after >= 0:
