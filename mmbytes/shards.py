@@ -356,8 +356,9 @@ def _is_recorded(path: Path, claim: dict) -> bool:
 
 def prepare_out(out: Path, sources: list[str | Path]) -> None:
     """Check the output folder and remove what a previous run provably wrote there: files whose size and SHA-256 a
-    manifest or journal of this command records. Refuse a folder that is a source or holds a source, or that holds
-    anything else (nothing of the user's is deleted or overwritten, even under a shard's name)."""
+    manifest or journal of this command records, the partial files a journal names, and links under a staging name.
+    Refuse a folder that is a source or holds a source, or that holds anything else (nothing of the user's is
+    deleted or overwritten, even under a shard's name)."""
     if out.exists() and not out.is_dir():
         raise ShardsError(f"{out}: --out is a file, not a folder; give a new or empty folder")
     target = out.resolve()
@@ -379,7 +380,9 @@ def prepare_out(out: Path, sources: list[str | Path]) -> None:
             owned.add(doc)
             shards.update(claims[0])
             partial |= claims[1]
-    owned |= {n for n in names & partial}
+    owned |= names & partial
+    # a link under a staging name holds no data (its target stays); the staging write never goes through it
+    owned |= {n for n in names if (PARTIAL_NAME.fullmatch(n) or n == JOURNAL + ".partial") and (out / n).is_symlink()}
     owned |= {n for n in names - owned if n in shards and _is_recorded(out / n, shards[n])}
     foreign = sorted(names - owned)
     if foreign:
