@@ -387,8 +387,10 @@ def prepare_out(out: Path, sources: list[str | Path]) -> None:
     foreign = sorted(names - owned)
     if foreign:
         shown_names = ", ".join(shown(n) for n in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise ShardsError(f"{out}: --out holds {len(foreign)} file(s) mmbytes shards did not write ({shown_names}); "
-                          "give a new or empty folder (nothing was deleted)")
+        why = (" (a manifest without the writer mark and shard checksums, hand-written or from another tool or an "
+               "older mmbytes, proves nothing)" if "manifest.json" in foreign else "")
+        raise ShardsError(f"{out}: --out holds {len(foreign)} file(s) mmbytes shards did not write ({shown_names})"
+                          f"{why}; give a new or empty folder (nothing was deleted)")
     # the old manifest goes first, so an interrupted rerun cannot leave it pointing at half-replaced shards; the
     # journal last, so that what is left is still provably this command's
     (out / "manifest.json").unlink(missing_ok=True)
@@ -851,10 +853,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--val-fraction", type=fraction, default=0.1,
                     help="share held out for validation, in [0, 1) (default 0.1)")
     ap.add_argument("--split", choices=SPLITS, default="auto",
-                    help="how the validation share is taken: files = each file whole, by a hash of its content "
-                    "(identical content kept once); contiguous = also the last val-fraction of the bytes of every "
-                    "file of several samples (a corpus among small files); auto (default) = files, except that a "
-                    "modality of one file is split contiguously")
+                    help="how the validation share is taken (identical content is kept once in any case): files = "
+                    "each file whole, by a hash of its content; contiguous = also the last val-fraction of the bytes "
+                    "of every file of several samples (a corpus among small files); auto (default) = files, except "
+                    "that a modality of one file is split contiguously")
     ap.add_argument("--max-shard-mb", type=positive_float, default=64)
     ap.add_argument("--max-file-mb", type=positive_float, default=256,
                     help="larger files, and files that would decode to more, are skipped and listed")
@@ -894,6 +896,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{split}: {s['samples']} samples, {s['bytes']:,} bytes in {len(s['shards'])} shards")
     for modality, s in m["modalities"].items():
         print(f"  {modality}: {s['samples']} samples, {s['bytes']:,} bytes")
+    for modality, stats in m["modalities"].items():
+        if not stats.get("train_samples"):
+            print(f"no training sample of {modality}: all of it is validation", file=sys.stderr)
     for modality, reason in m["no_val_reasons"].items():
         print(f"no validation sample of {modality}: {reason}", file=sys.stderr)
     if m["duplicates"]["files"]:
