@@ -635,7 +635,10 @@ class Splitter:
 
     def emit_contiguous(self, f: File, fraction: float) -> None:
         """The last ``fraction`` of the file to validation: of its items (pictures of an IDX file), counted in
-        bytes, at least one and never all; of a single item's bytes, cut by ``tail_cut`` and chunked on each side."""
+        bytes, at least one and never all; of a single item's bytes, cut by ``tail_cut`` and chunked on each side.
+        A fraction of 1 (a modality asked to be all validation) sends the file whole."""
+        if fraction >= 1:
+            return self.emit(f, "val")
         changes = list(f.changes)
         if len(f.items) > 1:
             sizes = [len(d) for d, _ in f.items]
@@ -644,7 +647,8 @@ class Splitter:
                 first_val -= 1
                 tail += sizes[first_val]
             for item, (data, meta) in enumerate(f.items):
-                self._write(f, "train" if item < first_val else "val", item, 0, data, meta)
+                for chunk, part in enumerate(self.pieces(data, meta.get("modality", f.modality), changes)):
+                    self._write(f, "train" if item < first_val else "val", item, chunk, part, meta)
         else:
             (data, meta), = f.items
             cut = tail_cut(data, fraction, f.modality == "text")

@@ -61,6 +61,12 @@ def test_a_single_text_is_split_contiguously_its_tail_is_validation(tmp_path):
     assert max(chunks) < min(meta["chunk"] for _, _, meta in samples(tmp_path / "s", "val"))
 
 
+def test_a_single_file_asked_to_be_all_validation_goes_there_whole(tmp_path):
+    m = write_shards([SHAKESPEARE], tmp_path / "s", codec="text", val_fraction={"text": 1.0, "default": 0.1},
+                     progress=False)
+    assert m["splits"]["train"]["samples"] == 0 and joined(tmp_path / "s", "val") == SHAKESPEARE.read_bytes()
+
+
 @needs_shared
 def test_one_text_file_gives_a_validation_split_the_datamodule_reads(tmp_path, capsys):
     from datamodules import ByteDataModule
