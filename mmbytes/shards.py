@@ -1,14 +1,30 @@
 """Files -> webdataset tar shards + ``manifest.json``.
 
     mmbytes shards samples/ ../shared/data/text --out data/mine --codec auto
+    mmbytes shards train-images-idx3-ubyte.gz --val t10k-images-idx3-ubyte.gz --out data/mnist --codec idx
 
 Each sample is ``<key>.bin`` (the codec's bytes) and ``<key>.json`` (modality, codec, source, chunk, and what the
-inverse needs). The train/validation split is a hash of the sample's source path and chunk index against the
-validation fraction of its modality: a pure function of each sample, the same on every run, and adding files never
-moves another sample. A modality may end up with no validation sample; the manifest and the command say so.
+inverse needs); the key is a hash of the file's content, the item inside it and the chunk, so it is unique however
+the sources are named. The train/validation split:
+
+- A file given with ``--val`` (or the ``t10k-*`` half of an official ``train-*``/``t10k-*`` pair, the MNIST naming)
+  is validation, whole; the other files of a modality that has such files are training.
+- Identical content is kept once (the first path in the validation sources, else in name order); the manifest lists
+  the duplicates dropped. A file reached by several paths (``folder``, ``folder/``, ``folder/.``) is one file.
+- Otherwise a whole file goes to one split by a hash of its content against the validation fraction of its modality,
+  so renaming, moving or reordering sources moves nothing, and every chunk of a file stays in its file's split.
+- A modality of one file (a corpus) is split contiguously: the last ``val_fraction`` of its bytes (of its pictures,
+  for an IDX file) is validation and the rest training, nothing shared or interleaved, as enwik8 and nanoGPT's
+  Shakespeare are split. ``--split contiguous`` applies this to every file of several samples.
+- A modality of at least two samples always has a validation sample: when no file hashes into validation, the file
+  of lowest hash is held out (the only rule that moves a file when files are added). A modality of one sample cannot
+  be split; the manifest and the command say so.
+
 Shards are written under a temporary name and renamed only when complete, and the manifest is written last: an
-interrupted run leaves nothing that a reader would take for data. Files that cannot be read or encoded are skipped,
-counted and listed with their reason.
+interrupted run leaves nothing that a reader would take for data. The manifest, and a journal while the run goes,
+record the size and SHA-256 of every shard written: a rerun removes only files so recorded, and refuses a folder
+holding anything else. Files that cannot be read or encoded are skipped, counted and listed with their reason;
+decoder warnings (e.g. Pillow's) are counted in the manifest, not printed.
 """
 
 from __future__ import annotations
@@ -23,11 +39,12 @@ import random
 import re
 import stat
 import sys
-import tarfile
+import warnings
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +55,7 @@ from mmbytes.argtypes import count, fraction, positive_float, positive_int
 from mmbytes.codecs import CodecError, decoded_limit, get_codec
 from mmbytes.errors import ManifestError, OptionError, ShardsError
 
-DEFAULT_CHUNK = {"text": 65536}  # a big text is cut so it can be split between train and val; raw files stay whole
+DEFAULT_CHUNK = {"text": 65536}  # a big text is cut into samples (its tail may be validation); raw files stay whole
 
 
 def shown(path: str | Path) -> str:
@@ -61,11 +78,11 @@ def _stat_reason(path: Path, e: OSError) -> str:
 
 
 def list_files(sources: list[str | Path], out: Path | None = None) -> tuple[list[tuple[Path, str]], list[dict]]:
-    """Every regular file under the sources as (path, unique name: folder name + path inside it), sorted; and
+    """Every regular file under the sources as (path, name: folder name + path inside it), sorted; and
     everything else, listed with its reason: special files (FIFO, socket, device), broken links, symlink loops,
     links to folders (not followed: give the folder itself as a source), unreadable folders and names that are not
     UTF-8. Links to files are read. The output folder is left out, so a rerun never reads its own shards."""
-    files, skipped, seen = [], [], Counter()
+    files, skipped = [], []
     out_id = None
     if out is not None and out.is_dir():
         st = os.stat(out)
@@ -80,8 +97,7 @@ def list_files(sources: list[str | Path], out: Path | None = None) -> tuple[list
             name.encode("utf-8")
         except UnicodeEncodeError:
             return skip(p, "file name is not valid UTF-8 (rename the file)")
-        seen[name] += 1  # two sources with the same folder name: later files get a suffix, keys stay unique
-        files.append((p, name if seen[name] == 1 else f"{name}~{seen[name]}"))
+        files.append((p, name))  # names are shown, never keys: two folders of one name may give the same name
 
     def entries(folder: Path, prefix: str) -> Iterator[tuple[os.DirEntry, str]]:
         try:
@@ -141,6 +157,7 @@ def list_files(sources: list[str | Path], out: Path | None = None) -> tuple[list
 
 
 def split_hash(key: str) -> float:
+    """A number in [0, 1) from ``key`` (a file's content hash): the file is validation when it is under the fraction."""
     return int(hashlib.sha1(f"split:{key}".encode()).hexdigest(), 16) / 2**160
 
 
@@ -176,15 +193,85 @@ def chunks(data: bytes, size: int, at_newline: bool) -> tuple[list[bytes], int]:
     return out, inside
 
 
+def tail_cut(data: bytes, val_fraction: float, text: bool) -> int:
+    """Where the last ``val_fraction`` of ``data`` starts (at least one byte, never the whole): for text after the
+    newline nearest before that point (if that at most doubles the tail, else the first one after), else at a UTF-8
+    character boundary, so that the validation text starts a line."""
+    n = len(data)
+    target = min(n - 1, max(1, n - max(1, round(val_fraction * n))))
+    if not text:
+        return target
+    before = data.rfind(b"\n", 0, target)
+    if before >= 0 and before + 1 >= target - (n - target):
+        return before + 1
+    after = data.find(b"\n", target, n - 1)
+    if after >= 0:
+        return after + 1
+    cut = target
+    while cut > 1 and data[cut] & 0xC0 == 0x80:
+        cut -= 1
+    return cut
+
+
+SPLITS = ("auto", "files", "contiguous")
 SHARD_NAME = re.compile(r"(train|val)-\d{6}\.tar")
-STAGED_NAME = re.compile(r"\.(train|val)-\d{6}\.tar\.partial|\.manifest\.json\.partial")
+PARTIAL_NAME = re.compile(r"\.(train|val)-\d{6}\.tar\.partial|\.manifest\.json\.partial")
+JOURNAL = ".mmbytes-shards.journal"
+WRITER = "mmbytes shards"
+OFFICIAL = re.compile(r"(t10k|test)-(.+)")  # MNIST's naming (also Fashion-MNIST, KMNIST): t10k-* beside train-*
+
+
+def checksum(path: Path) -> dict:
+    """Size and SHA-256 of a file: what proves, on a rerun, that a shard is the one this command wrote."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return {"bytes": size, "sha256": h.hexdigest()}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """``obj`` written to ``path`` whole or not at all (a temporary file renamed into place)."""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.unlink(missing_ok=True)  # a link left under that name would send the write outside the folder
+    with open(tmp, "x") as f:
+        f.write(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+class Journal:
+    """The shards written so far, with size and SHA-256, and the partial files open: kept in ``out`` while a run
+    goes, so that a rerun after an interruption can prove which files it may remove. Removed once the manifest
+    (which records the same checksums) is written."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / JOURNAL
+        self.shards: dict[str, dict] = {}
+        self.partial: set[str] = set()
+
+    def save(self) -> None:
+        _write_json(self.path, {"writer": WRITER, "shards": self.shards, "partial": sorted(self.partial)})
+
+    def opened(self, tmp: Path) -> None:
+        self.partial.add(tmp.name)
+        self.save()
+
+    def finished(self, tmp: Path, name: str) -> None:
+        self.shards[name] = checksum(tmp)
+        self.save()  # before the rename: a shard under its final name is always in the journal
+        os.replace(tmp, tmp.parent / name)
+        self.partial.discard(tmp.name)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 class ShardWriter:
     """Size-capped tar shards ``<prefix>-000000.tar``, each renamed into place only once complete."""
 
-    def __init__(self, out: Path, prefix: str, max_bytes: int) -> None:
-        self.out, self.prefix, self.max_bytes = out, prefix, max_bytes
+    def __init__(self, out: Path, prefix: str, max_bytes: int, journal: Journal) -> None:
+        self.out, self.prefix, self.max_bytes, self.journal = out, prefix, max_bytes, journal
         self.names: list[str] = []
         self.samples = self.bytes = 0
         self._tar = self._tmp = self._file = None
@@ -195,6 +282,7 @@ class ShardWriter:
             self._finish()
         if self._tar is None:
             self._tmp = self.out / f".{self.prefix}-{len(self.names):06d}.tar.partial"
+            self.journal.opened(self._tmp)
             self._tmp.unlink(missing_ok=True)
             self._file = open(self._tmp, "xb")  # exclusive: never through a link planted under that name
             self._tar = wds.TarWriter(self._file)
@@ -208,7 +296,7 @@ class ShardWriter:
         self._tar.close()
         self._file.close()
         name = f"{self.prefix}-{len(self.names):06d}.tar"
-        os.replace(self._tmp, self.out / name)
+        self.journal.finished(self._tmp, name)
         self.names.append(name)
         self._tar = None
 
@@ -217,8 +305,8 @@ class ShardWriter:
             self._finish()
 
     def abort(self, remove_finished: bool = False) -> None:
-        """Drop the shard being written; finished shards stay (whole and readable, though without a manifest)
-        unless ``remove_finished``."""
+        """Drop the shard being written; finished shards stay (whole and readable, though without a manifest, and
+        listed in the journal so that a rerun may replace them) unless ``remove_finished``."""
         if self._tar is not None:
             for closing in (self._tar.close, self._file.close):
                 try:
@@ -226,33 +314,51 @@ class ShardWriter:
                 except OSError:  # a full disk fails the last flush too: the file goes anyway
                     pass
             self._tmp.unlink(missing_ok=True)
+            self.journal.partial.discard(self._tmp.name)
             self._tar = None
         if remove_finished:
             for name in self.names:
                 (self.out / name).unlink(missing_ok=True)
+                self.journal.shards.pop(name, None)
 
 
-def is_our_shard(path: Path) -> bool:
-    """A tar whose first members are ``<sha1>.bin`` / ``<sha1>.json`` with the metadata ``mmbytes shards`` writes."""
+def _claims(path: Path) -> tuple[dict[str, dict], set[str]] | None:
+    """The shards (name -> size and SHA-256) and partial files a manifest or journal written by this command
+    records, or None for a file that is not one (hand-written, from another tool or an older version: no writer
+    mark and no checksums)."""
     try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):  # a link or a FIFO (opening it would wait forever) is not ours
-            return False
-        with tarfile.open(path) as tar:
-            members = [tar.next(), tar.next()]
-            if any(m is None for m in members):
-                return False
-            names = sorted(m.name for m in members)
-            if not re.fullmatch(r"[0-9a-f]{40}\.bin", names[0]) or names[1] != names[0][:-4] + ".json":
-                return False
-            meta = json.loads(tar.extractfile(next(m for m in members if m.name == names[1])).read())
-            return isinstance(meta, dict) and {"modality", "source", "chunk", "nbytes"} <= meta.keys()
-    except (OSError, tarfile.TarError, ValueError, StopIteration):
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("writer") != WRITER:
+        return None
+    shards = doc.get("shard_files", doc.get("shards"))  # the manifest's field, the journal's
+    if not isinstance(shards, dict) or not all(
+            isinstance(n, str) and SHARD_NAME.fullmatch(n) and isinstance(c, dict)
+            and isinstance(c.get("bytes"), int) and isinstance(c.get("sha256"), str) for n, c in shards.items()):
+        return None
+    partial = doc.get("partial", [])
+    partial = {n for n in partial if isinstance(n, str) and PARTIAL_NAME.fullmatch(n)} if isinstance(partial, list) \
+        else set()
+    return shards, partial
+
+
+def _is_recorded(path: Path, claim: dict) -> bool:
+    """``path`` is a regular file with the recorded size and SHA-256 (checked in that order: the size is free)."""
+    try:
+        st = os.lstat(path)
+        return stat.S_ISREG(st.st_mode) and st.st_size == claim["bytes"] and checksum(path) == claim
+    except OSError:
         return False
 
 
 def prepare_out(out: Path, sources: list[str | Path]) -> None:
-    """Check the output folder and remove what a previous run wrote there; refuse a folder that is a source or
-    holds a source, or that holds anything ``mmbytes shards`` did not write (nothing of the user's is deleted)."""
+    """Check the output folder and remove what a previous run provably wrote there: files whose size and SHA-256 a
+    manifest or journal of this command records, the partial files a journal names, and links under a staging name.
+    Refuse a folder that is a source or holds a source, or that holds anything else (nothing of the user's is
+    deleted or overwritten, even under a shard's name)."""
     if out.exists() and not out.is_dir():
         raise ShardsError(f"{out}: --out is a file, not a folder; give a new or empty folder")
     target = out.resolve()
@@ -267,27 +373,34 @@ def prepare_out(out: Path, sources: list[str | Path]) -> None:
             raise ShardsError(f"{out}: --out holds the source {src}; write the shards to another folder")
     out.mkdir(parents=True, exist_ok=True)
     names = set(os.listdir(out))
-    owned = {n for n in names if STAGED_NAME.fullmatch(n)}
-    if "manifest.json" in names:
-        try:
-            listed = [n for split in read_manifest(out / "manifest.json")["splits"].values() for n in split["shards"]]
-            owned |= {"manifest.json"} | {n for n in listed if SHARD_NAME.fullmatch(n)}
-        except ManifestError:  # not one mmbytes wrote: the user's
-            pass
-    owned |= {n for n in names - owned if SHARD_NAME.fullmatch(n) and is_our_shard(out / n)}  # an interrupted run
+    owned, shards, partial = set(), {}, set()
+    for doc in ("manifest.json", JOURNAL):
+        claims = _claims(out / doc) if doc in names else None
+        if claims is not None:
+            owned.add(doc)
+            shards.update(claims[0])
+            partial |= claims[1]
+    owned |= names & partial
+    # a link under a staging name holds no data (its target stays); the staging write never goes through it
+    owned |= {n for n in names if (PARTIAL_NAME.fullmatch(n) or n == JOURNAL + ".partial") and (out / n).is_symlink()}
+    owned |= {n for n in names - owned if n in shards and _is_recorded(out / n, shards[n])}
     foreign = sorted(names - owned)
     if foreign:
         shown_names = ", ".join(shown(n) for n in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise ShardsError(f"{out}: --out holds {len(foreign)} file(s) mmbytes shards did not write ({shown_names}); "
-                          "give a new or empty folder (nothing was deleted)")
-    # the old manifest goes first, so an interrupted rerun cannot leave it pointing at half-replaced shards
+        why = (" (a manifest without the writer mark and shard checksums, hand-written or from another tool or an "
+               "older mmbytes, proves nothing)" if "manifest.json" in foreign else "")
+        raise ShardsError(f"{out}: --out holds {len(foreign)} file(s) mmbytes shards did not write ({shown_names})"
+                          f"{why}; give a new or empty folder (nothing was deleted)")
+    # the old manifest goes first, so an interrupted rerun cannot leave it pointing at half-replaced shards; the
+    # journal last, so that what is left is still provably this command's
     (out / "manifest.json").unlink(missing_ok=True)
-    for name in sorted(owned - {"manifest.json"}):
+    for name in sorted(owned - {"manifest.json", JOURNAL}):
         (out / name).unlink(missing_ok=True)
+    (out / JOURNAL).unlink(missing_ok=True)
 
 
 def check_options(val_fraction: float | dict[str, float], max_shard_bytes: int, max_file_bytes: int,
-                  chunk_bytes: int | None, workers: int) -> None:
+                  chunk_bytes: int | None, workers: int, split: str = "auto") -> None:
     if isinstance(val_fraction, dict):  # one modality may go to validation whole; all of them may not
         if not all(0 <= v <= 1 for v in val_fraction.values()) or val_fraction.get("default", 0.1) >= 1:
             raise OptionError(f"val_fraction per modality must be in [0, 1] (the default in [0, 1)), not "
@@ -300,10 +413,22 @@ def check_options(val_fraction: float | dict[str, float], max_shard_bytes: int, 
         raise OptionError(f"chunk_bytes must be a positive number of bytes, not {chunk_bytes}")
     if workers < 0:
         raise OptionError(f"workers must be 0 or more, not {workers}")
+    if split not in SPLITS:
+        raise OptionError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
 
 
-def _encode(job: tuple[Path, str, Any, int]) -> tuple[list[tuple[bytes, dict]] | None, str | None]:
-    """Runs in a worker process: ([(bytes, meta), ...], None), one item per sample the file holds, or (None, reason)."""
+def _encode(job: tuple[Path, str, Any, int]) -> tuple[list[tuple[bytes, dict]] | None, str | None, tuple]:
+    """Runs in a worker process: ([(bytes, meta), ...], None, warnings), one item per sample the file holds, or
+    (None, reason, warnings); warnings: (how many, the distinct messages). Warnings a decoder gives (e.g. Pillow's
+    on palettes) are returned, never printed."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items, reason = _encode_file(job)
+    said = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
+    return items, reason, (len(caught), said[:20])
+
+
+def _encode_file(job: tuple[Path, str, Any, int]) -> tuple[list[tuple[bytes, dict]] | None, str | None]:
     path, _, codec, max_file_bytes = job
     try:
         st = path.stat()
@@ -335,16 +460,16 @@ def _encode(job: tuple[Path, str, Any, int]) -> tuple[list[tuple[bytes, dict]] |
 DIED = "the decoding process died on this file (killed, e.g. for memory); the file is skipped"
 
 
-def _encode_alone(job: tuple, ctx) -> tuple[list | None, str | None]:
+def _encode_alone(job: tuple, ctx) -> tuple[list | None, str | None, tuple]:
     """One file in a process of its own: a process that dies names this file and nothing else."""
     with ProcessPoolExecutor(1, mp_context=ctx) as pool:
         try:
             return pool.submit(_encode, job).result()
         except BrokenProcessPool:
-            return None, DIED
+            return None, DIED, (0, [])
 
 
-def encoded(jobs: list[tuple], workers: int) -> Iterator[tuple[list | None, str | None]]:
+def encoded(jobs: list[tuple], workers: int) -> Iterator[tuple[list | None, str | None, tuple]]:
     """``_encode`` of every job, in order, on ``workers`` processes (0: here). When a worker dies (the kernel's OOM
     killer, a signal), the files it may have held are retried one process each, so only the file that kills its
     process is skipped and the run goes on."""
@@ -382,99 +507,314 @@ def encoded(jobs: list[tuple], workers: int) -> Iterator[tuple[list | None, str 
 OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def content_id(path: Path) -> str:
+    """SHA-1 of a file's bytes: the identity of its samples (split, keys, duplicates), whatever its name."""
+    h = hashlib.sha1()
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never waits on a FIFO put in place of a listed file
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class File:
+    path: Path
+    name: str
+    content: str | None
+    given: bool = False
+    """From the validation sources (``--val``, or the ``t10k-`` file of an official pair): validation, whole."""
+    items: list = field(default_factory=list)
+    modality: str = ""
+    changes: list = field(default_factory=list)
+
+    @property
+    def hash(self) -> float:
+        return split_hash(self.content)
+
+
+def unique_files(val: list[tuple[Path, str]], train: list[tuple[Path, str]], max_file_bytes: int,
+                 skipped: list[dict]) -> tuple[list[File], list[dict], int]:
+    """The files to encode, each content once: validation sources first (identical content there wins), then the
+    others in name order, so which copy is kept does not depend on the order of the sources. Returns the files, the
+    duplicates dropped (``path``, ``same_as``) and their bytes. A file out of the size limits gets no content id
+    (it is skipped with its reason when encoded)."""
+    kept, dropped, dropped_bytes, first, ids = [], [], 0, {}, {}
+    for given, listed in ((True, val), (False, sorted(train, key=lambda f: (f[1], str(f[0]))))):
+        for path, name in listed:
+            try:
+                st = os.stat(path)
+                inode = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                if inode not in ids:
+                    ids[inode] = content_id(path) if 0 < st.st_size <= max_file_bytes else None
+                content = ids[inode]
+            except OSError as e:
+                skipped.append({"path": shown(path), "reason": _stat_reason(path, e) if e.errno == errno.ENOENT
+                                else f"unreadable ({e.strerror or e})"})
+                continue
+            if content is not None and content in first:
+                dropped.append({"path": shown(path), "same_as": shown(first[content])})
+                dropped_bytes += st.st_size
+                continue
+            if content is not None:
+                first[content] = path
+            kept.append(File(path, name, content, given))
+    return kept, dropped, dropped_bytes
+
+
+def official_pairs(files: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+    """The ``t10k-X`` (or ``test-X``) files among ``files`` that have a ``train-X`` beside them in the list: the
+    held-out half of an official split by MNIST's naming."""
+    names = {p.name for p, _ in files}
+    return [(p, n) for p, n in files if (m := OFFICIAL.fullmatch(p.name)) and f"train-{m.group(2)}" in names]
+
+
+class Splitter:
+    """Puts each encoded file in a split and writes its samples (rules in the module docstring).
+
+    At most one file per modality is held in memory before it is written: the first file of a modality (under
+    ``auto``, until a second one shows it is not the modality's only file) and then the lowest-hash training file
+    while the modality has no validation sample (the one held out if none comes)."""
+
+    def __init__(self, writers: dict, codec: str, val_fraction: float | dict[str, float], split: str,
+                 chunk_bytes: int | None) -> None:
+        self.writers, self.codec, self.val_fraction, self.split, self.chunk_bytes = (writers, codec, val_fraction,
+                                                                                     split, chunk_bytes)
+        self.files: Counter = Counter()
+        self.held: dict[str, File] = {}
+        self.has_val: set[str] = set()
+        self.given: set[str] = set()
+        self.rule: dict[str, str] = {}
+        self.no_val: dict[str, str] = {}
+        self.stats: dict[str, Counter] = {}
+        self.converted: list[dict] = []
+
+    def chunk_size(self, modality: str) -> int:
+        if modality not in ("text", "raw"):
+            return 0
+        return DEFAULT_CHUNK.get(modality, 0) if self.chunk_bytes is None else self.chunk_bytes
+
+    def pieces(self, data: bytes, modality: str, changes: list) -> list[bytes]:
+        size = self.chunk_size(modality)
+        parts, inside = chunks(data, size, at_newline=modality == "text")
+        if inside:
+            changes.append(f"text cut inside a UTF-8 character at {inside} chunk boundaries (chunks of {size} bytes "
+                           "are shorter than a character)")
+        return parts
+
+    def samples(self, f: File) -> int:
+        return sum(len(chunks(d, self.chunk_size(f.modality), f.modality == "text")[0]) for d, _ in f.items)
+
+    def _write(self, f: File, split: str, item: int, chunk: int, part: bytes, meta: dict) -> None:
+        modality = meta.get("modality", f.modality)
+        key = hashlib.sha1(f"{f.content}@{item}#{chunk}".encode()).hexdigest()
+        self.writers[split].write(key, part, {**meta, "modality": modality, "codec": meta.get("codec", self.codec),
+                                              "source": f.name, "chunk": chunk, "nbytes": len(part),
+                                              "content": f.content})
+        stats = self.stats.setdefault(modality, Counter())
+        stats["samples"] += 1
+        stats["bytes"] += len(part)
+        stats[f"{split}_samples"] += 1
+        if split == "val":
+            self.has_val.add(modality)
+
+    def _done(self, f: File, changes: list) -> None:
+        if changes:
+            self.converted.append({"path": shown(f.path), "converted": changes})
+        self.stats.setdefault(f.modality, Counter())["files"] += 1
+        f.items = []  # the bytes are written: free them
+
+    def emit(self, f: File, split: str) -> None:
+        changes = list(f.changes)
+        for item, (data, meta) in enumerate(f.items):
+            for chunk, part in enumerate(self.pieces(data, meta.get("modality", f.modality), changes)):
+                self._write(f, split, item, chunk, part, meta)
+        self._done(f, changes)
+
+    def emit_contiguous(self, f: File, fraction: float) -> None:
+        """The last ``fraction`` of the file to validation: of its items (pictures of an IDX file), counted in
+        bytes, at least one and never all; of a single item's bytes, cut by ``tail_cut`` and chunked on each side.
+        A fraction of 1 (a modality asked to be all validation) sends the file whole."""
+        if fraction >= 1:
+            return self.emit(f, "val")
+        changes = list(f.changes)
+        if len(f.items) > 1:
+            sizes = [len(d) for d, _ in f.items]
+            total, tail, first_val = sum(sizes), 0, len(sizes)
+            while first_val > 1 and (tail < fraction * total or first_val == len(sizes)):
+                first_val -= 1
+                tail += sizes[first_val]
+            for item, (data, meta) in enumerate(f.items):
+                for chunk, part in enumerate(self.pieces(data, meta.get("modality", f.modality), changes)):
+                    self._write(f, "train" if item < first_val else "val", item, chunk, part, meta)
+        else:
+            (data, meta), = f.items
+            cut = tail_cut(data, fraction, f.modality == "text")
+            head = self.pieces(data[:cut], f.modality, changes)
+            for chunk, part in enumerate([*head, *self.pieces(data[cut:], f.modality, changes)]):
+                self._write(f, "train" if chunk < len(head) else "val", 0, chunk, part, meta)
+        self._done(f, changes)
+
+    def add(self, f: File) -> None:
+        m, fraction = f.modality, fraction_of(self.val_fraction, f.modality)
+        self.files[m] += 1
+        if f.given:
+            self.given.add(m)
+            self.rule[m] = "given: validation from the validation sources, training from the others"
+            return self.emit(f, "val")
+        if m in self.given or not fraction:
+            self.rule.setdefault(m, "none: validation fraction 0")
+            return self.emit(f, "train")
+        if self.split == "contiguous" and self.samples(f) >= 2:
+            self.rule[m] = "contiguous: the last val_fraction of each file of several samples"
+            self.emit_contiguous(f, fraction)
+            if m in self.held:
+                self.emit(self.held.pop(m), "train")
+            return
+        pending = [f, *([self.held.pop(m)] if m in self.held else [])]
+        if self.split == "auto" and self.files[m] == 1:
+            self.held[m] = f  # the modality's only file so far: split contiguously if it stays the only one
+            return
+        self.rule.setdefault(m, "files: each file whole, by a hash of its content")
+        rest = []
+        for x in pending:
+            if x.hash < fraction:
+                self.emit(x, "val")
+            else:
+                rest.append(x)
+        rest.sort(key=lambda x: x.hash)
+        if m not in self.has_val and rest:
+            self.held[m] = rest.pop(0)
+        for x in rest:
+            self.emit(x, "train")
+
+    def finish(self) -> None:
+        for m, f in sorted(self.held.items()):
+            fraction, n = fraction_of(self.val_fraction, m), self.samples(f)
+            if self.files[m] == 1 and self.split == "auto" and n >= 2:
+                self.rule[m] = "contiguous: the modality's only file, its last val_fraction is validation"
+                self.emit_contiguous(f, fraction)
+            elif self.files[m] == 1:
+                self.emit(f, "train")
+                if n >= 2:
+                    self.no_val[m] = (f"its only file {f.name} stays whole under --split files; use --split auto "
+                                      "to hold out its tail, or give a validation source with --val")
+                else:
+                    size = self.chunk_size(m)
+                    self.no_val[m] = (f"its only file {f.name} is a single sample"
+                                      + (f" (under the {size:,}-byte chunk)" if size else "")
+                                      + "; add files of it, or give a validation source with --val")
+            else:
+                self.rule[m] = (f"files: each file whole, by a hash of its content; no file hashed into validation, "
+                                f"so {f.name}, of lowest hash, is held out")
+                self.emit(f, "val")
+        self.held.clear()
+        for m in self.stats:
+            if not self.stats[m].get("val_samples") and fraction_of(self.val_fraction, m) and m not in self.no_val:
+                self.no_val[m] = "the validation sources hold none of it" if m in self.given else "no file of it"
+
+
 def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw", codec_options: dict | None = None,
                  val_fraction: float | dict[str, float] = 0.1, max_shard_bytes: int = 64 * 2**20,
                  max_file_bytes: int = 256 * 2**20, chunk_bytes: int | None = None, workers: int = 0,
-                 progress: bool = True, shuffle_seed: int | None = 0) -> dict:
-    """Write shards and the manifest into ``out``; return the manifest. ``val_fraction``: the share of samples held
-    out for validation, one for all modalities or per modality (``{audio: 0.2, default: 0.1}``). ``max_file_bytes``
-    also bounds what a file may decode to. Files are written in an order shuffled with ``shuffle_seed`` (None: sorted
-    by path): training reads shards in order and shuffles only inside a buffer, so files written folder by folder
-    would reach it one folder (often one modality) at a time. Which split a sample goes to does not depend on it."""
+                 progress: bool = True, shuffle_seed: int | None = 0, val_sources: list[str | Path] | None = None,
+                 split: str = "auto") -> dict:
+    """Write shards and the manifest into ``out``; return the manifest. ``val_fraction``: the share held out for
+    validation, one for all modalities or per modality (``{audio: 0.2, default: 0.1}``); ``val_sources``: files and
+    folders that are the validation split, whole (the modalities they hold take no validation from ``sources``);
+    ``split``: ``auto``, ``files`` or ``contiguous`` (module docstring). ``max_file_bytes`` also bounds what a file
+    may decode to. Files are written in an order shuffled with ``shuffle_seed`` (None: sorted by name): training
+    reads shards in order and shuffles only inside a buffer, so files written folder by folder would reach it one
+    folder (often one modality) at a time. Which split a sample goes to does not depend on it."""
     out = Path(out)
-    check_options(val_fraction, max_shard_bytes, max_file_bytes, chunk_bytes, workers)
+    check_options(val_fraction, max_shard_bytes, max_file_bytes, chunk_bytes, workers, split)
     coder = get_codec(codec, **(codec_options or {}))  # bad codec options fail here, before any file is touched
-    prepare_out(out, sources)
-    files, skipped = list_files(sources, out)
+    prepare_out(out, [*sources, *(val_sources or [])])
+    listed, skipped = list_files(sources, out)
+    val_listed, val_skipped = list_files(val_sources, out) if val_sources else ([], [])
+    pairs = [] if val_sources else official_pairs(listed)
+    if pairs:
+        val_listed, listed = pairs, [f for f in listed if f not in pairs]
+    skipped += val_skipped
+    files, duplicates, duplicate_bytes = unique_files(val_listed, listed, max_file_bytes, skipped)
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(files)
-    writers = {s: ShardWriter(out, s, max_shard_bytes) for s in ("train", "val")}
-    modalities: dict[str, Counter] = {}
-    chosen, converted, encoded_files = Counter(), [], 0
-    jobs = [(p, name, coder, max_file_bytes) for p, name in files]
-    results = encoded(jobs, workers)
+    files.sort(key=lambda f: not f.given)  # validation sources first: their modalities are known before the others
+    journal = Journal(out)
+    writers = {s: ShardWriter(out, s, max_shard_bytes, journal) for s in ("train", "val")}
+    splitter = Splitter(writers, codec, val_fraction, split, chunk_bytes)
+    chosen, warned, warning_count, encoded_files = Counter(), [], 0, 0
+    results = encoded([(f.path, f.name, coder, max_file_bytes) for f in files], workers)
     try:
-        for (path, name), (items, reason) in tqdm(zip(files, results, strict=True), total=len(files), unit="file",
-                                                  desc=f"shards -> {out}", disable=not progress):
+        for f, (items, reason, (n_warnings, said)) in tqdm(zip(files, results, strict=True), total=len(files),
+                                                           unit="file", desc=f"shards -> {out}", disable=not progress):
+            if n_warnings:
+                warning_count += n_warnings
+                warned.append({"path": shown(f.path), "warnings": said})
+            if items is not None and f.content is None:
+                items, reason = None, "changed while being read (its size is now out of the limits)"
             if items is None:
-                skipped.append({"path": shown(path), "reason": reason})
+                skipped.append({"path": shown(f.path), "reason": reason})
                 continue
             encoded_files += 1
-            changes = []
-            for item, (data, meta) in enumerate(items):
-                modality = meta.get("modality", coder.modality)
+            f.items, f.modality = items, items[0][1].get("modality", coder.modality)
+            for _, meta in items:
                 chosen[meta.get("codec", coder.name)] += 1
-                changes += [c for c in meta.get("converted") or [] if c not in changes]
-                size = DEFAULT_CHUNK.get(modality, 0) if chunk_bytes is None else chunk_bytes
-                parts, inside = chunks(data, size if modality in ("text", "raw") else 0, at_newline=modality == "text")
-                if inside:
-                    changes.append(f"text cut inside a UTF-8 character at {inside} chunk boundaries (chunks of "
-                                   f"{size} bytes are shorter than a character)")
-                for i, part in enumerate(parts):
-                    sample_name = f"{name}#{i}" if len(items) == 1 else f"{name}@{item}#{i}"
-                    key = hashlib.sha1(sample_name.encode()).hexdigest()
-                    meta_out = {**meta, "modality": modality, "codec": meta.get("codec", codec), "source": name,
-                                "chunk": i, "nbytes": len(part)}
-                    _write(writers, (split_hash(key), key, part, meta_out), fraction_of(val_fraction, modality),
-                           modalities)
-            if changes:
-                converted.append({"path": shown(path), "converted": changes})
+                f.changes += [c for c in meta.get("converted") or [] if c not in f.changes]
+            splitter.add(f)
+        splitter.finish()
         if not any(w.samples for w in writers.values()):
             first = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3]) + ("; ..." * (len(skipped) > 3))
             raise ShardsError(f"no sample written to {out}: all {len(skipped)} files and sources were missing or "
                               f"skipped ({first}); no manifest was written")
         for w in writers.values():
             w.close()
+        modalities = {m: {**dict(c), "split": splitter.rule.get(m, "")} for m, c in splitter.stats.items()}
         manifest = {
-            "version": 1, "codec": codec, "codec_options": codec_options or {}, "sources": [shown(s) for s in sources],
-            "val_fraction": val_fraction,
+            "version": 2, "writer": WRITER, "codec": codec, "codec_options": codec_options or {},
+            "sources": [shown(s) for s in sources], "val_sources": [shown(s) for s in val_sources or []],
+            "official_split": [{"train": shown(p.with_name("train-" + OFFICIAL.fullmatch(p.name).group(2))),
+                                "val": shown(p)} for p, _ in pairs],
+            "val_fraction": val_fraction, "split": split,
             "splits": {s: {"shards": w.names, "samples": w.samples, "bytes": w.bytes} for s, w in writers.items()},
+            "shard_files": dict(journal.shards),
             "files": encoded_files,
             "bytes": sum(w.bytes for w in writers.values()),
-            "modalities": {m: dict(c) for m, c in modalities.items()},
-            "codecs_chosen": dict(chosen), "converted": converted, "skipped": skipped,
-            "no_val": sorted(m for m, c in modalities.items()
-                             if not c.get("val_samples") and fraction_of(val_fraction, m)),
+            "modalities": modalities,
+            "duplicates": {"files": len(duplicates), "bytes": duplicate_bytes, "list": duplicates[:1000]},
+            "codecs_chosen": dict(chosen), "converted": splitter.converted, "skipped": skipped,
+            "warnings": {"count": warning_count, "files": warned[:1000]},
+            "no_val": sorted(splitter.no_val), "no_val_reasons": dict(sorted(splitter.no_val.items())),
         }
-        tmp = out / ".manifest.json.partial"
-        tmp.unlink(missing_ok=True)  # a link left under that name would send the write outside ``out``
-        with open(tmp, "x") as f:
-            f.write(json.dumps(manifest, indent=1))
-        os.replace(tmp, out / "manifest.json")
+        journal.partial.add(".manifest.json.partial")
+        journal.save()
+        _write_json(out / "manifest.json", manifest)
+        journal.remove()
     except OSError as e:
         full = e.errno in OUT_OF_SPACE
-        for w in writers.values():
-            w.abort(remove_finished=full)
-        (out / ".manifest.json.partial").unlink(missing_ok=True)
+        _abort(out, writers, journal, remove_finished=full)
         if full:
             raise ShardsError(f"{out}: {os.strerror(e.errno)} while writing shards; this run's files were removed "
                               "and no manifest was written: free space or give another --out") from None
         raise
     except BaseException:
-        for w in writers.values():
-            w.abort()
+        _abort(out, writers, journal)
         raise
     return manifest
 
 
-def _write(writers: dict, sample: tuple, val_fraction: float, modalities: dict) -> None:
-    h, key, data, meta = sample
-    split = "val" if h < val_fraction else "train"
-    writers[split].write(key, data, meta)
-    stats = modalities.setdefault(meta["modality"], Counter())
-    stats["samples"] += 1
-    stats["bytes"] += len(data)
-    stats[f"{split}_samples"] += 1
+def _abort(out: Path, writers: dict, journal: Journal, remove_finished: bool = False) -> None:
+    """Drop what is half written; the journal stays while it records finished shards (a rerun may replace them)."""
+    for w in writers.values():
+        w.abort(remove_finished=remove_finished)
+    (out / ".manifest.json.partial").unlink(missing_ok=True)
+    journal.partial.discard(".manifest.json.partial")
+    try:
+        journal.save() if journal.shards else journal.remove()
+    except OSError:
+        pass
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -510,7 +850,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, type=Path, help="output folder; nothing is written outside it")
     ap.add_argument("--codec", default="raw", choices=["text", "raw", "image", "audio", "auto", "idx"],
                     help="idx: MNIST-style IDX image files, one sample per picture")
-    ap.add_argument("--val-fraction", type=fraction, default=0.1, help="share held out for validation, in [0, 1)")
+    ap.add_argument("--val", action="append", metavar="DIR_OR_FILE", default=None,
+                    help="the validation split, given (e.g. MNIST's t10k files; repeatable): validation, whole, "
+                    "and the modalities they hold take no validation from the sources. Without it, an official "
+                    "pair train-X / t10k-X among the sources is kept as given")
+    ap.add_argument("--val-fraction", type=fraction, default=0.1,
+                    help="share held out for validation, in [0, 1) (default 0.1)")
+    ap.add_argument("--split", choices=SPLITS, default="auto",
+                    help="how the validation share is taken (identical content is kept once in any case): files = "
+                    "each file whole, by a hash of its content; contiguous = also the last val-fraction of the bytes "
+                    "of every file of several samples (a corpus among small files); auto (default) = files, except "
+                    "that a modality of one file is split contiguously")
     ap.add_argument("--max-shard-mb", type=positive_float, default=64)
     ap.add_argument("--max-file-mb", type=positive_float, default=256,
                     help="larger files, and files that would decode to more, are skipped and listed")
@@ -545,15 +895,22 @@ def main(argv: list[str] | None = None) -> None:
     options = {"image": image, "audio": audio, "auto": {"image": image, "audio": audio}, "idx": idx}.get(args.codec, {})
     m = write_shards(args.sources, args.out, args.codec, options, args.val_fraction, int(args.max_shard_mb * 2**20),
                      int(args.max_file_mb * 2**20), args.chunk_bytes, args.workers,
-                     shuffle_seed=None if args.sorted else args.shuffle_seed)
+                     shuffle_seed=None if args.sorted else args.shuffle_seed, val_sources=args.val, split=args.split)
     for split, s in m["splits"].items():
         print(f"{split}: {s['samples']} samples, {s['bytes']:,} bytes in {len(s['shards'])} shards")
     for modality, s in m["modalities"].items():
         print(f"  {modality}: {s['samples']} samples, {s['bytes']:,} bytes")
-    if m["no_val"]:
-        print(f"no validation sample of {', '.join(m['no_val'])}: the split is a hash of each sample, so a modality "
-              "with few samples may have none; raise --val-fraction (or its share in data.val_fraction)",
+    for modality, stats in m["modalities"].items():
+        if not stats.get("train_samples"):
+            print(f"no training sample of {modality}: all of it is validation", file=sys.stderr)
+    for modality, reason in m["no_val_reasons"].items():
+        print(f"no validation sample of {modality}: {reason}", file=sys.stderr)
+    if m["duplicates"]["files"]:
+        print(f"kept once: {m['duplicates']['files']} file(s) with the content of another (listed in the manifest)",
               file=sys.stderr)
+    if m["warnings"]["count"]:
+        print(f"decoders gave {m['warnings']['count']} warning(s) on {len(m['warnings']['files'])} file(s) (listed "
+              "in the manifest)", file=sys.stderr)
     if m["skipped"]:
         print(f"skipped {len(m['skipped'])} (listed in {args.out / 'manifest.json'}):", file=sys.stderr)
         for s in m["skipped"][:20]:

@@ -171,12 +171,13 @@ def test_every_file_is_in_the_shards_or_in_skipped(tree):
     m, src = tree["manifest"], tree["src"]
     skipped = by_name(m["skipped"])
     assert set(skipped) == set(SKIPPED) | {"cut.png", "one_hz.wav", "loop_b"}
-    encoded = {"good.py", "linked_file.py", "icon_rgba.png", "gray16.png", "rgb16.png", "three_frames.gif",
+    encoded = {"good.py", "icon_rgba.png", "gray16.png", "rgb16.png", "three_frames.gif",
                "one_row_20000x1.png", "nan_inf.wav", "too_loud.wav", "rate_16001.wav"} | ({"palette.gif"} if GIFS
                                                                                           else set())
     assert m["files"] == len(encoded) + 1  # and folder/inside_linked_folder.txt, read once, from the real folder
+    assert m["duplicates"]["list"] == [{"path": str(src / "linked_file.py"), "same_as": str(src / "good.py")}]
     listed = {shown(p.name) for p in src.iterdir()} - {"folder"}
-    assert listed == encoded | (set(skipped) & listed)
+    assert listed == encoded | {"linked_file.py"} | (set(skipped) & listed)
     assert tree["seconds"] < 60  # a 20000x1 picture and a 16001 Hz file cost no gigabytes, no minutes
 
 
@@ -344,14 +345,17 @@ def test_a_fifo_manifest_is_refused_without_blocking(tmp_path):
         datamodule(tmp_path / "shards").train_dataloader()
 
 
-def test_a_rerun_replaces_only_its_own_files(tmp_path):
+def test_a_rerun_replaces_only_the_files_its_manifest_proves_it_wrote(tmp_path):
     out = tmp_path / "out"
     first = write_shards([SAMPLES / "text"], out, codec="text", max_shard_bytes=200_000, progress=False)
-    (out / "manifest.json").unlink()  # as after an interrupted run: shards left without a manifest
-    (out / ".train-000009.tar.partial").write_bytes(b"")
-    second = write_shards([SAMPLES / "files"], out, progress=False)
+    second = write_shards([SAMPLES / "files"], out, progress=False)  # sizes and checksums in the manifest match
     names = {*second["splits"]["train"]["shards"], *second["splits"]["val"]["shards"], "manifest.json"}
     assert set(os.listdir(out)) == names and len(first["splits"]["train"]["shards"]) > 1
+    (out / "manifest.json").unlink()  # shards that nothing records: not provably this command's
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    with pytest.raises(ShardsError, match=r"holds \d file\(s\) mmbytes shards did not write \(train-000000.tar"):
+        write_shards([SAMPLES / "files"], out, progress=False)
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
 
 
 @pytest.mark.parametrize("where", ["equal", "holds_source"])
@@ -405,7 +409,7 @@ def test_the_unreadable_folder_is_listed(tmp_path):
 def test_a_killed_worker_skips_only_its_file(tmp_path, monkeypatch):
     src = tmp_path / "src"
     shutil.copytree(SAMPLES / "files", src)
-    shutil.copy(SAMPLES / "files" / "libpython3.11-stdlib_python3.11_this.py", src / "kill_me.py")
+    shutil.copy(TEXT, src / "kill_me.py")  # content of its own: a copy of a file there would be kept once
     from bad_input_helpers import KillingCodec
 
     monkeypatch.setattr("mmbytes.shards.get_codec", lambda name, **kw: KillingCodec())

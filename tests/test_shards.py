@@ -44,16 +44,16 @@ def splits_by_source(out: Path) -> dict[str, str]:
     return {meta["source"]: split for split in ("train", "val") for _, meta in read_back(out, split).values()}
 
 
-def test_adding_files_never_moves_another_sample_between_splits(tmp_path):
+def test_adding_files_moves_no_file_but_the_one_held_out_while_none_hashes_into_validation(tmp_path):
     import hashlib
 
     from mmbytes.shards import split_hash
 
-    def h(p: Path) -> float:  # the split hash of the file's only sample
-        return split_hash(hashlib.sha1(f"d/{p.name}#0".encode()).hexdigest())
+    def h(p: Path) -> float:  # the split hash of a file: of its content, not its name
+        return split_hash(hashlib.sha1(p.read_bytes()).hexdigest())
 
-    # real files, added so that each new one hashes lowest so far: a rule that held back the lowest-hash sample for
-    # validation would move the previous one to training at every step
+    # real files, added so that each new one hashes lowest so far: the file held out for validation (the lowest hash,
+    # while no file hashes under the fraction) is the only one that may move, and it moves to training
     pool = sorted(sorted(p for p in (SHARED / "files").iterdir() if p.suffix == ".py")[:20], key=h, reverse=True)
     folder = tmp_path / "d"
     folder.mkdir()
@@ -64,8 +64,12 @@ def test_adding_files_never_moves_another_sample_between_splits(tmp_path):
             continue
         write_shards([folder], tmp_path / "s", codec="raw", val_fraction=0.05, progress=False)
         now = splits_by_source(tmp_path / "s")
-        assert len(now) == i + 1
-        assert {k: now[k] for k in before} == before  # every earlier file stays where it was
+        hashes = {f"d/{p.name}": h(p) for p in pool[: i + 1]}
+        lowest = min(hashes, key=hashes.get)
+        hashed_val = {k for k, v in hashes.items() if v < 0.05}
+        assert now == {k: "val" if k in hashed_val or (not hashed_val and k == lowest) else "train" for k in hashes}
+        moved = [k for k in before if now[k] != before[k]]
+        assert len(moved) <= 1 and all(before[k] == "val" and now[k] == "train" for k in moved)
         before = now
 
 
@@ -78,7 +82,8 @@ def test_validation_fraction_per_modality_and_modalities_without_validation_are_
     assert not m["modalities"]["raw"].get("val_samples") and m["no_val"] == []  # a fraction of 0 asks for none
     m = write_shards(sources, tmp_path / "b", codec="auto", val_fraction={"raw": 0.0, "default": 0.001},
                      codec_options={"audio": {"sample_rate": 8000}}, progress=False)
-    assert m["no_val"] == ["audio", "text"]
+    # no file hashes under 0.001: one file of each modality of several files is held out, so none is left without
+    assert m["no_val"] == [] and m["modalities"]["audio"]["val_samples"] == 1 and m["modalities"]["text"]["val_samples"]
 
 
 def test_big_text_is_chunked_at_newlines_and_split(tmp_path):
@@ -181,11 +186,11 @@ def test_parallel_and_serial_encoding_agree(tmp_path):
     src = SHARED / "images" / "icons_gnome48"
     a = write_shards([src], tmp_path / "a", codec="image", workers=2, progress=False)
     b = write_shards([src], tmp_path / "b", codec="image", workers=0, progress=False)
-    assert a["splits"] == b["splits"] and a["files"] == 370
+    assert a["splits"] == b["splits"] and a["files"] == 362 and a["duplicates"]["files"] == 8  # 370 files, 8 copies
     assert read_back(tmp_path / "a", "train") == read_back(tmp_path / "b", "train")
 
 
-def test_interrupted_rerun_leaves_no_stale_manifest_and_only_whole_shards(tmp_path, monkeypatch):
+def test_interrupted_rerun_leaves_no_stale_manifest_and_only_whole_shards_a_rerun_replaces(tmp_path, monkeypatch):
     out = tmp_path / "int"
     write_shards([SAMPLES / "text"], out, codec="text", max_shard_bytes=200_000, progress=False)
     real_encode = get_codec("text").encode.__func__
@@ -198,15 +203,21 @@ def test_interrupted_rerun_leaves_no_stale_manifest_and_only_whole_shards(tmp_pa
         return real_encode(self, path)
 
     monkeypatch.setattr(type(get_codec("text")), "encode", interrupted)
+    (tmp_path / "words").mkdir()  # a name after "text": files are read in name order
+    shutil.copy(SAMPLES / "files" / "libpython3.11-stdlib_python3.11_this.py", tmp_path / "words" / "this.py")
     with pytest.raises(KeyboardInterrupt):  # the first file fills several shards before the second one fails
-        write_shards([SAMPLES / "text", SAMPLES / "files"], out, codec="text", max_shard_bytes=200_000,
-                     progress=False, shuffle_seed=None)
+        write_shards([tmp_path / "words", SAMPLES / "text"], out, codec="text", max_shard_bytes=200_000,
+                     val_fraction=0.0, progress=False, shuffle_seed=None)
     names = sorted(os.listdir(out))
-    assert "manifest.json" not in names and not any(n.startswith(".") for n in names)  # no manifest, no partial
-    assert len(names) >= 4  # the shards finished before the interruption are kept, each one whole
-    for n in names:
+    assert "manifest.json" not in names and not any(n.endswith(".partial") for n in names)  # no manifest, no partial
+    shards = [n for n in names if n.endswith(".tar")]
+    assert len(shards) >= 4 and names == sorted([*shards, ".mmbytes-shards.journal"])  # whole shards, recorded
+    for n in shards:
         assert all(len(s["bin"]) == json.loads(s["json"])["nbytes"] for s in wds.WebDataset(str(out / n),
                                                                                             shardshuffle=False))
+    monkeypatch.undo()
+    m = write_shards([SAMPLES / "files"], out, codec="text", progress=False)  # the journal proves them ours
+    assert sorted(os.listdir(out)) == sorted(["manifest.json", *m["shard_files"]])
 
 
 def test_output_inside_a_source_and_folders_with_the_same_name(tmp_path):
@@ -216,9 +227,11 @@ def test_output_inside_a_source_and_folders_with_the_same_name(tmp_path):
     out = tmp_path / "a" / "text" / "shards"
     write_shards([tmp_path / "a" / "text", tmp_path / "b" / "text"], out, codec="text", progress=False)
     m = write_shards([tmp_path / "a" / "text", tmp_path / "b" / "text"], out, codec="text", progress=False)
-    assert m["files"] == 2 and m["skipped"] == []  # the first run's shards are not read as sources
+    assert m["files"] == 1 and m["skipped"] == []  # the first run's shards are not read as sources
     got = {**read_back(out, "train"), **read_back(out, "val")}
-    assert sorted(meta["source"] for _, meta in got.values()) == ["text/this.py", "text/this.py~2"]
+    assert [meta["source"] for _, meta in got.values()] == ["text/this.py"]  # the same content twice: kept once
+    assert m["duplicates"]["list"] == [{"path": str(tmp_path / "b" / "text" / "this.py"),
+                                        "same_as": str(tmp_path / "a" / "text" / "this.py")}]
 
 
 def test_files_are_written_in_a_shuffled_order_so_training_does_not_read_one_folder_at_a_time(tmp_path):
