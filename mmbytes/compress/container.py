@@ -235,6 +235,8 @@ def unpack(data: bytes, name: str | Path) -> tuple[Header, list[bytes]]:
             raise ValueError
         streams = [r.take(s) for s in h.sizes]
         crc = r.take(4)
+    except CompressionError:
+        raise
     except EOFError:
         raise CompressionError(f"{name}: truncated ({len(data)} bytes; the header promises more)") from None
     except (ValueError, IndexError):  # a field out of range: a flipped bit that CRC checking comes too late for
