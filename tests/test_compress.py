@@ -6,6 +6,7 @@ before decoding: ``tests/test_compress_format.py``."""
 import io
 import math
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from mmbytes.compress import (
     shares_batches,
     unpack,
 )
+from mmbytes.compress.container import pack
 from mmbytes.model.registry import SIZES, build
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
@@ -125,7 +127,7 @@ def test_a_file_decodes_byte_for_byte_at_another_thread_count(name, encode, deco
 def test_the_python_api_round_trips_at_torchs_default_threads_and_leaves_them_as_it_found_them():
     model = build("debug").eval()
     default = torch.get_num_threads()
-    files = {"wav": real("sound_icons_cembalo-10.wav")[:1500], "text": real("tinyshakespeare.txt")[:700]}
+    files = {"wav": real("sound_icons_cembalo-10.wav")[:600], "text": real("tinyshakespeare.txt")[:300]}
     round_trip(model, files, chunk=256, batch=4)
     assert torch.get_num_threads() == default
 
@@ -152,8 +154,8 @@ def test_blt_patches_each_file_with_its_modalitys_threshold():
         model.head.weight.mul_(20)  # peaked distributions: the patching shows in the NLL
     model.theta.fill_(1e9)
     model.theta[MODALITIES.index("text")] = 0.0
-    text = real("libpython3.11-stdlib_python3.11_this.py")[:256]
-    stats = round_trip(model, {"text": text}, chunk=256, batch=1)
+    text = real("libpython3.11-stdlib_python3.11_this.py")[:160]
+    stats = round_trip(model, {"text": text}, chunk=160, batch=1)
     x = torch.tensor([list(text)])
     with torch.no_grad():
         told, untold = (model.nll(x, modality=m).sum().item() / math.log(2)
@@ -230,7 +232,17 @@ def test_cli_compresses_and_decompresses_folders_and_refuses_damaged_files(tmp_p
     for p in src.rglob("*"):
         if p.is_file():
             assert (tmp_path / "back" / "in" / p.relative_to(src)).read_bytes() == p.read_bytes()
-    bad = tmp_path / "z" / "in" / "sub" / "a.txt.mmbz"
+    # another torch version's file: refused, then decoded with --force
+    other = tmp_path / "z" / "in" / "sub" / "a.txt.mmbz"
+    header, streams = unpack(other.read_bytes(), "a")
+    other.write_bytes(pack(replace(header, envelope=replace(header.envelope, torch="2.0.0")), streams))
+    with pytest.raises(SystemExit, match="1 of 1 files refused"):
+        main(["decompress", "--ckpt", str(ckpt), str(other), "--out", str(tmp_path / "forced"), "--quiet"])
+    refusal = f"{other}: compressed with torch 2.0.0, this machine has torch {torch.__version__};"
+    assert refusal in capsys.readouterr().err
+    main(["decompress", "--ckpt", str(ckpt), str(other), "--out", str(tmp_path / "forced"), "--quiet", "--force"])
+    assert (tmp_path / "forced" / "a.txt").read_bytes() == (src / "sub" / "a.txt").read_bytes()
+    bad = other
     bad.write_bytes(bad.read_bytes()[:-5])
     with pytest.raises(SystemExit, match="1 of 1 files refused"):
         main(["decompress", "--ckpt", str(ckpt), str(bad), "--out", str(tmp_path / "again"), "--quiet"])
