@@ -49,7 +49,3 @@ def blocks(rows: float, length: int, d: int, n_layer: int, mlp_ratio: float, win
     attention, 0: full causal)."""
     return n_layer * (block_dense(rows * length, d, mlp_ratio) + windowed_attention(rows, length, d, window))
 
-
-def block_flops(d: int, keys: int, mlp_ratio: float) -> float:
-    """Forward FLOPs per position of one block of width d whose attention sees ``keys`` keys."""
-    return block_dense(1, d, mlp_ratio) + attention(1, keys, d)
