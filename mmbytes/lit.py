@@ -250,7 +250,7 @@ def model_data(trainer: L.Trainer, options: dict[str, Any] | None = None, cache_
 
     dm = trainer.datamodule
     hp = getattr(dm, "hparams", None) or {}
-    readable = dm is not None and callable(getattr(dm, "urls", None) or getattr(dm, "children", None))
+    readable = dm is not None and (callable(getattr(dm, "urls", None)) or getattr(dm, "children", None) is not None)
     return ModelData(
         seq_len=hp.get("seq_len"),
         train_samples=(lambda: (data.tobytes() for data, _ in split_items(dm))) if readable else None,
