@@ -198,3 +198,30 @@ def test_each_set_of_a_mixed_datamodule_draws_from_its_own_seed(tmp_path):
     dm.prepare_data()
     first, second = ([w.tobytes() for (w, _), _ in zip(c.train_windows(), range(4), strict=False)] for c in dm.children)
     assert [len(w) for w in first] == [256] * 4 and first != second
+
+
+@pytest.mark.slow
+def test_on_mixed_data_bpe_trains_its_tokenizer_and_blt_calibrates_per_modality_at_fit(tmp_path):
+    import lightning as L
+
+    from datamodules import MixedDataModule
+    from mmbytes.callbacks import FlopBudget
+    from mmbytes.lit import ByteLM
+
+    sets = [{"data_dir": str(tmp_path / "txt"), "sources": [str(ROOT / "samples" / "text")], "codec": "text"},
+            {"data_dir": str(tmp_path / "img"), "sources": [str(ROOT / "samples" / "images")], "codec": "image",
+             "codec_options": {"size": 16, "tile": 4}, "val_fraction": 0.3}]
+    for size in ("bpe-debug", "blt-debug"):
+        dm = MixedDataModule(sets, seq_len=128, batch_size=2, train_batches_per_epoch=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lm = ByteLM(size=size, tokenizer_bytes=200_000)
+        counter = FlopBudget()
+        L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, limit_val_batches=0, callbacks=[counter]).fit(lm, dm)
+        assert counter.flops > 0 and counter.mean_patch > 1
+        if size == "bpe-debug":
+            assert lm.model.trained_tokenizer
+        else:
+            theta = lm.model.theta
+            assert theta[MODALITIES.index("text")] != theta[MODALITIES.index("image")]
