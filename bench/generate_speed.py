@@ -23,8 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmbytes.codecs import MODALITIES
 from mmbytes.model import SIZES, build
 from mmbytes.model.generate import generate, generate_reference
+from mmbytes.model.protocol import ModelData
 
 
 def timed(fn) -> float:
@@ -85,14 +87,16 @@ def main() -> None:
     if set(refs) - set(names):
         ap.error(f"--ref-models {sorted(set(refs) - set(names))} are not in --models")
 
+    text = (Path(__file__).resolve().parents[1] / "samples" / "text" / "tinyshakespeare.txt").read_bytes()
+    x = torch.tensor(list(text[: 4 * 2048])).view(4, 2048)
+    windows = x, torch.ones_like(x, dtype=torch.bool), torch.full((4,), MODALITIES.index("text"))
+    text_data = ModelData(seq_len=2048, train_samples=lambda: [text], draw_windows=lambda n, seq_len, seed: windows)
     rows = []
     for name in names:
         torch.manual_seed(0)
         model = build(name).eval()
-        if hasattr(model, "calibrate_"):  # BLT: thresholds for its mean patch size on real text, as users calibrate
-            text = (Path(__file__).resolve().parents[1] / "samples" / "text" / "tinyshakespeare.txt").read_bytes()
-            model.calibrate_(torch.tensor(list(text[: 4 * 2048])).view(4, 2048))
-        row = {"model": name, "arch": model.config.arch, "params": model.num_params(),
+        model.prepare(text_data)  # readied for real text, as training readies it (BLT: its thresholds on it)
+        row = {"model": name, "arch": type(model).__name__, "params": model.num_params(),
                "cached_bytes_per_s": cached_bytes_per_s(model, args.bytes)}
         if name in refs:
             ref, how = reference_bytes_per_s(model, args.bytes, args.ref_points, args.ref_full)

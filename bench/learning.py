@@ -29,6 +29,7 @@ import torch
 from mmbytes import MegabyteConfig
 from mmbytes.lit import param_groups, warmup_cosine
 from mmbytes.model.megabyte import PAPER_FORM
+from mmbytes.model.protocol import ModelData
 from mmbytes.model.registry import build as build_model
 from mmbytes.model.registry import config_from_name
 
@@ -99,9 +100,8 @@ def build(name: str, size: str, T: int) -> tuple[torch.nn.Module, list[dict] | N
     if name == "reference":
         return Reference(MegabyteConfig.from_name(size), T), None
     overrides, decay_embeddings = VARIANTS[name]
-    # any size of the registry; SpaceByte's cap on global positions is set for T
-    context = {"context": T} if config_from_name(size).arch == "spacebyte" else {}
-    model = build_model(config_from_name(size, **overrides, **context))
+    model = build_model(config_from_name(size, **overrides))
+    model.prepare(ModelData(seq_len=T))  # any size of the registry, readied for T (SpaceByte: its global cap)
     return model, param_groups(model, 0.1, decay_embeddings)
 
 

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
+from mmbytes.codecs import MODALITIES
 from mmbytes.model import SIZES, build
+from mmbytes.model.protocol import ModelData
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -65,8 +67,10 @@ def measure(name: str, x: torch.Tensor, steps: int, warmup: int, dtype: torch.dt
         from mmbytes.lit import compile_blocks
 
         compile_blocks(model, compile)
-    if hasattr(model, "calibrate_"):  # BLT: thresholds for its mean patch size on these bytes, as a user calibrates
-        model.calibrate_(x)
+    # readied for these bytes, as training readies a model (BLT: thresholds for its mean patch size on them)
+    ones, raw = torch.ones_like(x, dtype=torch.bool), torch.full((x.shape[0],), MODALITIES.index("raw"))
+    model.prepare(ModelData(seq_len=x.shape[1], train_samples=lambda: [bytes(r.tolist()) for r in x.cpu()],
+                            draw_windows=lambda n, seq_len, seed: (x, ones, raw)))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.1)
     autocast = (lambda: torch.autocast(x.device.type, dtype=dtype)) if dtype != torch.float32 else \
         contextlib.nullcontext
@@ -78,7 +82,7 @@ def measure(name: str, x: torch.Tensor, steps: int, warmup: int, dtype: torch.dt
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    flops = model.flops_per_byte(x.shape[1]) * x.numel()  # analytic: the flop counter misses CPU attention kernels
+    flops = model.train_flops(x)  # analytic, as run: the flop counter misses CPU attention kernels
     for _ in range(warmup):
         step()
     times = []
@@ -89,21 +93,11 @@ def measure(name: str, x: torch.Tensor, steps: int, warmup: int, dtype: torch.dt
         sync(x.device)
         times.append(time.perf_counter() - start)
     t = sorted(times)[len(times) // 2]  # median: robust to a noisy neighbour
-    extra = {}
-    if getattr(model, "entropy_model", None) is not None:  # BLT: what its frozen entropy model's pass costs per step
-        ent = []
-        for _ in range(steps):
-            sync(x.device)
-            start = time.perf_counter()
-            with autocast():
-                model.entropies(x)
-            sync(x.device)
-            ent.append(time.perf_counter() - start)
-        extra = {"entropy_s": sorted(ent)[len(ent) // 2],
-                 "entropy_flops_share": model.entropy_flops_per_byte(x.shape[1]) / model.flops_per_byte(x.shape[1])}
-    if "patch_size" in getattr(model, "stats", {}):
-        extra["patch_size"] = float(model.stats["patch_size"])
-    return {**extra, "model": name, "arch": model.config.arch, "params": model.num_params(), "step_s": t,
+    extra = {"planned_gflops_per_step": model.flops_per_byte(x.shape[1]) * x.numel() / 1e9}
+    starts = model.patch_starts(x)
+    if starts is not None:
+        extra["patch_size"] = x.numel() / int(starts.sum())
+    return {**extra, "model": name, "arch": type(model).__name__, "params": model.num_params(), "step_s": t,
             "bytes_per_s": x.numel() / t, "gflops_per_step": flops / 1e9, "achieved_gflops": flops / t / 1e9}
 
 

@@ -2,7 +2,9 @@
 
 - MEGABYTE (or any byte model): mean bits of word-initial bytes against the rest, on the validation windows. SpaceByte
   (Slagle, 2024, section 2) puts its global blocks at word starts because the first byte of a word is the hardest.
-- BLT: the share of its patch starts that are word starts, against the share of word starts among all bytes.
+- A model with patches (BLT, SpaceByte, MEGABYTE): the share of its patch starts that are word starts, against the
+  share of word starts among all bytes.
+- The BPE baseline is refused: its per-position nats are a token's, put at the token's last byte.
 
 A word-initial byte is one that is not spacelike (an ASCII letter or digit, or a UTF-8 lead or continuation byte)
 right after a spacelike byte (``mmbytes.model.patching.spacelike``).
@@ -33,8 +35,12 @@ def word_initial(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure(ckpt: Path, data: str, seq_len: int, batches: int) -> dict:
-    model, _ = load_model(ckpt)
+def measure(ckpt: Path, data: str, seq_len: int, batches: int, model=None) -> dict:
+    """Word-initial bits and patch starts of the checkpoint's model (or of ``model``, loaded already)."""
+    model = load_model(ckpt)[0] if model is None else model
+    if not model.capabilities.per_byte_nll:
+        raise SystemExit(f"{ckpt}: a {type(model).__name__} model's per-position nats are not a byte's own loss "
+                         "(a token's nats sit at its last byte): word-initial bits need a byte model")
     dm = ByteDataModule(data_dir=data, seq_len=seq_len, batch_size=8)
     nats = {"word": 0.0, "rest": 0.0}
     count = {"word": 0, "rest": 0}
@@ -43,21 +49,22 @@ def measure(ckpt: Path, data: str, seq_len: int, batches: int) -> dict:
         if i >= batches:
             break
         x, mask = batch["x"].long(), batch["mask"]
-        kw = {"modality": batch["modality"]} if getattr(model, "per_modality", False) else {}
-        nll = model.nll(x, mask, **kw)
+        modality = batch["modality"]
+        nll = model.nll(x, mask, modality=modality)
         w = word_initial(x) & mask
         nats["word"] += float(nll[w].sum())
         nats["rest"] += float(nll[~w & mask].sum())
         count["word"] += int(w.sum())
         count["rest"] += int((~w & mask).sum())
-        if model.config.arch == "blt":
-            s = model.starts(x, **kw) & mask
+        s = model.patch_starts(x, mask, modality=modality)
+        if s is not None:  # where the model's patches start (fixed ones too: a baseline for the share)
+            s = s & mask
             s[:, 0] = False  # every window starts a patch at byte 0
             starts["patch"] += int(s.sum())
             starts["patch_at_word"] += int((s & w).sum())
             starts["bytes"] += int(mask[:, 1:].sum())
             starts["words"] += int(w[:, 1:].sum())
-    out = {"ckpt": str(ckpt), "arch": model.config.arch,
+    out = {"ckpt": str(ckpt), "arch": type(model).__name__,
            "bits_word_initial": nats["word"] / max(1, count["word"]) / math.log(2),
            "bits_rest": nats["rest"] / max(1, count["rest"]) / math.log(2),
            "word_initial_share": count["word"] / max(1, count["word"] + count["rest"])}

@@ -25,6 +25,9 @@ from datamodules.bytes import (
     worker_rng,
 )
 
+SET_SEED_STRIDE = 1_000_003
+"""Seeds of the sets of one MixedDataModule lie this far apart: set i of seed s draws as no set of a nearby seed."""
+
 
 def mixed(sources: list, weights: list[float], seed: int) -> Iterator:
     """Draw the next item from source i with probability weights[i] (each source is endless)."""
@@ -65,7 +68,8 @@ class MixedDataModule(L.LightningDataModule):
             num_workers: data loader worker processes.
             shuffle_buffer: training windows shuffled together.
             train_batches_per_epoch: batches per rank in one training epoch.
-            seed: seeds the mixing, shard resampling and windows.
+            seed: seeds the mixing; set i draws its shards and windows from seed + i * SET_SEED_STRIDE, so no two
+                sets draw alike.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -79,9 +83,8 @@ class MixedDataModule(L.LightningDataModule):
         """One ``ByteDataModule`` per set. Made on first use, not in ``__init__``: while LightningCLI instantiates this
         module, every ``save_hyperparameters`` call inside it would record this module's arguments, not the set's."""
         hp = self.hparams
-        shared = {"seq_len": hp.seq_len, "batch_size": hp.batch_size, "seed": hp.seed,
-                  "shuffle_buffer": hp.shuffle_buffer}
-        return [ByteDataModule(**{**s, **shared}) for s in hp.sets]
+        shared = {"seq_len": hp.seq_len, "batch_size": hp.batch_size, "shuffle_buffer": hp.shuffle_buffer}
+        return [ByteDataModule(**{**s, **shared, "seed": hp.seed + i * SET_SEED_STRIDE}) for i, s in enumerate(hp.sets)]
 
     def prepare_data(self) -> None:
         for child in self.children:

@@ -95,17 +95,23 @@ class SampleWriter(L.Callback):
 
 class FlopBudget(L.Callback):
     def __init__(self, budget: float | None = None, seq_len: int | None = None) -> None:
-        """Counts training FLOPs and, with a ``budget``, trains until it is spent (compute-matched comparisons, as
-        in the MEGABYTE, SpaceByte and BLT papers: bits per byte against training FLOPs).
+        """Counts training FLOPs as the model runs them and, with a ``budget``, trains until it is spent
+        (compute-matched comparisons, as in the MEGABYTE, SpaceByte and BLT papers: bits per byte against training
+        FLOPs).
 
-        FLOPs = the model's ``flops_per_byte(seq_len)`` x the bytes of every training batch of every process. A batch
-        counts all its window positions, padding included: the model computes on them. The total is logged as
-        ``train/flops`` (summed over processes) and every validation figure is also written to TensorBoard with the
-        FLOPs as its step (``flops/val/bpb``...), so TensorBoard plots bits per byte against compute.
+        FLOPs = the model's ``train_flops(batch)`` summed over every training batch of every process: patches as the
+        model cut them, padding to a batch's longest row, tokens for BPE, a frozen entropy model's forward
+        (``mmbytes.model.flops`` says what is counted). The total is logged as ``train/flops`` and every validation
+        figure is also written to TensorBoard with the FLOPs as its step (``flops/val/bpb``...), so TensorBoard plots
+        bits per byte against compute. ``flops_per_byte`` is the model's planned figure at ``seq_len``;
+        ``counted_flops_per_byte`` the counted one (a batch counts all its window positions, padding included);
+        ``mean_patch`` the real bytes per patch over all of training (None for a model without patches).
 
-        With a budget the trainer's ``max_steps`` is set in ``setup`` (before ``configure_optimizers``) to the steps
-        the budget pays for, rounded up, so the learning-rate schedule ends where the budget does; ``max_epochs`` is
-        lifted. Training stops at the first step whose total reaches the budget.
+        With a budget the trainer's ``max_steps`` is set in ``setup`` (before ``configure_optimizers``, so the
+        learning-rate schedule ends where the budget is planned to) to the steps the budget pays for at the planned
+        FLOPs per byte, rounded up; ``max_epochs`` is lifted. After every batch the rest is planned again from the
+        running mean of the counted FLOPs per step, and training stops at the first step whose total reaches the
+        budget.
 
         Args:
             budget: training FLOPs to spend (None: count only).
@@ -114,9 +120,21 @@ class FlopBudget(L.Callback):
         self.budget, self.seq_len = budget, seq_len
         self.flops = 0.0
         self.bytes = 0
+        self.batches = 0  # training batches counted (each summed over the processes)
+        self.steps_done = 0  # optimizer steps taken when the last batch was counted
+        self.real_bytes = 0  # bytes under the mask, for the mean patch size
+        self.patches = 0  # patches among them (models with patches)
         self.flops_per_byte = 0.0
         self.steps: int | None = None
         self._trainer: L.Trainer | None = None
+
+    @property
+    def counted_flops_per_byte(self) -> float | None:
+        return self.flops / self.bytes if self.bytes else None
+
+    @property
+    def mean_patch(self) -> float | None:
+        return self.real_bytes / self.patches if self.patches else None
 
     def _window(self, trainer: L.Trainer) -> tuple[int, int]:
         """(seq_len, batch_size) of the training windows."""
@@ -130,33 +148,52 @@ class FlopBudget(L.Callback):
         if stage != "fit":
             return
         seq_len, _ = self._window(trainer)
-        # callbacks are set up before the module; a module whose FLOPs depend on what it prepares for training (the
-        # BPE baseline's tokenizer sets its bytes per token) prepares it now
+        # callbacks are set up before the module; a model whose FLOPs depend on what it prepares for its data (the
+        # BPE baseline's tokenizer, BLT's thresholds, SpaceByte's cap) prepares it now
         getattr(pl_module, "prepare_model", lambda stage: None)(stage)
         self.flops_per_byte = float(pl_module.model.flops_per_byte(seq_len))
         self._trainer = trainer
         self._plan(trainer)
 
     def _plan(self, trainer: L.Trainer) -> None:
-        """``max_steps``: the steps the budget pays for, rounded up."""
+        """``max_steps``: the steps done so far and those the rest of the budget pays for, rounded up; a step's
+        FLOPs are the running mean of the counted ones once there are some, else the planned ones."""
         if self.budget is None:
             return
         seq_len, batch_size = self._window(trainer)
         if not batch_size:
             raise ValueError("FlopBudget with a budget needs the datamodule's batch_size to plan the steps")
-        per_step = self.flops_per_byte * seq_len * batch_size * trainer.world_size * trainer.accumulate_grad_batches
-        self.steps = max(1, math.ceil(self.budget / per_step))
+        if self.batches:
+            per_step = self.flops / self.batches * trainer.accumulate_grad_batches
+        else:
+            per_step = self.flops_per_byte * seq_len * batch_size * trainer.world_size * \
+                trainer.accumulate_grad_batches
+        left = self.budget * (1 - 1e-9) - self.flops
+        self.steps = max(1, self.steps_done + max(0, math.ceil(left / per_step)))
         trainer.fit_loop.epoch_loop.max_steps = self.steps
         trainer.fit_loop.max_epochs = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        n = torch.tensor(float(batch["x"].numel()), device=pl_module.device, dtype=torch.float64)
-        n = trainer.strategy.reduce(n, reduce_op="sum")  # every process's bytes
-        self.bytes += int(n)
-        self.flops = self.flops_per_byte * self.bytes
+        model, x, mask, modality = pl_module.model, batch["x"], batch.get("mask"), batch.get("modality")
+        starts = model.patch_starts(x, mask, modality=modality)
+        real = x.numel() if mask is None else int(mask.sum())
+        patches = None if starts is None else int((starts if mask is None else starts & mask.bool()).sum())
+        n = torch.tensor([model.train_flops(x, mask, modality=modality), x.numel(), real, patches or 0],
+                         device=pl_module.device, dtype=torch.float64)
+        n = trainer.strategy.reduce(n, reduce_op="sum")  # every process's batch
+        self.flops += float(n[0])
+        self.bytes += int(n[1])
+        self.batches += 1
+        self.steps_done = trainer.global_step
+        if patches is not None:
+            self.real_bytes += int(n[2])
+            self.patches += int(n[3])
         pl_module.log("train/flops", self.flops)
-        if self.budget is not None and self.flops >= self.budget * (1 - 1e-9):
-            trainer.should_stop = True
+        if self.budget is not None:
+            if self.flops >= self.budget * (1 - 1e-9):
+                trainer.should_stop = True
+            elif (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+                self._plan(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -170,14 +207,17 @@ class FlopBudget(L.Callback):
                         logger.experiment.add_scalar(f"flops/{name}", float(value), int(self.flops))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"flops": self.flops, "bytes": self.bytes, "flops_per_byte": self.flops_per_byte}
+        return {"flops": self.flops, "bytes": self.bytes, "flops_per_byte": self.flops_per_byte,
+                "batches": self.batches, "steps_done": self.steps_done, "real_bytes": self.real_bytes,
+                "patches": self.patches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """A resumed run goes on counting at the FLOPs per byte it started with (a BPE model's tokenizer, which sets
-        them, comes back from the checkpoint after ``setup``); restored before ``configure_optimizers``, so the
-        schedule is planned with them too."""
+        """A resumed run goes on counting where it stopped and plans the rest of its budget from its own running
+        mean (restored before ``configure_optimizers``, so the schedule is planned with it too)."""
         self.flops, self.bytes = float(state["flops"]), int(state["bytes"])
+        self.batches, self.steps_done = int(state.get("batches", 0)), int(state.get("steps_done", 0))
+        self.real_bytes, self.patches = int(state.get("real_bytes", 0)), int(state.get("patches", 0))
         if state.get("flops_per_byte"):
             self.flops_per_byte = float(state["flops_per_byte"])
-            if getattr(self, "_trainer", None) is not None:
-                self._plan(self._trainer)
+        if getattr(self, "_trainer", None) is not None:
+            self._plan(self._trainer)

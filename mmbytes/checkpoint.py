@@ -32,7 +32,9 @@ def checkpoint_config(ckpt: dict[str, Any]) -> Any | None:
     return config_from_name(hp["size"], **(hp.get("overrides") or {}))
 
 
-RUNTIME_FIELDS = ("checkpointing", "dropout")  # free to change on resume: the weights mean the same either way
+RUNTIME_FIELDS = ("checkpointing", "dropout", "context")
+"""Free to change on resume: the weights mean the same either way (``context``: the training window a cap on global
+positions is set for, which ``prepare`` sets from the data)."""
 
 
 def config_difference(theirs: Any, ours: Any) -> list[str]:
@@ -161,8 +163,11 @@ def load_entropy_model(path: str | Path) -> dict[str, Any]:
     config = checkpoint_config(ckpt)
     if config is None:
         raise CheckpointError(f"{path}: not a mmbytes ByteLM checkpoint (no model size in its hyperparameters)")
-    if getattr(config, "per_modality", False) or config.arch == "blt":
-        raise CheckpointError(f"{path}: a BLT checkpoint cannot serve as an entropy model; give a byte model's")
+    with torch.device("meta"):  # its capabilities only: no weights made
+        caps = build(config).capabilities
+    if caps.per_modality or not caps.byte_logits:
+        raise CheckpointError(f"{path}: an entropy model gives byte logits whatever the modality; this checkpoint's "
+                              f"model ({type(config).__name__}) does not: give a byte model's")
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     return {"config": config_to_dict(config), "state": state,
             "calibration": (ckpt.get("mmbytes") or {}).get("calibration")}

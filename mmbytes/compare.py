@@ -73,7 +73,8 @@ def byte_bpd(model, items: list[tuple[np.ndarray, dict]], seq_len: int, batch_si
     for i in range(0, len(windows), batch_size):
         b = stack(windows[i : i + batch_size], seq_len)
         x, mask = b["x"].to(device), b["mask"].to(device)
-        metric.update(model.nll(x, mask).sum(1).cpu(), mask.sum(1).cpu(), b["modality"])
+        nats = model.nll(x, mask, modality=b["modality"].to(device))  # BLT: each modality's own thresholds
+        metric.update(nats.sum(1).cpu(), mask.sum(1).cpu(), b["modality"])
     return metric.compute()[PER_DIM_NAME[modality]].item()
 
 

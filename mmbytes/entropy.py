@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,27 +70,58 @@ def calibrate(per_modality: dict[str, list[Tensor]], target: float, rule: str = 
             "threshold_all": theta_all, "patch_size_all": size_all, "modalities": report}
 
 
-def shard_windows(data_dir: str, seq_len: int, per_modality: int, split: str = "train") -> dict[str, list[np.ndarray]]:
-    """Up to ``per_modality`` consecutive windows of each modality from the shards of ``data_dir``, read in order."""
+def split_items(datamodule, split: str = "train") -> Iterator[tuple[np.ndarray, dict]]:
+    """Every readable sample of a datamodule's split once, as (bytes as uint8, meta), in shard order; a datamodule of
+    several sets (``MixedDataModule``) gives each set's in turn."""
     import webdataset as wds
 
-    from datamodules.bytes import ByteDataModule, consecutive_windows, decode, skip_and_count
+    from datamodules.bytes import decode, skip_and_count
 
-    dm = ByteDataModule(data_dir=data_dir, seq_len=seq_len)
-    pipeline = wds.DataPipeline(wds.SimpleShardList(dm.urls(split)), wds.tarfile_to_samples(handler=skip_and_count),
-                                wds.map(decode, handler=skip_and_count))
-    out: dict[str, list[np.ndarray]] = {}
-    for window, m in consecutive_windows(iter(pipeline), seq_len):
-        got = out.setdefault(MODALITIES[m], [])
-        if len(got) < per_modality and len(window) > 1:
-            got.append(window)
-        if len(out) == len(MODALITIES) and all(len(v) >= per_modality for v in out.values()):
-            break
-    if not out:
+    for dm in getattr(datamodule, "children", None) or [datamodule]:
+        yield from wds.DataPipeline(wds.SimpleShardList(dm.urls(split)), wds.tarfile_to_samples(handler=skip_and_count),
+                                    wds.map(decode, handler=skip_and_count))
+
+
+def draw_windows(items: Iterable[tuple[np.ndarray, dict]], n: int, seq_len: int,
+                 seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Up to ``n`` windows of each modality, drawn uniformly at random among all that modality's windows in ``items``
+    (a sample of L bytes holds max(1, L // seq_len) of them), each at a random start aligned as training aligns it:
+    one pass with a reservoir per modality (Vitter's algorithm R), so a whole split is covered without holding it and
+    a rare modality gets its windows too. Returns x (N, seq_len) long bytes, mask (N, seq_len) of the real ones (a
+    sample shorter than the window is one whole window) and modality ids (N,)."""
+    import random
+
+    from datamodules.bytes import align_of
+
+    rng = random.Random(seed)
+    chosen: dict[int, list[np.ndarray]] = {}
+    seen: dict[int, int] = {}
+    for data, meta in items:
+        m = MODALITIES.index(meta.get("modality", "raw"))
+        align = align_of(meta)
+        mine = chosen.setdefault(m, [])
+        for _ in range(max(1, len(data) // seq_len)):
+            seen[m] = seen.get(m, 0) + 1
+            slot = seen[m] - 1 if seen[m] <= n else rng.randrange(seen[m])
+            if slot >= n:
+                continue
+            start = rng.randrange(0, (len(data) - seq_len) // align + 1) * align if len(data) > seq_len else 0
+            window = np.array(data[start : start + seq_len])
+            if slot == len(mine):
+                mine.append(window)
+            else:
+                mine[slot] = window
+    drawn = [(w, m) for m in sorted(chosen) for w in chosen[m]]
+    if not drawn:
         from mmbytes.errors import NoDataError
 
-        raise NoDataError(f"{data_dir}: no readable {split} windows to calibrate on")
-    return out
+        raise NoDataError("no readable training windows to draw from")
+    x = torch.zeros(len(drawn), seq_len, dtype=torch.long)
+    mask = torch.zeros(len(drawn), seq_len, dtype=torch.bool)
+    for row, (window, _) in enumerate(drawn):
+        x[row, : len(window)] = torch.from_numpy(window.astype(np.int64))
+        mask[row, : len(window)] = True
+    return x, mask, torch.tensor([m for _, m in drawn], dtype=torch.long)
 
 
 def calibrate_main(argv: list[str] | None = None) -> None:
@@ -104,7 +136,8 @@ def calibrate_main(argv: list[str] | None = None) -> None:
     ap.add_argument("--patch-size", type=float, default=4.5, help="target mean patch size in bytes")
     ap.add_argument("--rule", choices=sorted(patching.ENTROPY_RULES), default="entropy")
     ap.add_argument("--max-patch-len", type=int, default=0, help="as the BLT model's max_patch_len (0: none)")
-    ap.add_argument("--windows", type=int, default=64, help="windows per modality")
+    ap.add_argument("--windows", type=int, default=256,
+                    help="windows per modality, drawn at random across the training split")
     ap.add_argument("--seq-len", type=int, default=1024, help="bytes per window")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
@@ -113,11 +146,16 @@ def calibrate_main(argv: list[str] | None = None) -> None:
     if args.max_patch_len and args.max_patch_len < args.patch_size:
         ap.error(f"--max-patch-len {args.max_patch_len} cannot give a mean patch size of {args.patch_size}")
 
+    from datamodules.bytes import ByteDataModule
+
     model, _ = load_model(args.ckpt, map_location=args.device)
     windows: dict[str, list[np.ndarray]] = {}
-    for folder in args.data:
-        for m, w in shard_windows(folder, args.seq_len, args.windows).items():
-            windows[m] = (windows.get(m, []) + w)[: args.windows]
+    folders = [ByteDataModule(data_dir=folder, seq_len=args.seq_len) for folder in args.data]
+    x, mask, modality = draw_windows((item for dm in folders for item in split_items(dm)), args.windows,
+                                     args.seq_len, seed=0)
+    for row, m in enumerate(modality.tolist()):
+        if int(mask[row].sum()) > 1:
+            windows.setdefault(MODALITIES[m], []).append(x[row, mask[row]].numpy().astype(np.uint8))
     result = calibrate({m: entropies(model, w) for m, w in windows.items()}, args.patch_size, args.rule,
                        args.max_patch_len)
     result["source"] = {"ckpt": str(args.ckpt), "data": args.data, "seq_len": args.seq_len}
@@ -198,7 +236,7 @@ def patches_main(argv: list[str] | None = None) -> None:
     ckpt = load_checkpoint(args.ckpt)
     calibration = (ckpt.get("mmbytes") or {}).get("calibration")
     rule, max_len = (calibration["rule"], calibration.get("max_patch_len", 0)) if calibration else ("entropy", 0)
-    if getattr(model, "entropy_model", None) is not None:  # a BLT checkpoint: its own entropy model and thresholds
+    if model.capabilities.per_modality:  # a BLT checkpoint: its own entropy model and thresholds
         rule, max_len = model.config.patching, model.config.max_patch_len
         thresholds = {m: float(model.theta[i]) for i, m in enumerate(MODALITIES)}
         model = model.entropy_model

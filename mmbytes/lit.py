@@ -35,6 +35,7 @@ class ByteLM(L.LightningModule):
         entropy_ckpt: str | None = None,
         tokenizer: str | None = None,
         tokenizer_bytes: int = 64 * 2**20,
+        prepare_dir: str | None = None,
         compile: bool | str = False,
     ) -> None:
         """
@@ -59,12 +60,16 @@ class ByteLM(L.LightningModule):
             decay_embeddings: apply weight decay to the byte embedding tables too.
             entropy_ckpt: BLT: the checkpoint of its entropy model (any byte model trained with ``mmbytes fit``,
                 best with thresholds stored by ``mmbytes calibrate``); frozen inside the BLT model and saved with it.
-                Without it a BLT size carries a randomly initialised entropy model.
+                Without it a BLT size carries a randomly initialised entropy model (warned at construction: its
+                patches carry no information). Thresholds not stored with it are calibrated at the start of ``fit``
+                on training windows drawn at random across the training split.
             tokenizer: BPE baseline (``bpe-*``): a Hugging Face tokenizer JSON file of a byte-level BPE tokenizer
                 (``mmbytes.model.bpe.train_tokenizer``). Without it, ``fit`` trains one of the size's ``vocab_size``
                 on the datamodule's training split before training. Either way it is stored in the checkpoint.
             tokenizer_bytes: BPE baseline: train the tokenizer (and measure its bytes per token) on the first this
                 many bytes of the training split.
+            prepare_dir: a folder where the model keeps what it prepares for its data, reused by later runs on the
+                same data (the BPE baseline: its tokenizer per vocabulary size).
             compile: compile each transformer block with ``torch.compile`` (regional compilation, after FSDP
                 sharding where used): ``true`` for the inductor backend, or a backend's name. Cached generation
                 runs the blocks eagerly. Same weights and checkpoints as eager.
@@ -72,25 +77,31 @@ class ByteLM(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         entropy = load_entropy(entropy_ckpt, overrides)
-        self.config = model_config(size, overrides, entropy)
-        self.model = build(self.config)
+        self.model = build(model_config(size, overrides, entropy))
         if entropy is not None:
             # the entropy model's config goes into the hyperparameters, so that a checkpoint of this run rebuilds the
             # same model (its weights and thresholds are in the state dict) also once the entropy file is gone
             self.hparams["overrides"] = {**(overrides or {}), "entropy": entropy["config"]}
             if not self.model.set_entropy(entropy["state"], entropy["calibration"], entropy_ckpt):
-                rank_zero_warn(f"{entropy_ckpt}: no thresholds stored (run `mmbytes calibrate`); every modality "
-                               f"uses threshold={self.config.threshold}")
-        self.per_modality = getattr(self.model, "per_modality", False)
+                rank_zero_info(f"{entropy_ckpt}: no thresholds stored; they are calibrated on the training data at "
+                               "the start of fit (or run `mmbytes calibrate`)")
+        restored = entropy is None and isinstance((overrides or {}).get("entropy"), dict)  # weights in a checkpoint
+        for caveat in [] if restored else self.model.caveats():
+            rank_zero_warn(f"{size}: {caveat}")
         if strided_eval not in (False, True, "paper", "later"):
             raise ValueError(f"strided_eval must be false, true, 'paper' or 'later', got {strided_eval!r}")
         self.strided_rule = "paper" if strided_eval is True else strided_eval or None
-        if self.strided_rule and not hasattr(self.model, "nll_strided"):
-            raise ValueError(f"strided_eval needs fixed patches (MEGABYTE); {size!r} is {self.config.arch}")
+        if self.strided_rule and not self.model.capabilities.strided:
+            raise ValueError(f"strided_eval needs fixed patches (MEGABYTE); {size!r} has none")
         self.bits = torch.nn.ModuleDict({f"{stage}{kind}": BitsPerByte() for stage in ("val", "test")
                                          for kind in ("", "_strided")})
         self.skipped_steps = 0  # non-finite losses skipped in all (kept in checkpoints)
         self.bad_in_row = 0
+
+    @property
+    def config(self):
+        """The model's config, as prepared for its data (SpaceByte's cap follows the training window)."""
+        return self.model.config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -99,29 +110,16 @@ class ByteLM(L.LightningModule):
         self.prepare_model(stage)
 
     def prepare_model(self, stage: str) -> None:
-        """The BPE baseline's tokenizer: trained on the training split (or read from ``tokenizer``) at the start of a
-        fresh ``fit``; a resumed or loaded model has it from its checkpoint. Done once; ``FlopBudget`` calls it from
-        its own ``setup`` (callbacks are set up before the module), since the tokenizer sets the FLOPs per byte."""
-        if stage != "fit" or not hasattr(self.model, "set_tokenizer") or self.trainer.ckpt_path:
-            return
+        """The model readies itself for the data (``ByteModel.prepare``: the BPE baseline its tokenizer, BLT its
+        thresholds, SpaceByte its global cap), once, at the first ``setup``; a resumed run's model, or one about to be
+        scored, takes from its checkpoint what that holds. ``FlopBudget`` calls this from its own ``setup``
+        (callbacks are set up before the module), since what the model prepares sets its FLOPs."""
         if getattr(self, "_prepared", False):
             return
         self._prepared = True
-        from mmbytes.model import bpe
-
-        samples = getattr(self.trainer.datamodule, "train_samples", None)
-        if samples is None:
-            raise ValueError(f"{type(self.trainer.datamodule).__name__} cannot list its training samples for the BPE "
-                             "tokenizer; use datamodules.ByteDataModule")
         hp = self.hparams
-        if hp.tokenizer:
-            from pathlib import Path
-
-            tokenizer_json = Path(hp.tokenizer).read_text()
-            per_token = bpe.bytes_per_token(tokenizer_json, samples(), hp.tokenizer_bytes)
-        else:
-            tokenizer_json, per_token = bpe.train_tokenizer(samples(), self.config.vocab_size, hp.tokenizer_bytes)
-        self.model.set_tokenizer(tokenizer_json, per_token)
+        options = {"tokenizer": hp.tokenizer, "tokenizer_bytes": hp.tokenizer_bytes}
+        self.model.prepare(model_data(self.trainer, options, hp.get("prepare_dir"), restoring=stage != "fit"))
 
     def configure_model(self) -> None:
         """Shard under ``ModelParallelStrategy`` (``_shard``), then compile the blocks if asked (``compile``)."""
@@ -195,8 +193,8 @@ class ByteLM(L.LightningModule):
             self.bits[f"{stage}_strided"].update(strided.sum(1), mask.sum(1), modality)
 
     def _modality(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The rows' modality ids for a model whose patching depends on them (BLT's thresholds)."""
-        return {"modality": batch["modality"]} if self.per_modality and "modality" in batch else {}
+        """The rows' modality ids (a model whose patching depends on them uses them: BLT's thresholds)."""
+        return {"modality": batch.get("modality")}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._score(batch, "val")
@@ -267,6 +265,25 @@ def adamw_warmup_cosine(module: L.LightningModule, groups: list[dict], lr: float
     total = max(1, int(module.trainer.estimated_stepping_batches))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total, min_ratio))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def model_data(trainer: L.Trainer, options: dict[str, Any] | None = None, cache_dir: str | None = None,
+               restoring: bool = False):
+    """What a model may know of the trainer's training data (``mmbytes.model.protocol.ModelData``): the window, the
+    training samples, random training windows across the split, and how to share across processes."""
+    from mmbytes.entropy import draw_windows, split_items
+    from mmbytes.model.protocol import ModelData
+
+    dm = trainer.datamodule
+    hp = getattr(dm, "hparams", None) or {}
+    readable = dm is not None and (callable(getattr(dm, "urls", None)) or getattr(dm, "children", None) is not None)
+    return ModelData(
+        seq_len=hp.get("seq_len"),
+        train_samples=(lambda: (data.tobytes() for data, _ in split_items(dm))) if readable else None,
+        draw_windows=(lambda n, seq_len, seed: draw_windows(split_items(dm), n, seq_len, seed)) if readable else None,
+        restoring=restoring or bool(trainer.ckpt_path), is_main=trainer.is_global_zero,
+        share=lambda obj: trainer.strategy.broadcast(obj, src=0),
+        cache_dir=Path(cache_dir) if cache_dir else None, options=dict(options or {}))
 
 
 def load_entropy(path: str | None, overrides: dict[str, Any] | None = None) -> dict[str, Any] | None:

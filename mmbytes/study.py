@@ -6,20 +6,22 @@ bytes; bits per byte against training FLOPs, as in the MEGABYTE (section 5), Spa
         --models megabyte-small,spacebyte-small,blt-small,transformer-small,bpe-small --out runs/study --seeds 3
 
 (``megabyte-small`` is MEGABYTE's ``small``: MEGABYTE's sizes carry no prefix in the registry, and the study accepts
-one.) Every run trains with ``FlopBudget`` (FLOPs = the model's ``flops_per_byte(seq_len)`` x the bytes of every
-batch; the step count is what the budget pays for and the learning-rate schedule ends there), validates a few times
+one.) Every run trains with ``FlopBudget`` (FLOPs = the model's ``train_flops`` of every batch, counted as the model
+runs it: realised patches, padding, tokens; the step count is planned from ``flops_per_byte(seq_len)``, the
+learning-rate schedule ends there, and training stops where the budget is spent), validates a few times
 on the way (the curve of ``bpb_vs_flops.png``) and once at the end (the table). Each run lives in
 ``OUT/runs/<model>/seed<k>/`` (TensorBoard logs, ``curve.json``, ``result.json``, ``checkpoints/last.ckpt``); a run
 with a ``result.json`` is done and is not redone, and a run with only a checkpoint goes on from it, so a study
 interrupted or extended with more models or seeds finishes the rest.
 
-The BPE baseline's tokenizer is trained once per vocabulary size on the training split (``OUT/tokenizers/``) and
-stored in each run's checkpoint. BLT models with entropy patches first train their entropy model (the size named by
-their config) on the same shards for ``--entropy-budget`` FLOPs and calibrate its thresholds for the model's mean
-patch size (``OUT/entropy/``), or take a calibrated one with ``--entropy-ckpt``. The entropy model's forward runs in
-every BLT training step and is part of BLT's FLOPs per byte, so the budget includes it; the entropy model's own
-training is not in the budget and is reported separately. SpaceByte's cap on global positions is set for the
-study's sequence length (``context = --seq-len``).
+Every model readies itself for the study's data (``ByteModel.prepare``): the BPE baseline's tokenizer is trained once
+per vocabulary size on the training split (kept in ``OUT/prepared/``) and stored in each run's checkpoint;
+SpaceByte's cap on global positions is set for the study's sequence length; BLT calibrates its thresholds for its
+mean patch size on windows drawn at random across the training split. A model that needs another trained first
+(``ByteModel.requires``: BLT's entropy model) gets it trained on the same shards for ``--entropy-budget`` FLOPs
+(``OUT/entropy/``), or takes ``--entropy-ckpt``. The entropy model's forward runs in every BLT training step and is
+counted in its FLOPs, so the budget includes it; the entropy model's own training is not in the budget and is
+reported separately.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ from typing import Any
 import lightning as L
 import torch
 
-RECOMMENDED_LR = {"megabyte": 1e-3, "transformer": 1e-3, "spacebyte": 1e-3, "blt": 1e-3, "bpe": 1e-3}
-"""Peak learning rate per architecture at the ``small`` sizes: the recipes' (``recipes/*.yaml``); the BPE baseline
-takes the byte Transformer's. ``debug`` sizes take ``DEBUG_LR``."""
+RECOMMENDED_LR = 1e-3
+"""Peak learning rate of every architecture at the ``small`` sizes: the recipes' (``recipes/*.yaml``). ``debug``
+sizes take ``DEBUG_LR``; ``--lr MODEL=LR`` replaces either."""
 DEBUG_LR = 2e-3
 """The quickstart's learning rate, for the ``debug`` sizes."""
 ALIASES = {"megabyte-debug": "debug", "megabyte-small": "small", "megabyte-base": "base"}
@@ -53,13 +55,9 @@ def size_of(model: str) -> str:
 
 
 def recommended_lr(model: str, given: dict[str, float]) -> float:
-    from mmbytes.model.registry import config_from_name
-
     if model in given:
         return given[model]
-    if "debug" in model:
-        return DEBUG_LR
-    return RECOMMENDED_LR[config_from_name(size_of(model)).arch]
+    return DEBUG_LR if "debug" in model else RECOMMENDED_LR
 
 
 class Curve(L.Callback):
@@ -114,7 +112,8 @@ def train_run(size: str, seed: int, budget: float, run_dir: Path, args: argparse
     estimate = estimate if estimate is not None else build(size)
     steps = max(1, math.ceil(budget / (estimate.flops_per_byte(args.seq_len) * args.seq_len * args.batch_size)))
     warmup = max(1, round(args.warmup * steps))
-    lm = ByteLM(size=size, lr=lr, warmup_steps=warmup, compile=args.compile, **model_kwargs)
+    lm = ByteLM(size=size, lr=lr, warmup_steps=warmup, prepare_dir=str(args.out / "prepared"), compile=args.compile,
+                **model_kwargs)
     data = _data(args, seed)
     counter = FlopBudget(budget)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -135,7 +134,6 @@ def train_run(size: str, seed: int, budget: float, run_dir: Path, args: argparse
         precision=args.precision)
     trainer.fit(lm, data, ckpt_path=str(last) if last.exists() else None)
     wall = curve.wall()
-    train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     trainer.save_checkpoint(last, weights_only=False)  # the full state: a study run again finds it done
     curve.write_wall(trainer.global_step, wall)
     trainer.validate(lm, data, verbose=False)  # the final weights; Curve records the point
@@ -143,76 +141,44 @@ def train_run(size: str, seed: int, budget: float, run_dir: Path, args: argparse
     model = lm.model
     result = {
         "model": size, "seed": seed, "lr": lr, "warmup_steps": warmup, "params": model.num_params(),
-        "flops_per_byte": counter.flops_per_byte, "steps": trainer.global_step, "bytes": counter.bytes,
-        "flops": counter.flops, "wall_s": wall, **val,
-        "patch_size": mean_patch(model, train_metrics),
-        "bytes_per_token": getattr(model, "bytes_per_token", None),
-        "entropy_flops_per_byte": model.entropy_flops_per_byte(args.seq_len)
-        if hasattr(model, "entropy_flops_per_byte") else None,
+        "flops_per_byte": counter.flops_per_byte, "flops_per_byte_counted": counter.counted_flops_per_byte,
+        "steps": trainer.global_step, "bytes": counter.bytes, "flops": counter.flops, "wall_s": wall, **val,
+        "patch_size": counter.mean_patch,
     }
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
 
-def mean_patch(model: torch.nn.Module, train_metrics: dict[str, float]) -> float | None:
-    """Bytes per patch: measured in training where patches vary (BLT, SpaceByte: the last training batch), else
-    fixed by the config; None without patches (byte Transformer, BPE: see its bytes per token)."""
-    if "train/patch_size" in train_metrics:
-        return train_metrics["train/patch_size"]
-    if train_metrics.get("train/spacebyte_global_share"):  # SpaceByte: bytes per global position, cap included
-        return 1 / train_metrics["train/spacebyte_global_share"]
-    c = model.config
-    if c.arch == "megabyte" or (c.arch == "blt" and c.patching == "fixed"):
-        return float(c.patch_size)
-    if c.arch == "spacebyte" and c.patching == "fixed":
-        return float(c.patch_size)
-    return None
-
-
 # -- what some models need first: the BPE tokenizer, BLT's entropy model
 
 
-def tokenizer_for(size: str, args: argparse.Namespace) -> tuple[Path, float]:
-    """The study's tokenizer for a BPE size (trained once per vocabulary size) and its bytes per token."""
-    from mmbytes.model import bpe
-    from mmbytes.model.registry import config_from_name
+def study_data(args: argparse.Namespace):
+    """What a model may know of the study's data before its run (``ModelData``): the window, the training samples
+    and the folder where prepared things are kept (the BPE tokenizer per vocabulary size)."""
+    from mmbytes.entropy import split_items
+    from mmbytes.model.protocol import ModelData
 
-    vocab = config_from_name(size).vocab_size
-    path = args.out / "tokenizers" / f"bpe{vocab}.json"
-    meta = path.with_suffix(".meta.json")
-    if not (path.exists() and meta.exists()):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tokenizer_json, per_token = bpe.train_tokenizer(_data(args, 0).train_samples(), vocab)
-        path.write_text(tokenizer_json)
-        meta.write_text(json.dumps({"vocab_size": vocab, "bytes_per_token": per_token}))
-    return path, json.loads(meta.read_text())["bytes_per_token"]
+    dm = _data(args, 0)
+    return ModelData(seq_len=args.seq_len, train_samples=lambda: (data.tobytes() for data, _ in split_items(dm)),
+                     cache_dir=args.out / "prepared")
 
 
-def entropy_for(size: str, args: argparse.Namespace, log: list[str]) -> tuple[str, dict]:
-    """A calibrated entropy model for a BLT size: ``--entropy-ckpt``, else trained on the study's shards (once per
-    entropy size) and calibrated for the size's rule and mean patch size; its path and training record."""
-    from mmbytes.entropy import calibrate_main
-    from mmbytes.model.registry import config_from_name
-
+def companion_for(key: str, name: str, args: argparse.Namespace, log: list[str]) -> tuple[str, dict]:
+    """What a model ``requires`` (``key``: a ``ByteLM`` argument, ``name``: the named size that provides it): the
+    given ``--entropy-ckpt``, else that size trained on the study's shards (once per size); its checkpoint path and
+    training record."""
+    if key != "entropy_ckpt":
+        raise SystemExit(f"the study cannot provide {key} ({name}) for a model")
     if args.entropy_ckpt:
         return str(args.entropy_ckpt), {"entropy_model": str(args.entropy_ckpt), "flops": None}
-    c = config_from_name(size)
-    name = c.entropy if isinstance(c.entropy, str) else "entropy"
     run_dir = args.out / "entropy" / name
     result_path = run_dir / "result.json"
     if not result_path.exists():
         log.append(f"training entropy model {name}")
         train_run(name, 0, args.entropy_budget, run_dir, args, recommended_lr(name, args.lr))
     record = json.loads(result_path.read_text())
-    tag = f"{c.patching}-p{c.patch_size:g}-max{c.max_patch_len}"
-    calibrated = run_dir / "calibrated" / tag / "entropy.ckpt"
-    if not calibrated.exists():
-        calibrate_main(["--ckpt", str(run_dir / "checkpoints" / "last.ckpt"), "--data", str(args.data),
-                        "--out", str(calibrated.parent), "--patch-size", str(c.patch_size), "--rule", c.patching,
-                        "--max-patch-len", str(c.max_patch_len), "--seq-len", str(args.seq_len),
-                        "--windows", "16", "--device", "cpu"])
-    return str(calibrated), {"entropy_model": name, "flops": record["flops"], "params": record["params"],
-                             "val/bpb": record.get("val/bpb")}
+    return str(run_dir / "checkpoints" / "last.ckpt"), {"entropy_model": name, "flops": record["flops"],
+                                                          "params": record["params"], "val/bpb": record.get("val/bpb")}
 
 
 # -- the report
@@ -240,7 +206,7 @@ def fmt(v: Any, key: str = "") -> str:
     if v is None or v == "":
         return ""
     if isinstance(v, float):
-        if key in ("flops", "flops_per_byte", "entropy_flops_per_byte", "bytes", "params") or abs(v) >= 1e5:
+        if key in ("flops", "flops_per_byte", "flops_per_byte_counted", "bytes", "params") or abs(v) >= 1e5:
             return f"{v:.3g}"
         return f"{v:.4f}" if key.startswith("val/") else f"{v:.3g}"
     return str(v)
@@ -250,8 +216,8 @@ def write_report(out: Path, results: list[dict], settings: dict, entropy: dict[s
     rows = aggregate(results)
     val_keys = sorted({k for r in rows for k in r if k.startswith("val/") and not k.endswith("_std")},
                       key=lambda k: (k != "val/bpb", k))
-    columns = ["model", "seeds", "params", "flops_per_byte", "lr", "steps", "bytes", "flops", "wall_s", *val_keys,
-               "patch_size", "bytes_per_token", "entropy_flops_per_byte"]
+    columns = ["model", "seeds", "params", "flops_per_byte", "flops_per_byte_counted", "lr", "steps", "bytes", "flops",
+               "wall_s", *val_keys, "patch_size"]
     with (out / "report.csv").open("w", newline="") as f:
         std_cols = [f"{k}_std" for k in val_keys]
         w = csv.DictWriter(f, [*columns, *std_cols], extrasaction="ignore")
@@ -269,8 +235,8 @@ def write_report(out: Path, results: list[dict], settings: dict, entropy: dict[s
             s += f" ± {r[f'{k}_std']:.4f}"
         return s
 
-    heads = {"flops_per_byte": "FLOPs/byte", "wall_s": "wall s", "patch_size": "mean patch",
-             "bytes_per_token": "bytes/token", "entropy_flops_per_byte": "entropy FLOPs/byte (in FLOPs/byte)"}
+    heads = {"flops_per_byte": "FLOPs/byte planned", "flops_per_byte_counted": "FLOPs/byte counted",
+             "wall_s": "wall s", "patch_size": "mean patch"}
     lines = [
         "# Compute-matched study", "",
         f"Data `{settings['data']}`, budget {settings['budget']:.3g} training FLOPs per run, "
@@ -281,7 +247,10 @@ def write_report(out: Path, results: list[dict], settings: dict, entropy: dict[s
         "Each model trains at its own recommended peak learning rate (the `lr` column), warmup "
         f"{settings['warmup']:.0%} of its steps, then cosine decay ending at the budget. Bits per byte are over the "
         "same validation bytes for every model (mean ± sample standard deviation over seeds); `bpd_image` and "
-        "`bpd_audio` are bits per 8-bit sub-pixel and per 16-bit sample."
+        "`bits_per_sample_audio` are bits per 8-bit sub-pixel and per 16-bit sample. FLOPs are counted as each model "
+        "runs each batch (realised patches, padding to a batch's longest row, tokens; BLT's entropy model's forward); "
+        "FLOPs/byte planned is the model's figure at the window length that planned the steps. Mean patch: real "
+        "bytes per patch over all of training (BPE: per token)."
         + (f" `*_strided`: MEGABYTE scored with strided inference (rule `{settings['strided']}`: a second pass offset "
            "by P/2, each byte from one of the two passes), twice the cost of plain scoring; the other columns are "
            "plain scoring." if settings.get("strided") else ""), "",
@@ -290,8 +259,8 @@ def write_report(out: Path, results: list[dict], settings: dict, entropy: dict[s
         *("| " + " | ".join(cell(r, k) for k in columns) + " |" for r in rows), "",
         "![bits per byte against training FLOPs](bpb_vs_flops.png)", "",
     ]
-    if any(r.get("entropy_flops_per_byte") for r in rows):
-        lines += ["BLT: the entropy model's forward runs in every training step and is part of FLOPs/byte, so the "
+    if entropy:
+        lines += ["BLT: the entropy model's forward runs in every training step and is counted in its FLOPs, so the "
                   "budget includes it; the entropy model's own training is not in the budget:", ""]
         for name, e in entropy.items():
             lines.append(f"- `{name}`: entropy model `{e['entropy_model']}`, "
@@ -299,13 +268,14 @@ def write_report(out: Path, results: list[dict], settings: dict, entropy: dict[s
                             f"{e['params'] / 1e6:.2f}M parameters, trained for {e['flops']:.3g} FLOPs "
                             f"on the same shards, val bpb {e['val/bpb']:.4f}"))
         lines.append("")
-    for meta in sorted((out / "tokenizers").glob("*.meta.json")):
+    tokenizers = sorted((out / "prepared").glob("bpe*.meta.json"))
+    for meta in tokenizers:
         m = json.loads(meta.read_text())
-        lines.append(f"BPE tokenizer `tokenizers/{meta.name.removesuffix('.meta.json')}.json`: byte-level BPE of at "
+        lines.append(f"BPE tokenizer `prepared/{meta.name.removesuffix('.meta.json')}.json`: byte-level BPE of at "
                      f"most {m['vocab_size']} tokens, trained on the training split, {m['bytes_per_token']:.3f} bytes "
                      "per token there.")
     lines += ["BPE: bits per byte of the original bytes (a window's token nats / its bytes / ln 2); FLOPs per byte "
-              "= FLOPs per token / bytes per token." if any(r.get("bytes_per_token") for r in rows) else "",
+              "= FLOPs per token / bytes per token." if tokenizers else "",
               "Per-run figures: `runs.csv`; logs: `runs/<model>/seed<k>/` (TensorBoard, `curve.json`)."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     plot(out / "bpb_vs_flops.png", out)
@@ -359,7 +329,7 @@ def parse_lr(items: list[str]) -> dict[str, float]:
 
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
     """Train what is not done yet and write the report; returns ``{"trained": [...], "results": [...]}``."""
-    from mmbytes.model.registry import SIZES, build, config_from_name
+    from mmbytes.model.registry import SIZES, build
 
     models = [size_of(m.strip()) for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in SIZES]
@@ -378,21 +348,14 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     stored.write_text(json.dumps(settings, indent=1))
     log: list[str] = []
     trained, results, entropy = [], [], {}
+    data = study_data(args)
     for size in models:
-        config = config_from_name(size)
         kwargs: dict[str, Any] = {}
-        if config.arch == "spacebyte" and config.context != args.seq_len:
-            # SpaceByte's cap on global positions (context x global_ratio) is set for the training length
-            kwargs["overrides"] = {"context": args.seq_len}
-            config = config_from_name(size, **kwargs["overrides"])
-        estimate = build(config)
-        if config.arch == "bpe":
-            path, per_token = tokenizer_for(size, args)
-            kwargs["tokenizer"] = str(path)
-            estimate.set_tokenizer(path.read_text(), per_token)
-        if config.arch == "blt" and config.uses_entropy:
-            kwargs["entropy_ckpt"], entropy[size] = entropy_for(size, args, log)
-        if args.strided and config.arch == "megabyte":
+        estimate = build(size)  # plans the steps: readied for the data as each run's model will be
+        estimate.prepare(data)
+        for key, name in estimate.requires().items():
+            kwargs[key], entropy[size] = companion_for(key, name, args, log)
+        if args.strided and estimate.capabilities.strided:
             kwargs["strided_eval"] = args.strided
         for seed in range(args.seeds):
             run_dir = args.out / "runs" / size / f"seed{seed}"

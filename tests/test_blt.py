@@ -212,7 +212,7 @@ def test_each_row_uses_the_threshold_of_its_modality_in_training_and_generation(
     modality = torch.tensor([TEXT_ID, IMAGE_ID])
     starts = m.starts(x, modality)
     assert int(starts[1].sum()) == 1 and int(starts[0].sum()) > 10
-    assert not torch.allclose(m(x, modality)[1], m(x)[1])  # without modality a row takes the raw threshold
+    assert not torch.allclose(m(x, modality=modality)[1], m(x)[1])  # without modality a row takes the raw threshold
     cached_equals_reference(m, x[:, :10], 30, modality=modality)
 
 
@@ -335,7 +335,7 @@ def blt_run(tmp_path_factory):
                 "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1"]
 
     entropy = fit("entropy", "blt-entropy-debug") / "checkpoints" / "last.ckpt"
-    main(["calibrate", "--ckpt", str(entropy), "--data", str(tmp / "shards"), "--windows", "8", "--seq-len", "256",
+    main(["calibrate", "--ckpt", str(entropy), "--data", str(tmp / "shards"), "--windows", "16", "--seq-len", "256",
           "--patch-size", "3", "--out", str(tmp / "calibrated")])
     version = fit("blt", "blt-debug", "--model.entropy_ckpt", str(tmp / "calibrated" / "entropy.ckpt"))
     return tmp, version, fit

@@ -65,8 +65,8 @@ def poison(module: ByteLM, bad_calls: set[int]) -> None:
     """The model's loss becomes NaN on the given training calls (0-based)."""
     real, calls = module.model.nll, {"n": 0}
 
-    def nll(x, mask=None):
-        out = real(x, mask)
+    def nll(x, mask=None, *, modality=None):
+        out = real(x, mask, modality=modality)
         if module.training:
             calls["n"] += 1
             if calls["n"] - 1 in bad_calls:

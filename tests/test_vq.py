@@ -131,6 +131,17 @@ def test_bits_per_dimension_by_hand():
         M.bits_per_dim(1.0, 0)
 
 
+def test_residual_coding_cost_far_in_the_laplace_tail_is_computed_in_log_space():
+    # residual 120 at scale 3: mass 0.5 exp(-119.5 / 3) (1 - exp(-1 / 3)), about 60.3 bits (not the 996.6 bits of a
+    # probability rounded to zero); the same in the negative tail, and at the range's end (the tail beyond folded in)
+    hand = -(math.log(0.5) - 119.5 / 3 + math.log1p(-math.exp(-1 / 3))) / math.log(2)
+    for r in (120, -120):
+        bits = M.residual_bits(torch.tensor([r]), torch.tensor([-255]), torch.tensor([255]), scale=3.0) - 32
+        assert bits == pytest.approx(hand, rel=1e-9) and 60.2 < bits < 60.4
+    end = M.residual_bits(torch.tensor([120]), torch.tensor([-255]), torch.tensor([120]), scale=3.0) - 32
+    assert end == pytest.approx(-(math.log(0.5) - 119.5 / 3) / math.log(2), rel=1e-9)
+
+
 def test_residual_coding_cost_by_hand():
     F = lambda x, b: 0.5 * math.exp(x / b) if x < 0 else 1 - 0.5 * math.exp(-x / b)  # noqa: E731  Laplace CDF
     r = torch.tensor([0, 1, -2])

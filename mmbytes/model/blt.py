@@ -40,13 +40,18 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mmbytes.codecs import MODALITIES
-from mmbytes.model import patching
+from mmbytes.model import flops, patching
 from mmbytes.model.layers import Transformer
-from mmbytes.model.megabyte import MegabyteConfig, block_flops, chunked_nll
+from mmbytes.model.megabyte import MegabyteConfig, chunked_nll
+from mmbytes.model.protocol import Capabilities, ModelData
 
 HASH_BASE, HASH_MOD = 1_000_003, 2**31 - 1
 """The rolling hash of the n-gram ids: sum over the n bytes ending at t of (byte + 1) * HASH_BASE^age mod HASH_MOD
 (a byte before the start of the sequence counts 0). Integer arithmetic: the same ids in every process and run."""
+
+CALIBRATION_WINDOWS = 256
+"""Training windows per modality, drawn at random across the training split, that ``prepare`` calibrates the
+thresholds on."""
 
 DEFAULT_MODALITY = "raw"
 """Whose threshold a row without a modality gets."""
@@ -104,8 +109,15 @@ class BLTConfig:
     """Recompute each block in the backward pass instead of storing its activations."""
     vocab_size: int = 256
     """Byte values. All 256 are data."""
+    hash_version: int = 2
+    """How an n-gram's rolling hash becomes a table row (``ngram_ids``). 2: the hash is mixed (a 32-bit integer
+    mixer) before it is reduced modulo ``hash_vocab``, so ids spread like a random hash at any table size. 1: reduced
+    directly, which leaves most rows unused at table sizes related to ``HASH_BASE`` (500,002 rows: HASH_BASE = -1 mod
+    the size); configs stored without this field have it (``LEGACY``), so their checkpoints keep their ids."""
 
     def __post_init__(self) -> None:
+        if self.hash_version not in (1, 2):
+            raise ValueError(f"hash_version must be 1 or 2, got {self.hash_version}")
         object.__setattr__(self, "hash_ngrams", tuple(int(n) for n in self.hash_ngrams))
         if self.patching not in ("entropy", "monotonic", "fixed", "space"):
             raise ValueError(f"patching must be entropy, monotonic, fixed or space, got {self.patching!r}")
@@ -155,9 +167,23 @@ SIZES: dict[str, Any] = {
 }
 
 
-def ngram_ids(x: Tensor, ngrams: tuple[int, ...], vocab: int) -> list[Tensor]:
+LEGACY = {"hash_version": 1}
+"""Values of fields that configs stored before the field existed were trained with."""
+
+
+def mix32(h: Tensor) -> Tensor:
+    """A bijective 32-bit integer mixer (int64 tensors of values below 2**32): every input bit moves every output
+    bit, so a reduction modulo any table size spreads the ids like a random hash."""
+    mask = 0xFFFFFFFF
+    h = ((h ^ (h >> 16)) * 0x45D9F3B) & mask
+    h = ((h ^ (h >> 16)) * 0x45D9F3B) & mask
+    return h ^ (h >> 16)
+
+
+def ngram_ids(x: Tensor, ngrams: tuple[int, ...], vocab: int, version: int = 2) -> list[Tensor]:
     """Hash ids (B, T) of the n-gram ending at each byte, one tensor per n in ``ngrams``; position t depends on bytes
-    t-n+1..t only (fewer near the start, where the missing bytes count 0)."""
+    t-n+1..t only (fewer near the start, where the missing bytes count 0). ``version``: see
+    ``BLTConfig.hash_version``."""
     x = x.long() + 1
     T = x.shape[-1]
     acc = torch.zeros_like(x)
@@ -166,7 +192,7 @@ def ngram_ids(x: Tensor, ngrams: tuple[int, ...], vocab: int) -> list[Tensor]:
         older = F.pad(x[..., : T - age], (age, 0)) if age < T else torch.zeros_like(x)
         acc = (acc + older * pow(HASH_BASE, age, HASH_MOD)) % HASH_MOD
         if age + 1 in ngrams:
-            out[age + 1] = acc % vocab
+            out[age + 1] = (mix32(acc) if version >= 2 else acc) % vocab
     return [out[n] for n in ngrams]
 
 
@@ -235,8 +261,9 @@ class BLT(nn.Module):
     """``BLT(config)(x, modality)`` maps bytes (B, T) to logits (B, T, 256); position t predicts byte t from bytes
     < t. ``modality`` (B,) ids (``mmbytes.codecs.MODALITIES``) pick each row's entropy threshold."""
 
-    per_modality = True
-    """The patching of a row depends on its modality (its calibrated threshold): callers pass ``modality``."""
+    capabilities = Capabilities(per_modality=True, independent_rows=False)
+    """The patching of a row depends on its modality (its calibrated threshold): callers pass ``modality``. Rows are
+    padded to the batch's most patches."""
 
     def __init__(self, config: BLTConfig) -> None:
         super().__init__()
@@ -244,6 +271,9 @@ class BLT(nn.Module):
         DL, DG, k = c.d_local, c.d_global, c.cross_k
         block = dict(mlp_ratio=c.mlp_ratio, dropout=c.dropout, rope_base=c.rope_base, checkpointing=c.checkpointing)
         self.entropy_model = None
+        self.entropy_loaded = False  # trained weights given (``set_entropy``), not the random initialisation
+        self.calibrated = False  # thresholds calibrated for this entropy model (stored or by ``prepare``)
+        self._memo: tuple | None = None  # (x, modality, starts) of the last training ``nll``, for ``train_flops``
         if c.uses_entropy:
             from mmbytes.model.registry import build, config_from_dict
 
@@ -303,6 +333,7 @@ class BLT(nn.Module):
         """Load a trained entropy model's weights and the per-modality thresholds calibrated for it (``mmbytes
         calibrate``); thresholds calibrated for another rule are refused. Returns whether thresholds were set."""
         self.entropy_model.load_state_dict(state)
+        self.entropy_loaded = True
         if not calibration:
             return False
         c = self.config
@@ -312,18 +343,79 @@ class BLT(nn.Module):
                              f"max_patch_len={c.max_patch_len}")
         for name, theta in calibration["thresholds"].items():
             self.theta[MODALITIES.index(name)] = float(theta)
+        self.calibrated = True
         return True
 
-    def calibrate_(self, x: Tensor, patch_size: float | None = None) -> float:
-        """Set every modality's threshold so that the rule cuts bytes x (B, T) into patches of ``patch_size`` bytes
-        on average (default: the config's); returns it. (``mmbytes calibrate`` does this per modality on shards.)"""
+    def calibrate_(self, x: Tensor, patch_size: float | None = None, mask: Tensor | None = None,
+                   modality: Tensor | None = None, batch_size: int = 16) -> float:
+        """Set the thresholds so that the rule cuts the real bytes (``mask``) of x (B, T) into patches of
+        ``patch_size`` bytes on average (default: the config's): one per modality present in ``modality`` (B,) ids,
+        the pooled one for every other modality. Returns the pooled threshold."""
         if self.entropy_model is None:
             return float("nan")
         c = self.config
-        theta, _ = patching.calibrate_threshold(list(self.entropies(x)), patch_size or c.patch_size, c.patching,
-                                                c.max_patch_len)
-        self.theta.fill_(theta)
-        return theta
+        target = patch_size or c.patch_size
+        h = torch.cat([self.entropies(part) for part in x.split(batch_size)]).float()  # (B, T)
+        rows = [h[b] if mask is None else h[b, mask[b].bool()] for b in range(x.shape[0])]
+        rows_of = {m: [r for r, i in zip(rows, modality.tolist(), strict=True) if i == m]
+                   for m in ([] if modality is None else modality.unique().tolist())}
+        pooled, _ = patching.calibrate_threshold(rows, target, c.patching, c.max_patch_len)
+        self.theta.fill_(pooled)
+        for m, hs in rows_of.items():
+            self.theta[m] = patching.calibrate_threshold(hs, target, c.patching, c.max_patch_len)[0]
+        self.calibrated = True
+        return pooled
+
+    # -- the protocol: readying for data, FLOPs as run, patches
+
+    def prepare(self, data: ModelData) -> None:
+        """Calibrate the thresholds for the config's mean patch size on ``CALIBRATION_WINDOWS`` training windows
+        drawn at random across the training split, one per modality, unless they are stored already (with the entropy
+        model or in the checkpoint being restored). Done by the main process and shared."""
+        if self.entropy_model is None or self.calibrated or data.restoring or data.draw_windows is None:
+            return
+        theta = None
+        if data.is_main:
+            x, mask, modality = data.draw_windows(CALIBRATION_WINDOWS, data.seq_len, 0)
+            device = self.theta.device
+            self.calibrate_(x.to(device), mask=mask.to(device), modality=modality.to(device))
+            theta = self.theta.tolist()
+        self.theta.copy_(torch.tensor(data.share(theta), dtype=self.theta.dtype))
+        self.calibrated = True
+
+    def requires(self) -> dict[str, str]:
+        """A trained entropy model (``entropy_ckpt``) of the size the config names, until one is given."""
+        if self.entropy_model is None or self.entropy_loaded:
+            return {}
+        return {"entropy_ckpt": self.config.entropy if isinstance(self.config.entropy, str) else "blt-entropy-small"}
+
+    def caveats(self) -> list[str]:
+        if not self.requires():
+            return []
+        return [f"BLT with {self.config.patching} patches but no trained entropy model: its patches are cut where a "
+                "randomly initialised byte model is unsure, so they carry no information about the data (and cost "
+                "what they cut, counted as run). Train one (`mmbytes fit --model.size "
+                f"{self.requires()['entropy_ckpt']}`) and give it as entropy_ckpt."]
+
+    def _starts(self, x: Tensor, modality: Tensor | None) -> Tensor:
+        """Patch starts of x: those of the last training ``nll`` when it ran on this very batch, else computed."""
+        if self._memo is not None and self._memo[0] is x and self._memo[1] is modality:
+            return self._memo[2]
+        return self.starts(x, modality)
+
+    def patch_starts(self, x: Tensor, mask: Tensor | None = None, *,
+                     modality: Tensor | None = None) -> Tensor | None:
+        """Where patches start in x, as the model cuts them."""
+        return self._starts(x, modality)
+
+    def train_flops(self, x: Tensor, mask: Tensor | None = None, *, modality: Tensor | None = None) -> float:
+        """FLOPs of one training step on x (B, T) as run: the latent transformer and the pooling over the most
+        patches of any row (every row is padded to it), the local blocks, cross-attentions and head (3 x forward),
+        and the frozen entropy model's forward."""
+        B, T = x.shape
+        K = int((self._starts(x, modality).long().sum(1)).max())
+        entropy = 0.0 if self.entropy_model is None else self.entropy_model.train_flops(x) / 3
+        return 3 * self.forward_flops(B, T, K) + entropy
 
     # -- patches
 
@@ -358,7 +450,8 @@ class BLT(nn.Module):
         """Byte embeddings plus the hash n-gram embeddings of the n-grams ending at each byte: (B, L, D_L)."""
         e = self.embed(x)
         if self.config.hash_vocab:
-            for table, ids in zip(self.hash_embed, ngram_ids(x, self.config.hash_ngrams, self.config.hash_vocab),
+            c = self.config
+            for table, ids in zip(self.hash_embed, ngram_ids(x, c.hash_ngrams, c.hash_vocab, c.hash_version),
                                   strict=True):
                 e = e + table(ids)
         return e
@@ -406,45 +499,52 @@ class BLT(nn.Module):
         d = torch.cat([self.start.to(h.dtype).expand(B, 1, -1), h[:, :-1]], dim=1)  # position t reads byte t - 1
         return self.decode(d, self.latent_keys(g), pid)
 
-    def forward(self, x: Tensor, modality: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, *, modality: Tensor | None = None) -> Tensor:
         return self.head(self.hidden(x, modality))
 
-    def nll(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768,
+    def nll(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768, *,
             modality: Tensor | None = None) -> Tensor:
         """Negative log-likelihood in nats of every byte, (B, T), zero where ``mask`` is False. In training,
         ``stats`` holds the mean patch size (real bytes per patch start), overall and per modality."""
         starts = self.starts(x, modality)
         if self.training:
             self.stats = patch_stats(starts, mask, modality)
+            self._memo = (x, modality, starts)
         return chunked_nll(self.head.weight, self.hidden(x, modality, starts), x, mask, chunk)
 
     def entropy_flops_per_byte(self, seq_len: int) -> float:
         """Forward FLOPs per byte of the entropy model (it runs in every training step; no backward)."""
         return 0.0 if self.entropy_model is None else self.entropy_model.flops_per_byte(seq_len) / 3
 
+    def forward_flops(self, rows: int, seq_len: int, n_patches: int) -> float:
+        """Forward FLOPs of the trainable parts on ``rows`` windows of ``seq_len`` bytes cut into ``n_patches``
+        patches each (``mmbytes.model.flops``): local blocks (sliding-window attention), the pooling (query init, the
+        patch cross-attention's projections, its scores and weighted values: each byte with the k queries of its
+        patch), the latent transformer, the decoder's cross-attentions (projections of the latent output, queries,
+        scores and weighted values) and the head."""
+        c, T, K, n = self.config, seq_len, n_patches, rows
+        DL, DG, k = c.d_local, c.d_global, c.cross_k
+        mix = flops.attention(n * T, k, DL)  # scores and weighted values: each byte with k vectors
+        fwd = flops.blocks(n, T, DL, c.n_layer_encoder + c.n_layer_decoder, c.mlp_ratio, c.local_window)
+        fwd += flops.linear(n * K, DL, k * DL) + flops.linear(n * K * k, DL, DL) * 2 + flops.linear(n * T, DL, 2 * DL)
+        fwd += mix + flops.linear(n * K, k * DL, DG)
+        fwd += flops.blocks(n, K, DG, c.n_layer_global, c.mlp_ratio)
+        cross = flops.linear(n * K, DG, k * DL) + flops.linear(n * K * k, DL, 2 * DL) + flops.linear(n * T, DL, DL) * 2
+        fwd += c.n_layer_decoder * (cross + mix)
+        return fwd + flops.linear(n * T, DL, c.vocab_size)
+
     def flops_per_byte(self, seq_len: int) -> float:
-        """Training FLOPs per byte at ``seq_len``: 3 x the forward of the trainable parts, as computed (local blocks
-        windowed in blocks of W, 2W keys per query; the latent transformer over ceil(T / patch_size) patches; the
-        pooling and cross-attentions; the head), plus the entropy model's forward (``entropy_flops_per_byte``).
-        Embedding and hash lookups, norms, gathers and softmaxes are free."""
-        c, T = self.config, seq_len
-        DL, DG, k, W = c.d_local, c.d_global, c.cross_k, c.local_window
-        K = math.ceil(T / c.patch_size)
-        if T > W:
-            local = T * block_flops(DL, 0, c.mlp_ratio) + -(-T // W) * W * 4 * 2 * W * DL
-        else:
-            local = T * block_flops(DL, T, c.mlp_ratio)
-        attn_mix = 2 * 2 * T * k * DL  # scores and weighted values: each byte with k vectors of its patch
-        pool = K * 2 * DL * k * DL + K * k * 2 * DL * DL * 2 + T * 2 * DL * 2 * DL + attn_mix + K * 2 * k * DL * DG
-        cross = K * 2 * DG * k * DL + K * k * 2 * DL * 2 * DL + T * 2 * DL * DL * 2 + attn_mix
-        fwd = (c.n_layer_encoder + c.n_layer_decoder) * local + pool + c.n_layer_decoder * cross
-        fwd += c.n_layer_global * K * block_flops(DG, K, c.mlp_ratio) + T * 2 * DL * c.vocab_size
-        return 3 * fwd / T + self.entropy_flops_per_byte(seq_len)
+        """Training FLOPs per byte planned at ``seq_len``: 3 x the forward of the trainable parts with
+        ceil(T / patch_size) patches, plus the entropy model's forward (``entropy_flops_per_byte``). ``train_flops``
+        counts the patches a batch really has."""
+        K = math.ceil(seq_len / self.config.patch_size)
+        return 3 * self.forward_flops(1, seq_len, K) / seq_len + self.entropy_flops_per_byte(seq_len)
 
     # -- cached generation: the entropy model runs along the bytes with its own cache; when it opens a patch, the
     # finished patch is pooled and the latent transformer takes one cached step (rows advance separately)
 
-    def new_cache(self, batch: int, max_len: int, device=None, dtype=None, modality: Tensor | None = None) -> BLTCache:
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None, *,
+                  modality: Tensor | None = None) -> BLTCache:
         c = self.config
         return BLTCache(
             buf=torch.zeros(batch, max_len, dtype=torch.long, device=device), t=0,

@@ -30,13 +30,19 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from mmbytes.model import flops
 from mmbytes.model.layers import Transformer
-from mmbytes.model.megabyte import block_flops, chunked_nll
+from mmbytes.model.megabyte import chunked_nll
+from mmbytes.model.protocol import Capabilities, ModelData
+
+TOKENIZER_BYTES = 64 * 2**20
+"""Training bytes a tokenizer is trained on (and its bytes per token measured on) unless told otherwise."""
 
 SPLIT = r"Ġ?[A-Za-z]+|Ġ?[0-9]{1,3}|Ġ?[^A-Za-z0-9ĠĊ]+|[ĠĊ]+"
 """Pre-tokenization on the mapped characters (``Ġ`` is the space byte, ``Ċ`` the newline): a token never spans two
@@ -188,7 +194,7 @@ class BPETransformer(nn.Module):
     """A causal token Transformer that reads and scores bytes: ``nll(x, mask)`` tokenizes each window itself (see
     the module docstring); ``forward(x)`` returns the token logits (B, N, V) of the windows' tokens."""
 
-    per_modality = False
+    capabilities = Capabilities(byte_logits=False, cached=False, independent_rows=False, per_byte_nll=False)
 
     def __init__(self, config: BPEConfig) -> None:
         super().__init__()
@@ -199,6 +205,7 @@ class BPETransformer(nn.Module):
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.stats: dict[str, float] = {}
         self.set_tokenizer(byte_tokenizer_json(), 1.0)
+        self._memo: tuple | None = None  # (x, mask, tokens) of the last training ``nll``, for ``train_flops``
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -265,35 +272,102 @@ class BPETransformer(nn.Module):
         inputs = torch.cat([torch.full_like(tokens[:, :1], self.bos), tokens[:, :-1]], dim=1)  # (B, N)
         return self.transformer(self.embed(inputs))
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, *, modality: Tensor | None = None) -> Tensor:
         tokens, _, _ = self.tokenize(x, mask)
         return self.head(self.hidden(tokens))  # (B, N, V)
 
-    def nll(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768) -> Tensor:
+    def nll(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768, *,
+            modality: Tensor | None = None) -> Tensor:
         """Nats (B, T): each token's nats at the position of its last byte, 0 elsewhere and where ``mask`` is False.
-        Summed over a window: the window's total nats."""
+        Summed over a window: the window's total nats (per position it is not a byte's own loss:
+        ``capabilities.per_byte_nll`` is False)."""
         tokens, ends, real = self.tokenize(x, mask)
+        if self.training:
+            self._memo = (x, mask, tokens, ends, real)
         nats = chunked_nll(self.head.weight, self.hidden(tokens), tokens, real, chunk)  # (B, N)
         rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(ends)
         out = torch.zeros(x.shape, dtype=nats.dtype, device=x.device)
         return out.index_put((rows[real], ends[real]), nats[real])
 
     def flops_per_byte(self, seq_len: int) -> float:
-        """Training FLOPs per byte (forward + backward = 3 x forward) at ``seq_len`` bytes per window: a window of
-        N = seq_len / bytes-per-token tokens (the tokenizer's, measured on its training data), every block with
-        attention over all N keys (causal SDPA charged in full, as the byte models), and the head; FLOPs per token
-        divided by bytes per token. Embeddings, norms and the softmax are free."""
+        """Training FLOPs per byte planned (forward + backward = 3 x forward) at ``seq_len`` bytes per window: a
+        window of N = seq_len / bytes-per-token tokens (the tokenizer's, measured on its training data), every block
+        with attention over all N keys (causal SDPA charged in full, as the byte models), and the head; FLOPs per
+        token divided by bytes per token (``mmbytes.model.flops``)."""
         c = self.config
         n = max(1.0, seq_len / self.bytes_per_token)
-        per_token = c.n_layer * block_flops(c.d_model, 0, c.mlp_ratio) + 4 * n * c.d_model * c.n_layer \
-            + 2 * c.d_model * c.vocab_size
+        per_token = c.n_layer * (flops.block_dense(1, c.d_model, c.mlp_ratio) + flops.attention(1, n, c.d_model))
+        per_token += flops.linear(1, c.d_model, c.vocab_size)
         return 3 * per_token / self.bytes_per_token
+
+    def train_flops(self, x: Tensor, mask: Tensor | None = None, *, modality: Tensor | None = None) -> float:
+        """FLOPs of one training step on x (B, T) as run: the token Transformer and the head over the most tokens of
+        any row's real bytes (every row is padded to it)."""
+        c, (B, N) = self.config, self._tokens(x, mask)[0].shape
+        fwd = flops.blocks(B, N, c.d_model, c.n_layer, c.mlp_ratio) + flops.linear(B * N, c.d_model, c.vocab_size)
+        return 3 * fwd
+
+    def _tokens(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """``tokenize(x, mask)``: that of the last training ``nll`` when it ran on this very batch, else computed."""
+        if self._memo is not None and self._memo[0] is x and self._memo[1] is mask:
+            return self._memo[2:]
+        return self.tokenize(x, mask)
+
+    def patch_starts(self, x: Tensor, mask: Tensor | None = None, *,
+                     modality: Tensor | None = None) -> Tensor | None:
+        """Where each token starts (its patch): the first real byte and every real byte after a token's last byte."""
+        _, ends, real = self._tokens(x, mask)
+        rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(ends)
+        last = torch.zeros(x.shape, dtype=torch.bool, device=x.device).index_put((rows[real], ends[real]),
+                                                                                torch.tensor(True, device=x.device))
+        mask = torch.ones_like(last) if mask is None else mask.bool()
+        first = mask & ~torch.nn.functional.pad(mask[:, :-1], (1, 0), value=False)  # each row's first real byte
+        return first | (torch.nn.functional.pad(last[:, :-1], (1, 0), value=False) & mask)
+
+    def prepare(self, data: ModelData) -> None:
+        """The tokenizer: ``data.options["tokenizer"]`` (a JSON file; its bytes per token measured on the training
+        samples), else the one kept in ``data.cache_dir`` for this vocabulary size, else the trained one the model
+        has, else one trained on ``data.train_samples`` (and kept in ``data.cache_dir``). The main process makes it
+        and shares it; a model being restored from a checkpoint takes the checkpoint's."""
+        if data.restoring:
+            return
+        given = data.options.get("tokenizer")
+        cached = None if data.cache_dir is None else Path(data.cache_dir) / f"bpe{self.config.vocab_size}.json"
+        meta = None if cached is None else cached.with_suffix(".meta.json")
+        if not given and cached is not None and cached.exists() and meta.exists():
+            self.set_tokenizer(cached.read_text(), json.loads(meta.read_text())["bytes_per_token"])
+            return
+        if not given and self.trained_tokenizer:
+            return
+        if data.train_samples is None:
+            raise ValueError("the BPE baseline needs its training samples to train or measure its tokenizer; use a "
+                             "datamodule that lists them (datamodules.ByteDataModule, MixedDataModule)")
+        made = None
+        if data.is_main:
+            max_bytes = int(data.options.get("tokenizer_bytes") or TOKENIZER_BYTES)
+            if given:
+                tokenizer_json = Path(given).read_text()
+                made = tokenizer_json, bytes_per_token(tokenizer_json, data.train_samples(), max_bytes)
+            else:
+                made = train_tokenizer(data.train_samples(), self.config.vocab_size, max_bytes)
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    cached.write_text(made[0])
+                    meta.write_text(json.dumps({"vocab_size": self.config.vocab_size, "bytes_per_token": made[1]}))
+        self.set_tokenizer(*data.share(made))
+
+    def requires(self) -> dict[str, str]:
+        return {}
+
+    def caveats(self) -> list[str]:
+        return []
 
     # -- generation: tokens are sampled and decoded to bytes (``mmbytes.model.generate.generate`` calls this)
 
     @torch.no_grad()
     def generate_bytes(self, prompt: Tensor, num_bytes: int, sample: Callable[[Tensor], Tensor],
-                       on_progress: Callable[[int], None] | None = None) -> Tensor:
+                       on_progress: Callable[[int], None] | None = None, *,
+                       modality: Tensor | None = None) -> Tensor:
         """Continue each row of ``prompt`` (B, L0) bytes by ``num_bytes`` bytes: the prompt is tokenized, tokens are
         drawn with ``sample`` ((1, V) logits -> (1,) ids) one at a time with a KV cache and decoded; the last token
         is cut to length. Rows are generated one after the other (their prompts have different token counts)."""

@@ -35,12 +35,6 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def modality_kwargs(model: nn.Module, modality: Tensor | None) -> dict:
-    """``{"modality": ids}`` for a model whose patching depends on each row's modality (BLT's per-modality entropy
-    thresholds: ``per_modality = True``), else nothing."""
-    return {"modality": modality} if modality is not None and getattr(model, "per_modality", False) else {}
-
-
 @torch.no_grad()
 def generate(model: nn.Module, prompt: Tensor, num_bytes: int, *, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, generator: torch.Generator | None = None,
@@ -50,23 +44,22 @@ def generate(model: nn.Module, prompt: Tensor, num_bytes: int, *, temperature: f
 
     ``on_logits(t, logits)`` sees the (B, 256) logits that chose byte t (tests compare them with the reference);
     ``on_progress(n)`` is called with the number of bytes made so far after each byte; ``modality`` (B,) ids of
-    ``mmbytes.codecs.MODALITIES`` reach models whose patching depends on them (``modality_kwargs``).
+    ``mmbytes.codecs.MODALITIES`` reach every model (those whose patching depends on them use them).
     """
     if num_bytes <= 0:
         return prompt.long().clone()
     was_training = model.training
     model.eval()
     try:
-        if hasattr(model, "generate_bytes"):  # a token model (the BPE baseline) samples tokens and decodes them
+        if not model.capabilities.cached:  # a token model (the BPE baseline) samples tokens and decodes them
             if on_logits is not None:
                 raise ValueError(f"{type(model).__name__} samples tokens, not bytes: it has no byte logits to show")
             return model.generate_bytes(prompt.long(), num_bytes,
                                         lambda logits: sample_next(logits, temperature, top_k, top_p, generator),
-                                        on_progress)
+                                        on_progress, modality=modality)
         B, L0 = prompt.shape
         total = L0 + num_bytes
-        cache = model.new_cache(B, total, prompt.device, next(model.parameters()).dtype,
-                                **modality_kwargs(model, modality))
+        cache = model.new_cache(B, total, prompt.device, next(model.parameters()).dtype, modality=modality)
         out = torch.zeros(B, total, dtype=torch.long, device=prompt.device)
         out[:, :L0] = prompt
         logits = model.prefill(out[:, :L0], cache)
@@ -95,7 +88,7 @@ def generate_reference(model: nn.Module, prompt: Tensor, num_bytes: int, *, temp
         out = F.pad(prompt.long(), (0, num_bytes))
         for t in range(prompt.shape[1], out.shape[1]):
             # position t sees bytes < t only; out[:, t] is a placeholder
-            logits = model(out[:, : t + 1], **modality_kwargs(model, modality))[:, t]
+            logits = model(out[:, : t + 1], modality=modality)[:, t]
             if on_logits is not None:
                 on_logits(t, logits)
             out[:, t] = sample_next(logits, temperature, top_k, top_p, generator)

@@ -143,10 +143,10 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
+def window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, dropout_p: float = 0.0) -> Tensor:
     """Causal attention in which each query sees itself and the ``window - 1`` positions before it, computed block by
     block: queries in blocks of ``window`` attend to their own block and the one before, so the cost is
-    O(T * window), not O(T^2). (B, H, T, hd) in and out."""
+    O(T * window), not O(T^2). ``dropout_p``: attention dropout, as in full attention. (B, H, T, hd) in and out."""
     B, H, T, hd = q.shape
     W = window
     pad = -T % W
@@ -161,7 +161,7 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
     mask = (j > i) & (j <= i + W)  # (W, 2W): key j of the two blocks sits at offset j - W from the query block
     mask = mask.expand(n, W, 2 * W).clone()
     mask[0, :, :W] = False  # the first block has no block before it
-    y = F.scaled_dot_product_attention(qb, k2, v2, attn_mask=mask)  # (B, H, n, W, hd)
+    y = F.scaled_dot_product_attention(qb, k2, v2, attn_mask=mask, dropout_p=dropout_p)  # (B, H, n, W, hd)
     return y.reshape(B, H, n * W, hd)[:, :, :T]
 
 
@@ -211,11 +211,11 @@ class Attention(nn.Module):
         fresh = cache is None or cache.pos == 0
         if cache is not None:
             cache.write(k, v)
+        drop = self.dropout if self.training else 0.0
         if fresh and self.window and L > self.window:
-            fused = q.is_cuda and not (self.training and self.dropout)  # FlexAttention has no dropout
-            y = (flex_window_attention if fused else window_attention)(q, k, v, self.window)
+            fused = q.is_cuda and not drop  # FlexAttention has no dropout
+            y = flex_window_attention(q, k, v, self.window) if fused else window_attention(q, k, v, self.window, drop)
         elif fresh:
-            drop = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
         elif L == 1:  # one new query sees every cached key (the ring of a windowed cache holds just the window)
             k, v, mask = cache.keys()

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from mmbytes.model import flops, patching
 from mmbytes.model.layers import Transformer, init_linear
+from mmbytes.model.protocol import Capabilities, ModelData
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,11 @@ LEGACY = {"window": 0, "token_shift": False, "embed_std": 0.02, "patch_embed": "
 class Megabyte(nn.Module):
     """``Megabyte(config)(x)`` maps bytes (B, T) to logits (B, T, 256); position t predicts byte t from bytes < t."""
 
+    @property
+    def capabilities(self) -> Capabilities:
+        """Strided inference needs patches: MEGABYTE, not the flat byte Transformer."""
+        return Capabilities(strided=self.config.arch == "megabyte")
+
     def __init__(self, config: MegabyteConfig) -> None:
         super().__init__()
         c = self.config = config
@@ -330,10 +337,11 @@ class Megabyte(nn.Module):
             P = s.patch
         return out.reshape(B, x.shape[1], -1)[:, :T]  # (B, T, D)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, modality: Tensor | None = None) -> Tensor:
         return self.head(self.hidden(x))
 
-    def nll(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768) -> Tensor:
+    def nll(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768, *,
+            modality: Tensor | None = None) -> Tensor:
         """Negative log-likelihood in nats of every byte, (B, T), zero where ``mask`` is False.
 
         Logits are made ``chunk`` positions at a time (recomputed in the backward pass) so no (B*T, 256) float32
@@ -370,39 +378,55 @@ class Megabyte(nn.Module):
             out = torch.where(keep_first, first, F.pad(second, (s, 0)))
         return out if mask is None else torch.where(mask, out, 0.0)
 
-    # -- training FLOPs, counted as computed (``torch.utils.flop_counter`` agrees; see tests/test_interface.py)
+    # -- training FLOPs as computed (``mmbytes.model.flops``; ``FlopCounterMode`` agrees: tests/test_flops.py)
 
-    def flops_per_byte(self, seq_len: int) -> float:
-        """Training FLOPs per byte (forward + backward = 3 x forward) at ``seq_len``: every matmul and attention as
-        computed (causal SDPA charged for all its query-key pairs, as kernels without causal skipping compute them);
-        embeddings, norms and the softmax are free."""
+    def forward_flops(self, rows: int, seq_len: int) -> float:
+        """Forward FLOPs of ``rows`` windows of ``seq_len`` bytes: every stage's blocks (the global one windowed if
+        configured) over the window padded to whole patches, the patch projection, the projections between stages
+        and the head."""
         c, T = self.config, seq_len
         P = c.patch_size
         Tp = -(-T // P) * P  # padded to whole patches, as the model runs it
-        K = Tp // P
-        if c.window and K > c.window:  # windowed attention in blocks of W queries, 2W keys each
-            Kp = -(-K // c.window) * c.window
-            fwd = c.n_layer_global * (K * block_flops(P * c.d_global, 0, c.mlp_ratio)
-                                      + Kp * 4 * 2 * c.window * P * c.d_global)
-        else:
-            fwd = c.n_layer_global * K * block_flops(P * c.d_global, K, c.mlp_ratio)
+        fwd = flops.blocks(rows, Tp // P, P * c.d_global, c.n_layer_global, c.mlp_ratio, c.window)
         if c.patch_embed == "project":
-            fwd += (Tp // P) * 2 * P * self.global_embed.embedding_dim * P * c.d_global
+            fwd += flops.linear(rows * Tp // P, P * self.global_embed.embedding_dim, P * c.d_global)
         full = c.global_to_local == "full"
         width_above, p_above = c.d_global, P
-        for p, width, n_layer, _ in self.config.stages[1:]:
-            units, per_parent = Tp // p, p_above // p
-            fwd += n_layer * units * block_flops(p * width, per_parent, c.mlp_ratio)
-            fwd += (Tp // p_above) * 2 * (p_above * width_above) * (p_above * width) if full else \
-                units * 2 * (p * width_above) * (p * width)
+        for p, width, n_layer, _ in c.stages[1:]:
+            parents = rows * Tp // p_above  # every parent unit is a sequence of p_above / p units
+            fwd += flops.blocks(parents, p_above // p, p * width, n_layer, c.mlp_ratio)
+            fwd += flops.linear(parents, p_above * width_above, p_above * width) if full else \
+                flops.linear(rows * Tp // p, p * width_above, p * width)
             width_above, p_above = width, p
-        fwd += T * 2 * self.head.in_features * c.vocab_size
-        return 3 * fwd / T
+        return fwd + flops.linear(rows * T, self.head.in_features, c.vocab_size)
+
+    def flops_per_byte(self, seq_len: int) -> float:
+        """Training FLOPs per byte (forward + backward = 3 x forward) at ``seq_len`` (``forward_flops``)."""
+        return 3 * self.forward_flops(1, seq_len) / seq_len
+
+    def train_flops(self, x: Tensor, mask: Tensor | None = None, *, modality: Tensor | None = None) -> float:
+        """FLOPs of one training step on x (B, T): fixed patches, so exactly ``flops_per_byte(T)`` x B x T."""
+        return 3 * self.forward_flops(x.shape[0], x.shape[1])
+
+    def patch_starts(self, x: Tensor, mask: Tensor | None = None, *,
+                     modality: Tensor | None = None) -> Tensor | None:
+        """Every P-th byte (None for the flat byte Transformer: no patches)."""
+        return None if self.config.arch == "transformer" else patching.fixed_starts(x, self.config.patch_size)
+
+    def prepare(self, data: ModelData) -> None:
+        """Nothing to ready: fixed patches, no tokenizer."""
+
+    def requires(self) -> dict[str, str]:
+        return {}
+
+    def caveats(self) -> list[str]:
+        return []
 
     # -- cached generation (mmbytes.model.generate): the global model advances one patch at a time with its own cache;
     # a stage below it decodes the units of one parent unit with a cache cleared whenever the parent advances
 
-    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> MegabyteCache:
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None, *,
+                  modality: Tensor | None = None) -> MegabyteCache:
         stages = self.stages()
         kv = [stages[0].model.make_caches(batch, -(-max_len // stages[0].patch), device, dtype)]
         kv += [s.model.make_caches(batch, above.patch // s.patch, device, dtype)
@@ -468,12 +492,6 @@ class MegabyteCache:
     t: int
     kv: list
     up: list
-
-
-def block_flops(d: int, keys: int, mlp_ratio: float) -> float:
-    """Forward FLOPs per position of one pre-norm block of width d whose attention sees ``keys`` keys: q, k, v and
-    output projections, the two MLP matmuls, and the query-key and attention-value products."""
-    return 2 * 4 * d * d + 2 * 2 * d * int(d * mlp_ratio) + 4 * keys * d
 
 
 class Stage(NamedTuple):

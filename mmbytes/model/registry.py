@@ -1,18 +1,12 @@
 """Every architecture's named sizes in one namespace, and the one way to build a model from a name or a stored config.
 
 Each architecture lives in its own module of ``mmbytes/model/``: a config dataclass with an ``arch`` field and
-documented fields, a ``SIZES`` dict of named configs, and a plain-torch model that answers the calls every user of a
-model makes (the Lightning module, the CLI, the generator, the benches):
-
-- ``forward(x) -> logits (B, T, 256)``: position t predicts byte t from bytes < t;
-- ``nll(x, mask=None) -> (B, T)`` nats, zero where ``mask`` is False;
-- ``flops_per_byte(seq_len)``: analytic training FLOPs (forward + backward) per byte at that sequence length;
-- ``new_cache(batch, max_len, device, dtype)``, ``prefill(prompt, cache)``, ``step(byte, cache)``: cached generation,
-  each returning the (B, 256) logits of the next byte (see ``mmbytes.model.generate``).
-
-The BPE baseline (``bpe``) answers the same calls on byte windows, except that ``forward`` gives token logits and
-generation is its own ``generate_bytes`` (it samples tokens). A new architecture is a new module with those pieces
-and one entry in ``ARCHITECTURES``.
+documented fields, a ``SIZES`` dict of named configs, and a plain-torch model that implements
+``mmbytes.model.protocol.ByteModel``: ``forward``/``nll`` (with ``modality=``), ``flops_per_byte`` (planning) and
+``train_flops`` (as run), ``patch_starts``, ``prepare(data)``, ``requires``/``caveats``, and cached generation
+(``new_cache``, ``prefill``, ``step``) or ``generate_bytes``, as its declared ``capabilities`` say. Callers read the
+capabilities and never branch on the architecture, so a new architecture is a new module with those pieces and one
+entry in ``ARCHITECTURES``.
 """
 
 from __future__ import annotations

@@ -18,16 +18,17 @@ Shapes: B batch, T bytes, D_L local width, D global width, G global positions of
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmbytes.model import patching
+from mmbytes.model import flops, patching
 from mmbytes.model.layers import Transformer, init_linear
-from mmbytes.model.megabyte import block_flops, chunked_nll
+from mmbytes.model.megabyte import chunked_nll
+from mmbytes.model.protocol import Capabilities, ModelData
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class SpaceByteConfig:
     n_head_global: int = 6
     """Attention heads of the global blocks."""
     context: int = 8192
-    """The training sequence length T the global cap is set for."""
+    """The training sequence length T the global cap is set for (``prepare`` sets it to the training window)."""
     global_ratio: float = 1 / 6
     """T_G = ceil(context * global_ratio) global positions at most per sequence (the paper: T/6 for prose, T/8 for
     code). Boundaries after the T_G-th are not global positions; every byte is still scored."""
@@ -119,6 +120,9 @@ SIZES: dict[str, SpaceByteConfig] = {
 class SpaceByte(nn.Module):
     """``SpaceByte(config)(x)`` maps bytes (B, T) to logits (B, T, 256); position t predicts byte t from bytes < t."""
 
+    capabilities = Capabilities(independent_rows=False)
+    """Rows are padded to the batch's most global positions."""
+
     def __init__(self, config: SpaceByteConfig) -> None:
         super().__init__()
         c = self.config = config
@@ -155,11 +159,15 @@ class SpaceByte(nn.Module):
             return patching.fixed_starts(x, self.config.patch_size, offset)
         return patching.spacelike_starts(x)
 
+    def capped_starts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Patch starts of bytes x (B, T) and the global positions among them (the first T_G of each row)."""
+        starts = self.starts(x)
+        return starts, patching.cap_starts(starts, self.config.max_global)
+
     def global_positions(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Capped global positions of bytes x (B, T): the mask (B, T) and their indices (B, G), padded at the end of
         each row with position 0 (padding slots come after a row's real ones, so causal attention keeps them out)."""
-        starts = self.starts(x)
-        glob = patching.cap_starts(starts, self.config.max_global)
+        starts, glob = self.capped_starts(x)
         counts = glob.sum(1)
         G = int(counts.max())
         rank = glob.long().cumsum(1) - 1
@@ -206,34 +214,58 @@ class SpaceByte(nn.Module):
         delta = self.narrow(g_out - g_in) * real[..., None]  # what the global blocks added to the residual stream
         return h.scatter_add(1, idx[..., None].expand(-1, -1, h.shape[-1]), delta), counts
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, modality: Tensor | None = None) -> Tensor:
         return self.head(self.hidden(x))
 
-    def nll(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768) -> Tensor:
+    def nll(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768, *,
+            modality: Tensor | None = None) -> Tensor:
         """Negative log-likelihood in nats of every byte, (B, T), zero where ``mask`` is False."""
         return chunked_nll(self.head.weight, self.hidden(x), x, mask, chunk)
 
+    def forward_flops(self, rows: int, seq_len: int, n_global: int) -> float:
+        """Forward FLOPs of ``rows`` windows of ``seq_len`` bytes whose global blocks run over ``n_global`` positions
+        per row: the local blocks (sliding-window attention), the global blocks, the head. Gather and scatter are
+        free (``mmbytes.model.flops``)."""
+        c = self.config
+        fwd = flops.blocks(rows, seq_len, c.d_local, c.n_layer_local, c.mlp_ratio, c.local_window)
+        fwd += flops.blocks(rows, n_global, c.d_global, c.n_layer_global, c.mlp_ratio)
+        return fwd + flops.linear(rows * seq_len, c.d_local, c.vocab_size)
+
     def flops_per_byte(self, seq_len: int) -> float:
-        """Training FLOPs per byte (3 x forward) at ``seq_len``, as computed: local attention in blocks of W (2W keys
-        per query once T > W), the global blocks charged for ceil(T * global_ratio) positions, at most T_G (the
-        paper's accounting: a sequence pays for its share of global slots whatever its text), the head. Embeddings,
-        norms, the gather and scatter are free."""
-        c, T = self.config, seq_len
-        W = c.local_window
-        if T > W:  # projections and MLP on T positions; attention on T padded to whole blocks, 2W keys each
-            Tp = -(-T // W) * W
-            local = T * block_flops(c.d_local, 0, c.mlp_ratio) + Tp * 4 * 2 * W * c.d_local
-        else:
-            local = T * block_flops(c.d_local, T, c.mlp_ratio)
-        G = min(c.max_global, math.ceil(T * c.global_ratio))
-        fwd = c.n_layer_local * local + c.n_layer_global * G * block_flops(c.d_global, G, c.mlp_ratio)
-        fwd += T * 2 * c.d_local * c.vocab_size
-        return 3 * fwd / T
+        """Training FLOPs per byte planned at ``seq_len`` (3 x forward): the global blocks charged for
+        ceil(T * global_ratio) positions, at most T_G (the paper's accounting: a sequence pays for its share of global
+        slots whatever its text). ``train_flops`` counts the positions a batch really has."""
+        c = self.config
+        G = min(c.max_global, math.ceil(seq_len * c.global_ratio))
+        return 3 * self.forward_flops(1, seq_len, G) / seq_len
+
+    def train_flops(self, x: Tensor, mask: Tensor | None = None, *, modality: Tensor | None = None) -> float:
+        """FLOPs of one training step on x (B, T) as run: the global blocks over the most global positions of any row
+        (every row is padded to it; capped at T_G)."""
+        _, glob = self.capped_starts(x)
+        return 3 * self.forward_flops(x.shape[0], x.shape[1], int(glob.sum(1).max()))
+
+    def patch_starts(self, x: Tensor, mask: Tensor | None = None, *,
+                     modality: Tensor | None = None) -> Tensor | None:
+        """The global positions (capped)."""
+        return self.capped_starts(x)[1]
+
+    def prepare(self, data: ModelData) -> None:
+        """The cap on global positions is set for the training window: ``context`` = ``data.seq_len``."""
+        if self.config.context != data.seq_len:
+            self.config = replace(self.config, context=data.seq_len)
+
+    def requires(self) -> dict[str, str]:
+        return {}
+
+    def caveats(self) -> list[str]:
+        return []
 
     # -- cached generation: local blocks keep a sliding-window cache; a row whose new byte opens a word takes one
     # cached step of the global blocks (rows advance separately)
 
-    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> SpaceByteCache:
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None, *,
+                  modality: Tensor | None = None) -> SpaceByteCache:
         return SpaceByteCache(
             buf=torch.zeros(batch, max_len, dtype=torch.long, device=device), t=0,
             local_in=self.local_in.make_caches(batch, max_len + 1, device, dtype),

@@ -34,12 +34,6 @@ def laplace_scale(residual: Tensor) -> float:
     return max(residual.double().abs().mean().item(), MIN_SCALE)
 
 
-def laplace_cdf(x: Tensor, scale: float) -> Tensor:
-    """CDF of Laplace(0, scale), float64."""
-    x = x.double()
-    return torch.where(x < 0, 0.5 * torch.exp(x / scale), 1 - 0.5 * torch.exp(-x / scale))
-
-
 def residual_bits(residual: Tensor, low: Tensor, high: Tensor, scale: float | None = None) -> float:
     """Bits to code the integer ``residual`` under a discretized Laplace of the given (or fitted) scale, each value
     known to lie in [low, high] (elementwise), plus ``SCALE_BITS`` for the scale. All three tensors the same shape."""
@@ -47,10 +41,23 @@ def residual_bits(residual: Tensor, low: Tensor, high: Tensor, scale: float | No
     if ((r < low) | (r > high)).any():
         raise ValueError("a residual lies outside its stated range")
     b = laplace_scale(r) if scale is None else scale
-    upper = torch.where(r >= high, torch.ones_like(r), laplace_cdf(r + 0.5, b))
-    lower = torch.where(r <= low, torch.zeros_like(r), laplace_cdf(r - 0.5, b))
-    p = (upper - lower).clamp(min=1e-300)
-    return float(-torch.log2(p).sum().item()) + SCALE_BITS
+    inf = torch.full_like(r, torch.inf)
+    upper = torch.where(r >= high, inf, r + 0.5)  # the end values take the tails beyond the range
+    lower = torch.where(r <= low, -inf, r - 0.5)
+    return float(-laplace_log_mass(lower, upper, b).sum().item()) / math.log(2) + SCALE_BITS
+
+
+def laplace_log_mass(a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """log P(a < X <= b) in nats for X ~ Laplace(0, scale), float64, a < b elementwise (either may be infinite).
+    Computed in log space: an interval in one tail has mass 0.5 exp(-|near end| / scale) (1 - exp(-width / scale)),
+    which a difference of two CDF values near 1 would lose to rounding far in the tail (a residual of 120 at scale 3:
+    about 60 bits, not the 997 of a mass rounded to zero)."""
+    a, b = a.double(), b.double()
+    flip = b <= 0  # an interval in the negative tail: its mirror image in the positive one
+    a, b = torch.where(flip, -b, a), torch.where(flip, -a, b)
+    tail = math.log(0.5) - a / scale + torch.log1p(-torch.exp(-(b - a) / scale))  # 0 <= a < b
+    middle = torch.log1p(-0.5 * torch.exp(-b / scale) - 0.5 * torch.exp(a / scale))  # a < 0 < b
+    return torch.where(a >= 0, tail, middle)
 
 
 def image_residual_bits(original: Tensor, recon: Tensor) -> float:
