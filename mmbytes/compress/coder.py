@@ -43,8 +43,6 @@ from mmbytes.compress.plans import Plan, plan_file, rebuild
 
 THREADS = 1
 """Intra-op threads of the coder's model pass, whatever the caller's setting (the format's thread policy)."""
-ROW_INDEPENDENT = ("megabyte", "transformer")
-"""Architectures whose rows share batches, for models without declared capabilities."""
 
 
 # -- the model
@@ -66,31 +64,19 @@ def model_hash(model: nn.Module) -> bytes:
 
 def _can_code(model: nn.Module) -> bool:
     """Coding needs next-byte distributions from the cached byte path; a token model (the BPE baseline) has none."""
-    caps = getattr(model, "capabilities", None)  # protocol: once every model declares capabilities, read only these
-    if caps is not None:
-        return bool(caps.byte_logits and caps.cached)
-    return hasattr(model, "step")
+    return bool(model.capabilities.byte_logits and model.capabilities.cached)
 
 
 def require_byte_model(model: nn.Module) -> None:
     if not _can_code(model):
-        raise CompressionError(f"a {getattr(model.config, 'arch', type(model).__name__)} model predicts tokens, not "
+        raise CompressionError(f"a {type(model).__name__} model predicts tokens, not "
                                "bytes: compress with a byte model (MEGABYTE, SpaceByte, BLT, the byte Transformer)")
 
 
 def shares_batches(model: nn.Module) -> bool:
     """Whether files may share batches: a row's cached-step logits are bit for bit the same whatever the other rows
     hold (batch size and row fixed). ``tests/test_compress.py`` checks this bitwise for every model it admits."""
-    caps = getattr(model, "capabilities", None)  # protocol: once every model declares capabilities, read only these
-    if caps is not None:
-        return bool(caps.independent_rows)
-    return getattr(model.config, "arch", None) in ROW_INDEPENDENT
-
-
-def _modality_kwargs(model: nn.Module, modality: torch.Tensor | None) -> dict:
-    from mmbytes.model.generate import modality_kwargs
-
-    return modality_kwargs(model, modality)  # protocol: every model's new_cache takes modality=; pass it always
+    return bool(model.capabilities.independent_rows)
 
 
 def machine_envelope(model: nn.Module) -> Envelope:
@@ -158,7 +144,7 @@ def code_batch(model: nn.Module, rows: dict[int, Row], batch: int, chunk: int, e
         for slot, row in rows.items():
             modality[slot] = MODALITIES.index(row.modality or "raw")
         modality = modality.to(device)
-    cache = model.new_cache(batch, chunk, device, dtype, **_modality_kwargs(model, modality))
+    cache = model.new_cache(batch, chunk, device, dtype, modality=modality)
     logits = model.prefill(torch.zeros(batch, 0, dtype=torch.long, device=device), cache)
     fed = np.zeros(batch, dtype=np.int64)
     for t in range(steps):
@@ -300,7 +286,7 @@ def decompress_files(model: nn.Module, inputs: list[tuple[bytes, str]], *, force
                                        f"checkpoint's model is {mhash[:8].hex()}")
             if h.shared and not shared:
                 raise CompressionError(f"{name}: coded with batches shared between files, which this model "
-                                       f"({getattr(model.config, 'arch', type(model).__name__)}) cannot reproduce")
+                                       f"({type(model).__name__}) cannot reproduce")
             if (diff := h.envelope.mismatch(machine)) is not None:
                 if not force:
                     label, theirs, ours = diff
