@@ -36,15 +36,13 @@ class Windows(torch.utils.data.Dataset):
 
 
 class Data(L.LightningDataModule):
-    def __init__(self, text: bytes) -> None:
+    def __init__(self, text: bytes, seq_len: int = 64) -> None:
         super().__init__()
+        self.save_hyperparameters(ignore="text")  # seq_len: the window models prepare for (SpaceByte's cap)
         self.text = text
 
-    def train_samples(self):  # what BPE trains its tokenizer on
-        return iter([self.text])
-
     def train_dataloader(self):
-        return torch.utils.data.DataLoader(Windows(self.text), batch_size=4)
+        return torch.utils.data.DataLoader(Windows(self.text, self.hparams.seq_len), batch_size=4)
 
     val_dataloader = train_dataloader
 
@@ -53,6 +51,10 @@ class Data(L.LightningDataModule):
 @pytest.mark.parametrize("size", ARCHS)
 def test_every_architecture_trains_and_validates_in_bf16(size, precision, text_bytes, tmp_path):
     lm = ByteLM(size=size, lr=1e-3, warmup_steps=1)
+    if size.startswith("bpe"):  # a trained tokenizer, which the model keeps
+        from mmbytes.model import bpe
+
+        lm.model.set_tokenizer(*bpe.train_tokenizer([text_bytes], lm.config.vocab_size))
     data = Data(text_bytes)
     trainer = L.Trainer(accelerator="cpu", precision=precision, max_steps=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

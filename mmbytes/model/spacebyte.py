@@ -251,8 +251,9 @@ class SpaceByte(nn.Module):
         return self.capped_starts(x)[1]
 
     def prepare(self, data: ModelData) -> None:
-        """The cap on global positions is set for the training window: ``context`` = ``data.seq_len``."""
-        if self.config.context != data.seq_len:
+        """The cap on global positions is set for the training window: ``context`` = ``data.seq_len`` (kept when
+        the data does not say its window)."""
+        if data.seq_len is not None and self.config.context != data.seq_len:
             self.config = replace(self.config, context=data.seq_len)
 
     def requires(self) -> dict[str, str]:
