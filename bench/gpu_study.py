@@ -42,9 +42,10 @@ def gallery(out: Path, name: str, recipe: str, sources: list[str], codec_options
     data_args = ["--data.sources", json.dumps(sources), "--data.data_dir", str(out / f"{name}_shards")]
     if codec_options:
         data_args += ["--data.codec_options", codec_options]
-    limits = ["--trainer.max_steps", "2", "--data.train_batches_per_epoch", "2", "--data.batch_size", "2",
-              "--model.size", "debug", "--model.overrides", "{}"] if smoke else \
-        ["--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}",
+    if smoke:
+        data_args += ["--model.size", "debug", "--model.overrides", "{}"]
+    limits = ["--trainer.max_steps", "2", "--data.train_batches_per_epoch", "2", "--data.batch_size", "2"] \
+        if smoke else ["--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}",
          "--trainer.precision", "bf16-mixed", "--trainer.val_check_interval", "200",
          "--trainer.check_val_every_n_epoch", "null"]
     run(["fit", "--config", str(ROOT / "recipes" / recipe), *data_args, *limits, "--trainer.accelerator", device,

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,3 +25,18 @@ def test_gpu_bench_smoke_runs_every_step_and_writes_its_tables(tmp_path):
     assert result["sample_and_compress"]["exact"]
     assert result["commit"] and result["versions"]["torch"] == __import__("torch").__version__
     assert "| model | compiled |" in (tmp_path / "gpu.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_study_smoke_trains_every_architecture_and_writes_the_gallery(tmp_path):
+    """``bench/gpu_study.py --smoke``: the GPU study and gallery call at a toy budget on CPU (needs ../shared)."""
+    spec = importlib.util.spec_from_file_location("gpu_study", ROOT / "bench" / "gpu_study.py")
+    gpu_study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_study)
+    if not (gpu_study.ROOT.parent / "shared" / "data" / "text" / "gcide.dict.dz").exists():
+        pytest.skip("the shared data (GCIDE, MNIST, FSDD) is not here")
+    gpu_study.main([str(tmp_path), "--smoke"])
+    report = (tmp_path / "study" / "report.md").read_text()
+    assert all(f"| {m.replace('small', 'debug')} |" in report for m in gpu_study.MODELS.split(","))
+    assert (tmp_path / "gallery" / "mnist" / "image_sheet.png").exists()
+    assert len(list((tmp_path / "gallery" / "fsdd").glob("*.wav"))) == 2
