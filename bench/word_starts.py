@@ -1,4 +1,4 @@
-"""Word starts in trained models (issue 13): SpaceByte's premise and BLT's patches.
+"""Word starts in trained models: SpaceByte's premise and BLT's patches.
 
 - MEGABYTE (or any byte model): mean bits of word-initial bytes against the rest, on the validation windows. SpaceByte
   (Slagle, 2024, section 2) puts its global blocks at word starts because the first byte of a word is the hardest.
