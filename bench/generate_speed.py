@@ -5,8 +5,8 @@ weights) with ``mmbytes.model.generate.generate``, in the same process; each mod
 ratio to the first ``transformer-*`` model, if any. The reference decoder (``generate_reference``: a full forward
 pass for every byte) is measured for the models of ``--ref-models`` (default: the first of ``--models``). Running it
 for all 8192 bytes costs one forward pass per byte (most of an hour on a 2-core CPU), so by default its cost is
-measured as the time of one full forward pass at ``--ref-points`` lengths and integrated over every length 1..N (piecewise linear);
-``--ref-full`` runs it for real.
+measured as the time of one full forward pass at ``--ref-points`` lengths and integrated over every length 1..N
+(piecewise linear); ``--ref-full`` runs it for real.
 
     python bench/generate_speed.py --json bench/generate_speed.json
     python bench/generate_speed.py --models small,spacebyte-small,transformer-small --ref-models all
