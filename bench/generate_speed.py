@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from stamp import stamp  # noqa: E402  (bench/stamp.py: commit, machine, versions, command)
 from torch import nn
 
 from mmbytes.codecs import MODALITIES
@@ -120,7 +121,7 @@ def main() -> None:
     if args.json:
         result = {"bytes": args.bytes, "threads": torch.get_num_threads(),
                   "baseline": base["model"] if base else None, "rows": rows}
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(json.dumps({**stamp(), **result}, indent=2))
 
 
 if __name__ == "__main__":

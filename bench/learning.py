@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from stamp import stamp  # noqa: E402  (bench/stamp.py: commit, machine, versions, command)
 
 from mmbytes import MegabyteConfig
 from mmbytes.lit import param_groups, warmup_cosine
@@ -195,7 +196,8 @@ def main() -> None:
 
 def write_json(args, rows: list[dict]) -> None:
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+        settings = {k: str(v) for k, v in vars(args).items()}
+        args.json.write_text(json.dumps({**stamp(), "args": settings, "rows": rows}, indent=2))
 
 
 def equal_wall(args, names: list[str], train: torch.Tensor, val: torch.Tensor) -> None:
