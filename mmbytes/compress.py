@@ -635,7 +635,7 @@ def load(ckpt: Path, device: str) -> tuple[nn.Module, dict]:
 
 def main(argv: list[str] | None = None, command: str = "compress") -> None:
     decompress = command == "decompress"
-    ap = argparse.ArgumentParser(
+    ap = argparse.ArgumentParser(allow_abbrev=False,
         prog=f"mmbytes {command}",
         description="Decompress .mmbz files with the model that compressed them." if decompress else
         "Compress files losslessly with a trained model (arithmetic coding of its next-byte distributions).")

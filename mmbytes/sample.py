@@ -146,7 +146,8 @@ def codec_meta(modality: str, data_hparams: dict, args: argparse.Namespace, patc
 def main(argv: list[str] | None = None) -> None:
     from mmbytes.checkpoint import load_model
 
-    ap = argparse.ArgumentParser(prog="mmbytes sample", description="Generate files from a mmbytes checkpoint.")
+    ap = argparse.ArgumentParser(prog="mmbytes sample", description="Generate files from a mmbytes checkpoint.",
+                                 allow_abbrev=False)
     ap.add_argument("--ckpt", required=True, type=Path, help="a checkpoint written by `mmbytes fit`")
     ap.add_argument("--modality", choices=sorted(SUFFIX), default="text")
     ap.add_argument("--num", type=positive_int, default=4, help="independent samples (one batch)")
