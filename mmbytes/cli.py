@@ -49,7 +49,8 @@ class MmbytesCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """Checkpoints are written atomically (``AtomicCheckpointIO``) unless the run names a checkpoint IO of its own;
-        other plugins given on the command line are kept."""
+        other plugins given on the command line are kept. Every checkpoint holds the data description
+        (``DataDescription``)."""
         from lightning.fabric.plugins import CheckpointIO
 
         from mmbytes.checkpoint import AtomicCheckpointIO
@@ -58,7 +59,12 @@ class MmbytesCLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
-        return super().instantiate_trainer(**{**kwargs, "plugins": plugins})
+        trainer = super().instantiate_trainer(**{**kwargs, "plugins": plugins})
+        from mmbytes.callbacks import DataDescription
+
+        if not any(isinstance(c, DataDescription) for c in trainer.callbacks):  # every checkpoint describes its data
+            trainer.callbacks.append(DataDescription())
+        return trainer
 
     def _check_ckpt_config(self, sub: str, init: dict | None) -> None:
         """A model configuration given for this run (anything but the defaults) must match the checkpoint's: refuse
