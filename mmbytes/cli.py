@@ -287,7 +287,8 @@ def _main(argv: list[str], friendly: bool, from_sys: bool) -> None:
         for name, (_, what) in EXTRA.items():
             print(f"  {name:10s} {what}")
         print("  --debug    show the traceback of an error (or set MMBYTES_DEBUG=1)")
-        print(f"  --threads N  torch's intra-op threads; by default {THREADS_HELP.partition(': ')[2]}")
+        print("  --threads N  torch's intra-op threads (default: half the CPUs this process may use, 1 to 8, unless "
+              "OMP_NUM_THREADS is set)")
         print()
     old = stop_on_sigterm(grace=SIGTERM_GRACE_S) if friendly else None
     try:
