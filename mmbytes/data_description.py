@@ -169,7 +169,29 @@ def recipe_difference(manifest: dict[str, Any], recipe: dict[str, Any]) -> list[
     from mmbytes.shards import shown
 
     wanted["sources"] = [shown(s) for s in wanted["sources"]]
-    return [(k, manifest.get(k), v) for k, v in _plain(wanted).items() if _plain(manifest.get(k)) != v]
+    differ = []
+    for k, v in _plain(wanted).items():
+        theirs = _plain(manifest.get(k))
+        same = theirs == v
+        if k == "codec_options" and not same:  # the same codec either way ({size: 32} and {size: [32, 32]} alike)
+            same = _settings(wanted["codec"], theirs) == _settings(wanted["codec"], v) is not None
+        if not same:
+            differ.append((k, manifest.get(k), v))
+    return differ
+
+
+def _settings(codec: str, options: Any) -> dict | None:
+    """The full settings of a codec made with these options (defaults filled in, values normalised), or None."""
+    from dataclasses import asdict, is_dataclass
+
+    from mmbytes.codecs import get_codec
+
+    try:
+        made = get_codec(codec, **dict(options or {}))
+    except Exception:  # options this codec refuses: compared as given
+        return None
+    parts = getattr(made, "codecs", None) or {codec: made}
+    return _plain({name: asdict(c) if is_dataclass(c) else {} for name, c in parts.items()})
 
 
 def mark_built_by(data_dir: str | Path, who: str) -> None:

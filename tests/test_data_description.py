@@ -75,3 +75,16 @@ def test_shards_built_elsewhere_are_refused_naming_the_field_that_differs(tmp_pa
     with pytest.raises(OptionError, match=rf"manifest.json: shards built with {field} .*the recipe asks for"):
         ByteDataModule(**{**args, **change}).prepare_data()
     assert "built_by" not in manifest(tmp_path / "s")  # nothing rewritten
+
+
+def test_codec_options_that_mean_the_same_keep_the_shards(tmp_path):
+    """``{sample_rate: 8000}`` and ``{sample_rate: 8000, convert: true}`` (the default) build the same shards."""
+    write_shards([str(SAMPLES / "audio")], tmp_path / "s", codec="audio", codec_options={"sample_rate": 8000},
+                 progress=False)
+    first = (tmp_path / "s" / "manifest.json").stat().st_mtime_ns
+    ByteDataModule(data_dir=str(tmp_path / "s"), sources=[str(SAMPLES / "audio")], codec="audio",
+                   codec_options={"sample_rate": 8000, "convert": True}).prepare_data()
+    assert (tmp_path / "s" / "manifest.json").stat().st_mtime_ns == first
+    with pytest.raises(OptionError, match="shards built with codec_options"):
+        ByteDataModule(data_dir=str(tmp_path / "s"), sources=[str(SAMPLES / "audio")], codec="audio",
+                       codec_options={"sample_rate": 16000}).prepare_data()
