@@ -171,9 +171,9 @@ class EpochLoader:
 
     ``epoch_of()``, when given and not None, is the trainer's own epoch count and decides the stream over
     ``set_epoch``: resumed from a checkpoint written at the end of an epoch (ModelCheckpoint after the epoch's
-    validation), Lightning's fit loop first iterates the finished epoch once more (one batch prefetched and dropped)
-    and then numbers the samplers' epochs one ahead of ``current_epoch``; the stream follows ``current_epoch``, as in
-    a run that was never interrupted."""
+    validation), Lightning's fit loop first iterates the finished epoch once more (its first batch is fetched and
+    dropped) and from then on numbers the samplers' epochs one ahead of ``current_epoch``; the stream follows
+    ``current_epoch``, as in a run that was never interrupted (the finished epoch's iteration then yields nothing)."""
 
     def __init__(self, make: Callable[[int], Iterable], batches: int, num_workers: int = 0,
                  epoch_of: Callable[[], int | None] | None = None) -> None:
