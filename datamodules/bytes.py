@@ -167,10 +167,17 @@ class EpochLoader:
     again up to that place and the batches before it are dropped, so a resume replays at most one epoch, however long
     the run (with ``pipe:`` or ``https://`` shards it re-reads only what this epoch read). Each epoch starts its
     workers afresh; within a worker, each epoch starts at a random sample of its first shard (``rotated_shards``), so
-    epochs shorter than a shard do not all read the same start of it."""
+    epochs shorter than a shard do not all read the same start of it.
 
-    def __init__(self, make: Callable[[int], Iterable], batches: int, num_workers: int = 0) -> None:
-        self.make, self.batches, self.num_workers = make, batches, num_workers
+    ``epoch_of()``, when given and not None, is the trainer's own epoch count and decides the stream over
+    ``set_epoch``: resumed from a checkpoint written at the end of an epoch (ModelCheckpoint after the epoch's
+    validation), Lightning's fit loop first iterates the finished epoch once more (its first batch is fetched and
+    dropped) and from then on numbers the samplers' epochs one ahead of ``current_epoch``; the stream follows
+    ``current_epoch``, as in a run that was never interrupted (the finished epoch's iteration then yields nothing)."""
+
+    def __init__(self, make: Callable[[int], Iterable], batches: int, num_workers: int = 0,
+                 epoch_of: Callable[[], int | None] | None = None) -> None:
+        self.make, self.batches, self.num_workers, self.epoch_of = make, batches, num_workers, epoch_of
         self.epoch = self.consumed = 0
         self.replayed = 0  # batches drawn again and dropped when this epoch was resumed
         self._resume: dict[str, int] | None = None
@@ -184,6 +191,9 @@ class EpochLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         # a generator: nothing runs until the first batch is asked for, after Lightning has set the epoch and state
+        current = self.epoch_of() if self.epoch_of is not None else None
+        if current is not None:
+            self.epoch = current
         resume, self._resume = self._resume, None
         skip = resume["batches"] if resume and resume["epoch"] == self.epoch else 0
         share_temp_dir(self.num_workers)
@@ -203,6 +213,11 @@ class EpochLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch = state["epoch"]
         self._resume = {"epoch": state["epoch"], "batches": state["batches"]}
+
+
+def trainer_epoch(module: L.LightningDataModule) -> int | None:
+    """The attached trainer's ``current_epoch`` (None without a trainer): what the training stream follows."""
+    return None if module.trainer is None else module.trainer.current_epoch
 
 
 def share_temp_dir(workers: int) -> None:
@@ -417,11 +432,30 @@ class ByteDataModule(L.LightningDataModule):
                              patch_size, interleave)
 
     def prepare_data(self) -> None:
-        if self.hp.sources and not self.hp.train_shards and not (Path(self.hp.data_dir) / "manifest.json").exists():
-            from mmbytes.shards import write_shards
+        """Build the shards from ``sources`` when ``data_dir`` has none. Shards already there are compared with the
+        recipe (codec, codec options, validation fraction, sources): shards this module built itself are rebuilt when
+        the recipe changed; others are refused with one line naming the field that differs."""
+        if not self.hp.sources or self.hp.train_shards:
+            return
+        from mmbytes import data_description
+        from mmbytes.shards import write_shards
 
-            write_shards(self.hp.sources, self.hp.data_dir, self.hp.codec, self.hp.codec_options,
-                         self.hp.val_fraction)
+        manifest = data_description.read_manifest_file(self.hp.data_dir)
+        if manifest is not None:
+            differ = data_description.recipe_difference(manifest, dict(self.hp))
+            if not differ:
+                return
+            field, theirs, ours = differ[0]
+            if manifest.get(data_description.BUILT_BY) != "datamodule":
+                from mmbytes.errors import OptionError
+
+                raise OptionError(f"{Path(self.hp.data_dir) / 'manifest.json'}: shards built with {field} {theirs!r}, "
+                                  f"the recipe asks for {ours!r}; give another data.data_dir, or rebuild them with "
+                                  "`mmbytes shards` (these were not built by the datamodule, so it leaves them)")
+            log.warning("%s: the recipe's %s changed (%r, was %r); rebuilding the shards it built", self.hp.data_dir,
+                        ", ".join(d[0] for d in differ), ours, theirs)
+        write_shards(self.hp.sources, self.hp.data_dir, self.hp.codec, self.hp.codec_options, self.hp.val_fraction)
+        data_description.mark_built_by(self.hp.data_dir, "datamodule")
 
     def urls(self, split: str) -> str | list[str]:
         explicit = self.hp.train_shards if split == "train" else self.hp.val_shards
@@ -505,7 +539,8 @@ class ByteDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> EpochLoader:
         self.urls("train")  # missing shards fail here, not at the first batch
-        return EpochLoader(self.train_pipeline, self.hp.train_batches_per_epoch, self.hp.num_workers)
+        return EpochLoader(self.train_pipeline, self.hp.train_batches_per_epoch, self.hp.num_workers,
+                           epoch_of=partial(trainer_epoch, self))
 
     def val_dataloader(self) -> wds.WebLoader:
         share = partial(val_batches, seq_len=self.hp.seq_len, batch_size=self.hp.batch_size, **rank_world(self))

@@ -319,7 +319,8 @@ def write_report(out: Path, rows: list[dict], info: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="mmbytes compare", description="Byte model vs VQ-VAE + prior on the same "
-                                 "validation files: report.md, report.csv, rate-distortion plot, sample grid.")
+                                 "validation files: report.md, report.csv, rate-distortion plot, sample grid.",
+                                 allow_abbrev=False)
     ap.add_argument("--byte-ckpt", type=Path, required=True, help="a byte model checkpoint (`mmbytes fit`)")
     ap.add_argument("--vq-ckpt", type=Path, required=True, help="a VQ-VAE checkpoint (mmbytes.vq.VQVAEModule)")
     ap.add_argument("--prior-ckpt", type=Path, required=True, help="a prior checkpoint (mmbytes.vq.VQPriorModule)")

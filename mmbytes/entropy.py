@@ -127,7 +127,7 @@ def draw_windows(items: Iterable[tuple[np.ndarray, dict]], n: int, seq_len: int,
 def calibrate_main(argv: list[str] | None = None) -> None:
     from mmbytes.checkpoint import atomic_save, load_checkpoint, load_model
 
-    ap = argparse.ArgumentParser(prog="mmbytes calibrate",
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="mmbytes calibrate",
                                  description="Per-modality entropy thresholds for BLT, stored with the entropy model.")
     ap.add_argument("--ckpt", required=True, type=Path, help="the entropy model's checkpoint (`mmbytes fit`)")
     ap.add_argument("--data", required=True, nargs="+",
@@ -219,7 +219,7 @@ def patches_main(argv: list[str] | None = None) -> None:
     from mmbytes.checkpoint import load_checkpoint, load_model
     from mmbytes.codecs import get_codec
 
-    ap = argparse.ArgumentParser(prog="mmbytes patches",
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="mmbytes patches",
                                  description="PNG of a file's next-byte entropy and BLT patch boundaries.")
     ap.add_argument("--ckpt", required=True, type=Path, help="an entropy model (best calibrated) or a BLT checkpoint")
     ap.add_argument("files", nargs="+", type=Path)

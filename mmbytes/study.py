@@ -371,7 +371,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mmbytes study", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="mmbytes study", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, type=Path, help="shard folder (`mmbytes shards`)")
     ap.add_argument("--budget", required=True, type=float, help="training FLOPs per run")

@@ -32,18 +32,15 @@ from mmbytes.shards import DIED, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = ROOT / "tests" / "data"  # real files shipped for the tests (credits: tests/data/MANIFEST.md)
 PHOTOS = SHARED / "images" / "photos"
-MNIST = SHARED / "images" / "mnist" / "t10k-images-idx3-ubyte.gz"
+MNIST = SHARED / "images" / "mnist" / "t10k-images-idx3-ubyte-first1000.gz"
 ICON = SAMPLES / "images" / "icon_places_user-home.png"
 WAV = SAMPLES / "audio" / "fsdd_0_george_1.wav"
 TEXT = SAMPLES / "text" / "tinyshakespeare.txt"
 GIFS = sorted((SHARED / "files").glob("*.gif"))
 LIMIT = 2 * 2**20  # --max-file-mb 2: also the decoded-size limit
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-
-pytestmark = pytest.mark.skipif(not PHOTOS.exists(), reason="shared data not present")
-
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -257,7 +254,6 @@ def test_resampling_coprime_rates_is_fast_and_exact_in_length(tree):
     assert len(data) == 2 * -(-len(tree["odd"]) * 8000 // 16001) and meta["sample_rate"] == 8000
 
 
-@pytest.mark.skipif(not MNIST.exists(), reason="MNIST not present")
 @pytest.mark.parametrize(("name", "count", "h", "w", "gz", "match"), [
     ("billions_of_empty.idx", 4_000_000_000, 0, 0, False, "header promises 4000000000 images of 0x0: no pixels"),
     ("billion_digits.idx", 1_000_000_000, 28, 28, False, "a header promising 1,000,000,000 images of 28x28 would "

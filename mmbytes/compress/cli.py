@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None, command: str = "compress") -> None:
     ap = argparse.ArgumentParser(
         prog=f"mmbytes {command}",
         description="Decompress .mmbz files with the model that compressed them." if decompress else
-        "Compress files losslessly with a trained model (arithmetic coding of its next-byte distributions).")
+        "Compress files losslessly with a trained model (arithmetic coding of its next-byte distributions).",
+        allow_abbrev=False)
     ap.add_argument("--ckpt", required=True, type=Path, help="a checkpoint written by `mmbytes fit`")
     ap.add_argument("inputs", nargs="+", type=Path,
                     help=".mmbz files or folders holding them" if decompress else "files and folders")
