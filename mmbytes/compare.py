@@ -36,21 +36,13 @@ COLUMNS = ["system", "kind", "modality", "items", "dims", "bits_per_dim", "code_
 
 def read_val(data_dir: Path, modality: str, max_items: int | None = None) -> list[tuple[np.ndarray, dict]]:
     """The validation samples of one modality in the shards of ``data_dir``: (bytes as uint8, meta), in shard order."""
-    import webdataset as wds
-
-    from datamodules.bytes import decode
+    from datamodules.bytes import ByteDataModule
 
     manifest = data_dir / "manifest.json"
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest}: no shards here; build them with `mmbytes shards ... --out {data_dir}`")
-    from mmbytes.shards import read_manifest
-
-    names = read_manifest(manifest)["splits"].get("val", {}).get("shards", [])
-    if not names:
-        raise ValueError(f"{manifest}: the validation split has no shards")
     items = []
-    for sample in wds.DataPipeline(wds.SimpleShardList([str(data_dir / n) for n in names]), wds.tarfile_to_samples()):
-        data, meta = decode(sample)
+    for data, meta in ByteDataModule(data_dir=str(data_dir)).samples("val"):
         if meta.get("modality") == modality:
             items.append((data, meta))
             if max_items and len(items) >= max_items:

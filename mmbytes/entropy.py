@@ -71,15 +71,11 @@ def calibrate(per_modality: dict[str, list[Tensor]], target: float, rule: str = 
 
 def shard_windows(data_dir: str, seq_len: int, per_modality: int, split: str = "train") -> dict[str, list[np.ndarray]]:
     """Up to ``per_modality`` consecutive windows of each modality from the shards of ``data_dir``, read in order."""
-    import webdataset as wds
-
-    from datamodules.bytes import ByteDataModule, consecutive_windows, decode, skip_and_count
+    from datamodules.bytes import ByteDataModule, consecutive_windows
 
     dm = ByteDataModule(data_dir=data_dir, seq_len=seq_len)
-    pipeline = wds.DataPipeline(wds.SimpleShardList(dm.urls(split)), wds.tarfile_to_samples(handler=skip_and_count),
-                                wds.map(decode, handler=skip_and_count))
     out: dict[str, list[np.ndarray]] = {}
-    for window, m in consecutive_windows(iter(pipeline), seq_len):
+    for window, m in consecutive_windows(dm.samples(split), seq_len):
         got = out.setdefault(MODALITIES[m], [])
         if len(got) < per_modality and len(window) > 1:
             got.append(window)
