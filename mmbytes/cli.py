@@ -63,9 +63,9 @@ class MmbytesCLI(LightningCLI):
 
         ckpt_path = self.config[sub].get("ckpt_path")
         if ckpt_path and Path(ckpt_path).is_file():
-            from mmbytes.checkpoint import check_checkpoint_file
+            from mmbytes.checkpoint import verify_checkpoint
 
-            check_checkpoint_file(ckpt_path)  # random bytes: one line naming the file, not torch's mmap message
+            verify_checkpoint(ckpt_path)  # damaged, pickled or of a wrong inside: one line naming the file and field
         if init is None or "size" not in init or not ckpt_path or not Path(ckpt_path).is_file():  # not a ByteLM
             return  # "last" and the like are resolved by the Trainer; ByteLM.on_load_checkpoint checks those
         defaults = inspect.signature(ByteLM.__init__).parameters

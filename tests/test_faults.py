@@ -438,3 +438,105 @@ def test_sample_command_with_a_hostile_prompt_name_writes_only_into_out(saved, t
           str(prompt), "--out", str(tmp_path / "out")])
     assert outside_files(tmp_path, tmp_path / "out") == before
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["text_000.txt", "text_001.txt"]
+
+
+# ---- checkpoints that are damaged or hold a wrong inside: one line naming the file and the field, nothing built
+
+
+def damaged_record(src: Path, dst: Path) -> str:
+    """``src`` with one byte of one weight record changed after writing (the zip's CRC-32 no longer matches)."""
+    import zipfile
+
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    name_len, extra_len = int.from_bytes(data[info.header_offset + 26: info.header_offset + 28], "little"), \
+        int.from_bytes(data[info.header_offset + 28: info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.file_size // 2] ^= 0x40
+    dst.write_bytes(bytes(data))
+    return info.filename
+
+
+def test_a_checkpoint_with_a_changed_weight_is_refused_by_its_crc(saved, tmp_path, capsys):
+    from mmbytes.cli import main
+
+    bad = tmp_path / "model.ckpt"
+    record = damaged_record(saved, bad)
+    with pytest.raises(SystemExit) as stop:
+        main(["sample", "--ckpt", str(bad), "--num", "1", "--bytes", "4", "--out", str(tmp_path / "out")],
+             friendly=True)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 1 and len(err) == 1
+    assert err[0].startswith(f"mmbytes: error: {bad}: damaged checkpoint: record {record} does not match its CRC-32")
+    assert not (tmp_path / "out").exists()
+
+
+def edited(saved: Path, dst: Path, edit) -> Path:
+    ckpt = torch.load(saved, weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, dst)
+    return dst
+
+
+def set_config(**fields):
+    def edit(ckpt):
+        ckpt["mmbytes"]["config"].update(fields)
+    return edit
+
+
+WRONG_INSIDE = {
+    "patch size edited": (set_config(patch_size=16),
+                          r"state_dict tensor model\.\S+ has shape \([\d, ]+\), its config calls for \([\d, ]+\)"),
+    "negative width": (set_config(d_local=-24), "config field d_local is -24; a model size is a whole number"),
+    "huge config": (set_config(d_global=2**20, n_layer_global=4096),
+                    r"its model config calls for more weights than its state_dict holds \(\d+ tensors\)"),
+    "no state_dict": (lambda c: c.pop("state_dict"), r"no state_dict \(the weights\) in the checkpoint"),
+    "text where a size goes": (set_config(patch_size="8"), "config field|not valid|does not describe a model"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG_INSIDE))
+def test_a_checkpoint_with_a_wrong_inside_is_refused_in_one_line_before_building(saved, tmp_path, capsys, case):
+    import tracemalloc
+
+    from mmbytes.cli import main
+
+    edit, message = WRONG_INSIDE[case]
+    bad = edited(saved, tmp_path / "model.ckpt", edit)
+    started = time.time()
+    tracemalloc.start()
+    try:
+        with pytest.raises(SystemExit) as stop:
+            main(["sample", "--ckpt", str(bad), "--num", "1", "--bytes", "4", "--out", str(tmp_path / "out")],
+                 friendly=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 1 and len(err) == 1 and err[0].startswith(f"mmbytes: error: {bad}: ")
+    import re
+
+    assert re.search(message, err[0]), err[0]
+    assert peak < 256 * 2**20 and time.time() - started < 30
+
+
+class Payload:
+    """Not a tensor or container: ``torch.load(weights_only=True)`` refuses to unpickle it."""
+
+
+@pytest.mark.parametrize("command", ["sample", "fit"])
+def test_a_pickle_payload_is_refused_by_weights_only_in_one_line(saved, text_shards, tmp_path, capsys, monkeypatch,
+                                                                  command):
+    from mmbytes.cli import main
+
+    bad = edited(saved, tmp_path / "model.ckpt", lambda c: c.update(payload=Payload()))
+    monkeypatch.chdir(tmp_path)
+    args = (["sample", "--ckpt", str(bad), "--out", str(tmp_path / "out")] if command == "sample" else
+            ["fit", "--data.data_dir", str(text_shards), "--data.seq_len", "64", "--trainer.max_steps", "3",
+             "--trainer.logger", "false", "--ckpt_path", str(bad)])
+    with pytest.raises(SystemExit) as stop:
+        main(args, friendly=True)
+    err = [x for x in capsys.readouterr().err.strip().splitlines() if x.strip()]
+    assert stop.value.code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"mmbytes: error: {bad}: cannot load as a weights-only checkpoint")
