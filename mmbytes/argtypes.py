@@ -76,3 +76,29 @@ def regular_file(text: str) -> Path:
         kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, socket or device)"
         raise argparse.ArgumentTypeError(f"{text}: is {kind}; give a regular file")
     return path
+
+
+def at_most(kind, least: int | float, most: int | float, what: str = ""):
+    """A number of ``kind`` in [least, most]: ``type=at_most(int, 1, 2**24)``."""
+
+    def check(text: str):
+        value = _number(kind, text)
+        if not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"must be from {least:,} to {most:,}{what}, not {value:,}")
+        return value
+
+    check.__name__ = f"{kind.__name__} from {least} to {most}"  # argparse names the type in its messages
+    return check
+
+
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit seed
+seed = at_most(int, 0, SEED_MAX, " (a 64-bit seed)")
+
+
+def model_rate(text: str) -> str:
+    """``MODEL=LR`` with a finite positive learning rate (the model name is checked against the registry later)."""
+    name, eq, value = text.partition("=")
+    if not eq or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not MODEL=LR (e.g. small=3e-4)")
+    positive_float(value)
+    return text

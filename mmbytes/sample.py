@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mmbytes.argtypes import nonnegative_float, positive_float, positive_int, probability, regular_file
+from mmbytes.argtypes import seed as seed64
 from mmbytes.codecs import MODALITIES
 from mmbytes.model.generate import generate
 
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--temperature", type=nonnegative_float, default=1.0, help="0 is greedy")
     ap.add_argument("--top-k", type=positive_int, help="sample from the k likeliest bytes (1 or more)")
     ap.add_argument("--top-p", type=probability, help="sample from the likeliest bytes holding this mass, in (0, 1]")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed64, default=0, help="a 64-bit seed: 0 to 2^64-1")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     if args.image_size and args.tile and (args.order or "patch") == "patch" and args.image_size % args.tile:

@@ -35,6 +35,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from mmbytes.argtypes import at_most, count, fraction, model_rate, positive_float
+
 RECOMMENDED_LR = {"megabyte": 1e-3, "transformer": 1e-3, "spacebyte": 1e-3, "blt": 1e-3, "bpe": 1e-3}
 """Peak learning rate per architecture at the ``small`` sizes: the recipes' (``recipes/*.yaml``); the BPE baseline
 takes the byte Transformer's. ``debug`` sizes take ``DEBUG_LR``."""
@@ -406,26 +408,28 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mmbytes study", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, type=Path, help="shard folder (`mmbytes shards`)")
-    ap.add_argument("--budget", required=True, type=float, help="training FLOPs per run")
+    ap.add_argument("--budget", required=True, type=positive_float, help="training FLOPs per run")
     ap.add_argument("--models", required=True, help="comma-separated named sizes (e.g. small,transformer-small,"
                     "spacebyte-small,blt-small,bpe-small)")
     ap.add_argument("--out", required=True, type=Path, help="study folder: report.md, report.csv, bpb_vs_flops.png, "
                     "runs/")
-    ap.add_argument("--seeds", type=int, default=1, help="runs per model (seeds 0..N-1)")
-    ap.add_argument("--seq-len", type=int, default=1024, help="bytes per window, for every model")
-    ap.add_argument("--batch-size", type=int, default=8, help="windows per batch, for every model")
-    ap.add_argument("--evals", type=int, default=4, help="validations during each run (the curve), besides the last")
-    ap.add_argument("--val-batches", type=int, default=0,
+    ap.add_argument("--seeds", type=at_most(int, 1, 1000), default=1, help="runs per model (seeds 0..N-1)")
+    ap.add_argument("--seq-len", type=at_most(int, 1, 2**24), default=1024, help="bytes per window, for every model")
+    ap.add_argument("--batch-size", type=at_most(int, 1, 2**16), default=8, help="windows per batch, for every model")
+    ap.add_argument("--evals", type=at_most(int, 0, 10_000), default=4,
+                    help="validations during each run (the curve), besides the last")
+    ap.add_argument("--val-batches", type=count, default=0,
                     help="score the first N validation batches (0: every validation byte)")
-    ap.add_argument("--warmup", type=float, default=0.05, help="warmup as a fraction of each run's steps")
-    ap.add_argument("--lr", nargs="*", default=[], metavar="MODEL=LR", help="replace a model's recommended rate")
-    ap.add_argument("--entropy-budget", type=float, default=None,
+    ap.add_argument("--warmup", type=fraction, default=0.05, help="warmup as a fraction of each run's steps")
+    ap.add_argument("--lr", nargs="+", type=model_rate, default=[], metavar="MODEL=LR",
+                    help="replace a model's recommended rate")
+    ap.add_argument("--entropy-budget", type=positive_float, default=None,
                     help="training FLOPs of BLT's entropy model (default: a quarter of --budget)")
     ap.add_argument("--entropy-ckpt", type=Path, help="a calibrated entropy model for every BLT model instead")
     ap.add_argument("--strided", nargs="?", const="paper", choices=["paper", "later"],
                     help="MEGABYTE runs also score with strided inference (paper section 2.3.3; twice the validation "
                     "cost), reported as val/bpb_strided; the rule: paper (default) or later")
-    ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--num-workers", type=at_most(int, 0, 1024), default=0)
     ap.add_argument("--accelerator", default="auto")
     ap.add_argument("--progress", action="store_true", help="progress bars")
     return ap

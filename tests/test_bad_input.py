@@ -967,3 +967,35 @@ def test_image_metadata_of_the_wrong_shape_is_skipped_and_counted(image_shards, 
                         patch_size=48)
     assert len(list(dm.train_dataloader())) == 3  # training goes on over the other samples
     assert skipped["errors"] > before
+
+
+# ---- options out of range: the parser stops with the option named, before any file is read
+
+
+@pytest.mark.parametrize(("command", "args", "message"), [
+    ("sample", ["--seed", str(2**64)], "argument --seed: must be from 0 to 18,446,744,073,709,551,615 (a 64-bit seed)"),
+    ("sample", ["--seed", "-1"], "argument --seed: must be from 0 to"),
+    ("compress", ["--chunk", "0"], "argument --chunk: must be from 1 to 16,777,216, not 0"),
+    ("compress", ["--chunk", str(2**40)], "argument --chunk: must be from 1 to 16,777,216"),
+    ("compress", ["--batch", "0"], "argument --batch: must be from 1 to 65,536, not 0"),
+    ("compress", ["--threads", "0"], "argument --threads: must be from 1 to 1,024, not 0"),
+    ("study", ["--budget", "nan"], "argument --budget: 'nan' is not a finite number"),
+    ("study", ["--budget", "0"], "argument --budget: must be more than 0, not 0.0"),
+    ("study", ["--budget", "1e12", "--lr"], "argument --lr: expected at least one argument"),
+    ("study", ["--budget", "1e12", "--lr", "small"], "argument --lr: 'small' is not MODEL=LR"),
+    ("study", ["--budget", "1e12", "--lr", "small=inf"], "argument --lr: 'inf' is not a finite number"),
+    ("study", ["--budget", "1e12", "--seeds", "0"], "argument --seeds: must be from 1 to 1,000, not 0"),
+    ("study", ["--budget", "1e12", "--seq-len", "0"], "argument --seq-len: must be from 1 to 16,777,216, not 0"),
+    ("study", ["--budget", "1e12", "--batch-size", "0"], "argument --batch-size: must be from 1 to 65,536, not 0"),
+    ("study", ["--budget", "1e12", "--warmup", "1.5"], "argument --warmup: must be at least 0 and less than 1"),
+])
+def test_options_out_of_range_stop_the_parser_before_any_file_is_read(tmp_path, capsys, command, args, message):
+    from mmbytes.cli import main
+
+    common = {"sample": ["--ckpt", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "out")],
+              "compress": ["--ckpt", str(tmp_path / "none.ckpt"), str(TEXT), "--out", str(tmp_path / "out")],
+              "study": ["--data", str(tmp_path / "none"), "--models", "debug", "--out", str(tmp_path / "out")]}
+    with pytest.raises(SystemExit) as stop:
+        main([command, *common[command], *args])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
