@@ -999,3 +999,38 @@ def test_options_out_of_range_stop_the_parser_before_any_file_is_read(tmp_path, 
         main([command, *common[command], *args])
     assert stop.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ---- YAML configs: unknown keys, wrong types and alias bombs are one line
+
+
+def alias_bomb(depth: int = 9) -> str:
+    """A "billion laughs": 9^depth strings from a dozen lines."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, depth)]
+    return "\n".join(lines) + f"\nhidden: *l{depth - 1}\n"
+
+
+@pytest.mark.parametrize(("edit", "line"), [
+    (lambda t: t.replace("    size: debug\n", "    size: debug\n    sizee: 3\n"),
+     "Parser key \"model\": Problem with given class_path 'mmbytes.lit.ByteLM': Option 'sizee' is not accepted"),
+    (lambda t: t.replace("    seq_len: 1024\n", "    seq_len: lots\n"),
+     "Parser key \"seq_len\": Expected a <class 'int'>. Got value: lots"),
+    (lambda t: alias_bomb() + t, "its YAML aliases expand to more than 100,000 values (an alias bomb?)"),
+    (lambda t: t + "trainer: [unclosed\n", "not a YAML config"),
+])
+def test_a_bad_yaml_config_is_one_line(tmp_path, capsys, monkeypatch, edit, line):
+    import resource
+
+    from mmbytes.cli import main
+
+    config = tmp_path / "recipe.yaml"
+    config.write_text(edit((ROOT / "recipes" / "quickstart.yaml").read_text()))
+    monkeypatch.chdir(tmp_path)
+    before, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time()
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(config), "--trainer.max_steps", "1"], friendly=True)
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert stop.value.code == 1 and len(err) == 1 and line in err[0], err
+    assert time.time() - started < 60 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2**20  # KiB
+    assert not (tmp_path / "data").exists()  # nothing was built
