@@ -238,6 +238,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     own writer stages the file in the system temp folder and moves it without fsync; remote URLs still use it."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        """Refuse (``CheckpointError``) a checkpoint whose weights or optimizer state hold NaN or infinite values: the
+        file already at ``path`` stays as it was, so the last good state is never replaced by a diverged one."""
+        bad = first_nonfinite(checkpoint.get("state_dict")) or first_nonfinite(checkpoint.get("optimizer_states"),
+                                                                               "optimizer_states")
+        if bad is not None:
+            raise CheckpointError(f"{path}: not written: {bad} holds NaN or infinite values at step "
+                                  f"{checkpoint.get('global_step', '?')} (training diverged; lower the learning rate). "
+                                  "The checkpoint already there, if any, is kept")
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_save(checkpoint, path)
@@ -251,6 +259,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if map_location is None:
             map_location = "cpu"
         return load_checkpoint(path, map_location)
+
+
+def first_nonfinite(tree: Any, where: str = "") -> str | None:
+    """The name of the first floating-point tensor in a nest of dicts and lists that holds NaN or infinity."""
+    stack = [(where, tree)]
+    while stack:
+        name, node = stack.pop()
+        if isinstance(node, torch.Tensor):
+            if node.is_floating_point() and node.device.type != "meta" and not bool(torch.isfinite(node).all()):
+                return name or "a tensor"
+        elif isinstance(node, dict):
+            stack.extend((f"{name}.{k}" if name else str(k), v) for k, v in reversed(list(node.items())))
+        elif isinstance(node, list | tuple):
+            stack.extend((f"{name}[{i}]", v) for i, v in reversed(list(enumerate(node))))
+    return None
 
 
 def load_entropy_model(path: str | Path) -> dict[str, Any]:

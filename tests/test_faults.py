@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -515,8 +516,6 @@ def test_a_checkpoint_with_a_wrong_inside_is_refused_in_one_line_before_building
         tracemalloc.stop()
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 1 and len(err) == 1 and err[0].startswith(f"mmbytes: error: {bad}: ")
-    import re
-
     assert re.search(message, err[0]), err[0]
     assert peak < 256 * 2**20 and time.time() - started < 30
 
@@ -540,3 +539,23 @@ def test_a_pickle_payload_is_refused_by_weights_only_in_one_line(saved, text_sha
     err = [x for x in capsys.readouterr().err.strip().splitlines() if x.strip()]
     assert stop.value.code == 1 and len(err) == 1, err
     assert err[0].startswith(f"mmbytes: error: {bad}: cannot load as a weights-only checkpoint")
+
+
+@pytest.mark.parametrize("where", ["state_dict", "optimizer_states"])
+def test_a_checkpoint_holding_nan_is_never_written_and_the_old_one_stays(saved, tmp_path, where):
+    from mmbytes.errors import CheckpointError
+
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(saved.read_bytes())
+    ckpt = torch.load(saved, weights_only=True)
+    if where == "state_dict":
+        ckpt["state_dict"]["model.head.weight"][0, 0] = float("nan")
+        named = "model.head.weight"
+    else:
+        state = ckpt["optimizer_states"][0]["state"]
+        first = next(iter(state))
+        state[first]["exp_avg"].view(-1)[0] = float("inf")
+        named = f"optimizer_states[0].state.{first}.exp_avg"
+    with pytest.raises(CheckpointError, match=f"not written: {re.escape(named)} holds NaN or infinite values"):
+        AtomicCheckpointIO().save_checkpoint(ckpt, path)
+    assert path.read_bytes() == saved.read_bytes() and os.listdir(tmp_path) == ["last.ckpt"]
