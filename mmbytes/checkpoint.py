@@ -248,6 +248,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                                   "The checkpoint already there, if any, is kept")
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        lock_folder(Path(path).parent)
         atomic_save(checkpoint, path)
 
     def load_checkpoint(self, path: str | Path, map_location: Any | None = None,
@@ -259,6 +261,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if map_location is None:
             map_location = "cpu"
         return load_checkpoint(path, map_location)
+
+
+_HELD: dict[tuple[int, int], int] = {}  # (device, inode) of each checkpoint folder this process writes -> its fd
+
+
+def lock_folder(folder: str | Path) -> None:
+    """Hold an exclusive ``flock`` on ``folder`` for the rest of this process, or refuse with ``CheckpointError``
+    when another process holds it: two runs never write checkpoints into one folder (the second stops before its
+    first write). The kernel drops the lock when the process ends, however it ends, so nothing stale is left."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) in _HELD:
+        os.close(fd)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CheckpointError(f"{folder}: another run is writing checkpoints into this folder; give this run another "
+                              "one (--trainer.default_root_dir or the checkpoint callback's dirpath)") from None
+    _HELD[(st.st_dev, st.st_ino)] = fd
 
 
 def first_nonfinite(tree: Any, where: str = "") -> str | None:

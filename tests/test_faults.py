@@ -559,3 +559,24 @@ def test_a_checkpoint_holding_nan_is_never_written_and_the_old_one_stays(saved, 
     with pytest.raises(CheckpointError, match=f"not written: {re.escape(named)} holds NaN or infinite values"):
         AtomicCheckpointIO().save_checkpoint(ckpt, path)
     assert path.read_bytes() == saved.read_bytes() and os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_a_second_run_writing_checkpoints_into_the_same_folder_is_refused(saved, tmp_path):
+    from mmbytes.errors import CheckpointError
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+            "print('held', flush=True); time.sleep(60)")  # another run's lock_folder, as the kernel sees it
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        ckpt = torch.load(saved, weights_only=True)
+        with pytest.raises(CheckpointError, match="another run is writing checkpoints into this folder"):
+            AtomicCheckpointIO().save_checkpoint(ckpt, folder / "last.ckpt")
+        assert os.listdir(folder) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    AtomicCheckpointIO().save_checkpoint(ckpt, folder / "last.ckpt")  # the lock went with its process
+    assert os.listdir(folder) == ["last.ckpt"]
