@@ -1,20 +1,19 @@
 """Checkpoints: load a plain-torch model without unpickling code, refuse another architecture by name, and write
-atomically (a crash while saving leaves the previous file whole)."""
+atomically with ``mmbytes.io.write_atomically`` (a crash while saving leaves the previous file whole)."""
 
 from __future__ import annotations
 
 import math
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from mmbytes.errors import CheckpointError, MmbytesError
+from mmbytes.io import write_atomically
 from mmbytes.model.registry import build, config_from_dict, config_from_name, config_to_dict
 
 
@@ -204,33 +203,6 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to ``path`` with ``write_atomically``."""
     write_atomically(path, lambda f: torch.save(obj, f))
-
-
-def write_atomically(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
-    """``write(f)`` into a temporary file beside ``path``, flushed to disk, then renamed over it: readers and a crash
-    at any moment see the old file or the new one, never half of one. The temporary file goes if writing fails."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from mmbytes.codecs import MODALITIES
+from mmbytes.io import atomic_path, write_text
 from mmbytes.model import patching
 from mmbytes.model.blt import entropy_of
 
@@ -122,7 +123,7 @@ def calibrate_main(argv: list[str] | None = None) -> None:
                                                     ("rule", "patch_size", "max_patch_len", "thresholds")}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_save(ckpt, args.out / "entropy.ckpt")
-    (args.out / "calibration.json").write_text(json.dumps(result, indent=1))
+    write_text(args.out / "calibration.json", json.dumps(result, indent=1))
     print(format_table(result))
     print(f"wrote {args.out / 'entropy.ckpt'} (give it to BLT: --model.entropy_ckpt) and "
           f"{args.out / 'calibration.json'}")
@@ -168,7 +169,8 @@ def plot_patches(data: bytes, h: Tensor, starts: Tensor, theta: float, out: Path
     ax.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format=Path(out).suffix[1:] or "png")
     plt.close(fig)
     return out
 

@@ -6,9 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
-import os
-import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -87,27 +84,14 @@ def write_samples(samples: list[bytes], modality: str, meta: dict, out: Path, st
 
 
 def safe_write(path: Path, write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` into a new file created exclusively beside ``path``, then renamed over ``path``: a link planted
-    at ``path`` is replaced, never written through, and a reader never sees half a file. A folder at ``path`` is
+    """``write(tmp)`` into a temporary file renamed over ``path`` by ``mmbytes.io.atomic_path``: a link planted at
+    ``path`` is replaced, never written through, and a reader never sees half a file. A folder at ``path`` is
     refused."""
-    if path.is_dir() and not path.is_symlink():
-        raise IsADirectoryError(errno.EISDIR, "a folder is in the way of a sample file", str(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)  # O_EXCL, mode 0600
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from mmbytes.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        write(tmp)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def contact_sheet(paths: list[Path], out: Path, columns: int = 8, gap: int = 2) -> Path:

@@ -36,6 +36,7 @@ import lightning as L
 import torch
 
 from mmbytes.argtypes import at_most, count, fraction, model_rate, positive_float
+from mmbytes.io import atomic_path, write_text
 
 RECOMMENDED_LR = {"megabyte": 1e-3, "transformer": 1e-3, "spacebyte": 1e-3, "blt": 1e-3, "bpe": 1e-3}
 """Peak learning rate per architecture at the ``small`` sizes: the recipes' (``recipes/*.yaml``); the BPE baseline
@@ -77,7 +78,7 @@ class Curve(L.Callback):
 
     def write_wall(self, step: int, seconds: float | None = None) -> None:
         if self.wall_path is not None:
-            self.wall_path.write_text(json.dumps({"s": self.wall() if seconds is None else seconds, "step": step}))
+            write_text(self.wall_path, json.dumps({"s": self.wall() if seconds is None else seconds, "step": step}))
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -85,7 +86,7 @@ class Curve(L.Callback):
         row = {"step": trainer.global_step, "flops": self.counter.flops, "bytes": self.counter.bytes}
         row.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
         self.rows = [r for r in self.rows if r["step"] != row["step"]] + [row]
-        self.path.write_text(json.dumps(self.rows, indent=1))
+        write_text(self.path, json.dumps(self.rows, indent=1))
         self.write_wall(trainer.global_step)
 
 
@@ -149,7 +150,7 @@ def train_run(size: str, seed: int, budget: float, run_dir: Path, args: argparse
         "entropy_flops_per_byte": model.entropy_flops_per_byte(args.seq_len)
         if hasattr(model, "entropy_flops_per_byte") else None,
     }
-    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    write_text(run_dir / "result.json", json.dumps(result, indent=1))
     return result
 
 
@@ -182,8 +183,8 @@ def tokenizer_for(size: str, args: argparse.Namespace) -> tuple[Path, float]:
     if not (path.exists() and meta.exists()):
         path.parent.mkdir(parents=True, exist_ok=True)
         tokenizer_json, per_token = bpe.train_tokenizer(_data(args, 0).train_samples(), vocab)
-        path.write_text(tokenizer_json)
-        meta.write_text(json.dumps({"vocab_size": vocab, "bytes_per_token": per_token}))
+        write_text(path, tokenizer_json)
+        write_text(meta, json.dumps({"vocab_size": vocab, "bytes_per_token": per_token}))
     return path, json.loads(meta.read_text())["bytes_per_token"]
 
 
@@ -251,12 +252,12 @@ def write_report(out: Path, results: list[dict], settings: dict, entropy: dict[s
                       key=lambda k: (k != "val/bpb", k))
     columns = ["model", "seeds", "params", "flops_per_byte", "lr", "steps", "bytes", "flops", "wall_s", *val_keys,
                "patch_size", "bytes_per_token", "entropy_flops_per_byte"]
-    with (out / "report.csv").open("w", newline="") as f:
+    with atomic_path(out / "report.csv") as tmp, open(tmp, "w", newline="") as f:
         std_cols = [f"{k}_std" for k in val_keys]
         w = csv.DictWriter(f, [*columns, *std_cols], extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    with (out / "runs.csv").open("w", newline="") as f:
+    with atomic_path(out / "runs.csv") as tmp, open(tmp, "w", newline="") as f:
         keys = list(dict.fromkeys(k for r in results for k in r))
         w = csv.DictWriter(f, keys)
         w.writeheader()
@@ -305,7 +306,7 @@ def write_report(out: Path, results: list[dict], settings: dict, entropy: dict[s
     lines += ["BPE: bits per byte of the original bytes (a window's token nats / its bytes / ln 2); FLOPs per byte "
               "= FLOPs per token / bytes per token." if any(r.get("bytes_per_token") for r in rows) else "",
               "Per-run figures: `runs.csv`; logs: `runs/<model>/seed<k>/` (TensorBoard, `curve.json`)."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "report.md", "\n".join(lines) + "\n")
     plot(out / "bpb_vs_flops.png", out)
 
 
@@ -339,7 +340,8 @@ def plot(path: Path, out: Path) -> Path:
     ax.legend(fontsize=8)
     ax.set_title("bits per byte against training FLOPs")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix[1:] or "png")
     plt.close(fig)
     return path
 
@@ -372,7 +374,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         if differ:
             raise SystemExit(f"{args.out} holds a study with other settings {differ} (stored, given); "
                              "use another --out")
-    stored.write_text(json.dumps(settings, indent=1))
+    write_text(stored, json.dumps(settings, indent=1))
     log: list[str] = []
     trained, results, entropy = [], [], {}
     for size in models:
