@@ -169,7 +169,8 @@ def checked_model(ckpt: dict[str, Any], path: str | Path) -> tuple[Any, dict[str
     handle = register_module_parameter_registration_hook(spend)
     try:
         with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in build(config).state_dict().items()}
+            expected = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None  # None: extra state (BPE)
+                        for k, v in build(config).state_dict().items()}
     except _Oversized:
         raise CheckpointError(f"{path}: its model config calls for more weights than its state_dict holds "
                               f"({len(state)} tensors); the config or the weights were changed") from None
@@ -180,6 +181,10 @@ def checked_model(ckpt: dict[str, Any], path: str | Path) -> tuple[Any, dict[str
         handle.remove()
     for name, shape in expected.items():
         have = state.get(name)
+        if shape is None:
+            if name not in state:
+                raise CheckpointError(f"{path}: state_dict lacks model.{name}, which its config calls for")
+            continue
         if not isinstance(have, torch.Tensor):
             raise CheckpointError(f"{path}: state_dict lacks the tensor model.{name} its config calls for")
         if tuple(have.shape) != shape:

@@ -716,11 +716,13 @@ def test_user_errors_are_one_line(tmp_path, capsys, monkeypatch, case, line):
 
 
 def test_sigterm_stops_a_run_that_waits_for_data(tmp_path):
-    """A FIFO named as the training shard: the loader blocks in open() forever. SIGTERM stops the run."""
+    """A user-typed ``pipe:`` shard whose command waits forever (``cat`` of a FIFO nobody writes): the loader blocks
+    reading it. SIGTERM stops the run."""
     fifo = tmp_path / "train.tar"
     os.mkfifo(fifo)
-    cmd = [sys.executable, "-m", "mmbytes.cli", "fit", "--model.size", "debug", "--data.train_shards", str(fifo),
-           "--data.val_shards", str(fifo), "--data.seq_len", "64", "--trainer.limit_val_batches", "0",
+    cmd = [sys.executable, "-m", "mmbytes.cli", "fit", "--model.size", "debug",
+           "--data.train_shards", f"pipe:cat {fifo}", "--data.val_shards", f"pipe:cat {fifo}", "--data.seq_len", "64",
+           "--trainer.limit_val_batches", "0",
            "--trainer.num_sanity_val_steps", "0", "--trainer.max_steps", "2", "--trainer.logger", "false",
            "--trainer.enable_checkpointing", "false", "--trainer.default_root_dir", str(tmp_path)]
     run = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

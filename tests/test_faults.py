@@ -580,3 +580,70 @@ def test_a_second_run_writing_checkpoints_into_the_same_folder_is_refused(saved,
         holder.wait()
     AtomicCheckpointIO().save_checkpoint(ckpt, folder / "last.ckpt")  # the lock went with its process
     assert os.listdir(folder) == ["last.ckpt"]
+
+
+PAUSE_IN_VALIDATION = '''
+import os, time
+from pathlib import Path
+import lightning as L
+
+class PauseInValidation(L.Callback):
+    """Holds the run inside the validation after ``step`` so the test can signal it there."""
+    def __init__(self, step: int, marker: str):
+        self.step, self.marker = step, marker
+    def on_validation_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step and not trainer.sanity_checking:
+            Path(self.marker).write_text(str(os.getpid()))
+            time.sleep(300)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_run_signalled_mid_validation_resumes_from_last(text_shards, tmp_path, monkeypatch, sig):
+    """SIGTERM or Ctrl-C to the process group while validation runs: the run stops with status 1 and no partial
+    file, and ``--ckpt_path last`` then trains to the end with the weights of a run never stopped."""
+    (tmp_path / "pause.py").write_text(PAUSE_IN_VALIDATION)
+    for name in ("stopped", "whole"):
+        fit_command(tmp_path, text_shards, name)
+        config = json.loads((tmp_path / f"{name}.json").read_text())
+        config["trainer"].update({"limit_val_batches": 2, "val_check_interval": 5, "num_sanity_val_steps": 0})
+        if name == "stopped":
+            config["trainer"]["callbacks"].append({"class_path": "pause.PauseInValidation",
+                                                   "init_args": {"step": 10, "marker": str(tmp_path / "paused")}})
+        (tmp_path / f"{name}.json").write_text(json.dumps(config))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen([sys.executable, "-m", "mmbytes.cli", "fit", "--config", str(tmp_path / "stopped.json")],
+                           cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "paused").exists():
+            assert run.poll() is None, run.stderr.read()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.1)
+        os.killpg(run.pid, sig)
+        assert run.wait(60) != 0
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert torch.load(tmp_path / "stopped" / "last.ckpt", weights_only=True)["global_step"] == 10
+    assert not [p for p in (tmp_path / "stopped").iterdir() if p.name.startswith(".")]
+
+    from mmbytes.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    config = json.loads((tmp_path / "stopped.json").read_text())
+    config["trainer"]["callbacks"].pop()  # the resumed run is not held
+    (tmp_path / "stopped.json").write_text(json.dumps(config))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(["fit", "--config", str(tmp_path / "stopped.json"), "--ckpt_path", "last"])
+        main(["fit", "--config", str(tmp_path / "whole.json")])
+    finally:
+        torch.set_num_threads(threads)
+    resumed = torch.load(tmp_path / "stopped" / "last.ckpt", weights_only=True)
+    whole = torch.load(tmp_path / "whole" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == whole["global_step"] == 12
+    torch.testing.assert_close(resumed["state_dict"], whole["state_dict"], rtol=0, atol=0)
