@@ -160,9 +160,9 @@ def open_shard(url: str):
     never blocks the open) and refused unless ``fstat`` of the open descriptor says regular. A URL (``pipe:``,
     ``https://``) is opened by webdataset; only user-typed patterns produce URLs (``pattern_shards``)."""
     if is_url(url):
-        from webdataset import gopen
+        from webdataset.gopen import gopen
 
-        return gopen.gopen(url, "rb")
+        return gopen(url, "rb")
     fd = os.open(url, os.O_RDONLY | os.O_NONBLOCK)
     try:
         mode = os.fstat(fd).st_mode
@@ -195,39 +195,56 @@ def tar_samples(url: str, handler: Callable[[Exception], bool], max_sample_bytes
         if handler(exn):
             return
         raise
-    with stream:
-        current: dict | None = None
+    try:
+        yield from _samples(stream, url, handler, max_sample_bytes, headers_only)
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM, a consumer that stops): a command is not waited for
+        proc = getattr(stream, "proc", None)  # webdataset's ``pipe:`` stream
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            stream.ignore_errors = True
+        raise
+    finally:
         try:
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for member in tar:
-                    if not member.isreg():
-                        continue
-                    key, ext = split_name(member.name)
-                    if key is None or key.startswith("__") or ext is None:
-                        continue
-                    bound = MAX_META_BYTES if ext == "json" else max_sample_bytes
-                    if member.size > bound:
-                        raise ShardReadError(f"{url}: member {member.name} holds {member.size:,} bytes, over the "
-                                             f"{bound:,} a sample may have here; the rest of the shard is skipped")
-                    if current is not None and current["__key__"] != key:
-                        yield current
-                        current = None
-                    if current is None:
-                        current = {"__key__": key, "__url__": url}
-                    if ext in current:
-                        raise ShardReadError(f"{url}: member {member.name} appears twice in one sample")
-                    if headers_only:
-                        current[ext] = member.size
-                    else:
-                        f = tar.extractfile(member)
-                        current[ext] = f.read() if f is not None else b""
-                        if len(current[ext]) != member.size:
-                            raise ShardReadError(f"{url}: member {member.name} is cut short")
-            if current is not None:
-                yield current
+            stream.close()  # a ``pipe:`` command's exit status is checked here
         except Exception as exn:
-            if not handler(exn if isinstance(exn, ShardReadError) else ShardReadError(f"{url}: {exn!r}")):
+            if not handler(ShardReadError(f"{url}: {exn}")):
                 raise
+
+
+def _samples(stream, url: str, handler: Callable[[Exception], bool], max_sample_bytes: int,
+             headers_only: bool) -> Iterator[dict]:
+    current: dict | None = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                key, ext = split_name(member.name)
+                if key is None or key.startswith("__") or ext is None:
+                    continue
+                bound = MAX_META_BYTES if ext == "json" else max_sample_bytes
+                if member.size > bound:
+                    raise ShardReadError(f"{url}: member {member.name} holds {member.size:,} bytes, over the "
+                                         f"{bound:,} a sample may have here; the rest of the shard is skipped")
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                if ext in current:
+                    raise ShardReadError(f"{url}: member {member.name} appears twice in one sample")
+                if headers_only:
+                    current[ext] = member.size
+                else:
+                    f = tar.extractfile(member)
+                    current[ext] = f.read() if f is not None else b""
+                    if len(current[ext]) != member.size:
+                        raise ShardReadError(f"{url}: member {member.name} is cut short")
+        if current is not None:
+            yield current
+    except Exception as exn:
+        if not handler(exn if isinstance(exn, ShardReadError) else ShardReadError(f"{url}: {exn!r}")):
+            raise
 
 
 def count_samples(url: str, handler: Callable[[Exception], bool], max_sample_bytes: int = MAX_SAMPLE_BYTES) -> int:

@@ -845,6 +845,13 @@ def test_a_manifest_entry_that_is_not_a_file_name_is_refused_and_never_run(good_
     assert not (bad / "MARKER").exists()
 
 
+def test_a_pipe_url_typed_by_the_user_is_read(good_shards):
+    first = good_shards / json.loads((good_shards / "manifest.json").read_text())["splits"]["train"]["shards"][0]
+    piped = list(ByteDataModule(train_shards=f"pipe:cat {first}").samples("train"))
+    direct = list(ByteDataModule(train_shards=str(first)).samples("train"))
+    assert piped and [d.tobytes() for d, _ in piped] == [d.tobytes() for d, _ in direct]
+
+
 def test_shard_paths_from_a_manifest_are_absolute_local_files(good_shards, monkeypatch):
     monkeypatch.chdir(good_shards)
     urls = datamodule(Path(".")).urls("train")
