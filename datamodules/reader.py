@@ -117,7 +117,8 @@ def _some(names: list[str], n: int = 3) -> str:
 BRACE = re.compile(r"\{([^{}]*)\}")
 
 
-def _alternatives(body: str) -> list[str] | range | tuple[range, int]:
+def _alternatives(body: str) -> list[str] | tuple[range, int]:
+    """``a..b`` -> (the numbers, the width of ``a``); ``x,y,z`` -> the strings."""
     m = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if m:
         a, b = int(m.group(1)), int(m.group(2))
