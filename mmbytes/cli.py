@@ -77,9 +77,9 @@ class MmbytesCLI(LightningCLI):
 
         ckpt_path = self.config[sub].get("ckpt_path")
         if ckpt_path and Path(ckpt_path).is_file():
-            from mmbytes.checkpoint import check_checkpoint_file
+            from mmbytes.checkpoint import verify_checkpoint
 
-            check_checkpoint_file(ckpt_path)  # random bytes: one line naming the file, not torch's mmap message
+            verify_checkpoint(ckpt_path)  # damaged, pickled or of a wrong inside: one line naming the file and field
         if init is None or "size" not in init or not ckpt_path or not Path(ckpt_path).is_file():  # not a ByteLM
             return  # "last" and the like are resolved by the Trainer; ByteLM.on_load_checkpoint checks those
         defaults = inspect.signature(ByteLM.__init__).parameters
@@ -290,9 +290,17 @@ def _main(argv: list[str], friendly: bool, from_sys: bool) -> None:
         print("  --threads N  torch's intra-op threads (default: half the CPUs this process may use, 1 to 8, unless "
               "OMP_NUM_THREADS is set)")
         print()
+    from mmbytes.argtypes import yaml_config
+
+    for i, arg in enumerate(argv):  # config files are checked before jsonargparse expands them
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            yaml_config(argv[i + 1])
+        elif arg.startswith("--config="):
+            yaml_config(arg.partition("=")[2])
     old = stop_on_sigterm(grace=SIGTERM_GRACE_S) if friendly else None
+    quiet = {"exit_on_error": False, **{s: {"exit_on_error": False} for s in ("fit", "validate", "test", "predict")}}
     try:
-        run_cli(None if from_sys else argv)
+        run_cli(None if from_sys else argv, **({"parser_kwargs": quiet} if friendly else {}))
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
@@ -324,10 +332,22 @@ def stop_on_sigterm(grace: float):
 def one_line(e: BaseException) -> str | None:
     """The message of an error a user can act on, as one line naming the file, or None for a bug (traceback)."""
     import errno
+    from argparse import ArgumentError
 
     from mmbytes.errors import MmbytesError
     from mmbytes.lit import NonFiniteLossError
 
+    if isinstance(e, ArgumentError):  # a config or option jsonargparse refused: its first lines name the key
+        lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+        problem = next((i for i, x in enumerate(lines) if x.startswith("- Problem with given")), None)
+        if problem is None:
+            return " ".join(lines[:2]) if lines else "invalid arguments"
+        detail = []
+        for x in lines[problem + 1:]:  # the nested reason, up to the next alternative
+            if x.startswith(("- ", "Given value")):
+                break
+            detail.append(x)
+        return " ".join([lines[0], lines[problem].removeprefix("- "), *detail])
     if isinstance(e, MmbytesError | NonFiniteLossError):
         text = str(e).strip()
         if "Original Traceback" in text:  # raised in a data loader worker: the last line is the error itself

@@ -6,9 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
-import os
-import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -19,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mmbytes.argtypes import nonnegative_float, positive_float, positive_int, probability, regular_file
+from mmbytes.argtypes import seed as seed64
 from mmbytes.codecs import MODALITIES
 from mmbytes.model.generate import generate
 
@@ -101,27 +99,14 @@ def write_samples(samples: list[bytes], modality: str, meta: dict, out: Path, st
 
 
 def safe_write(path: Path, write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` into a new file created exclusively beside ``path``, then renamed over ``path``: a link planted
-    at ``path`` is replaced, never written through, and a reader never sees half a file. A folder at ``path`` is
+    """``write(tmp)`` into a temporary file renamed over ``path`` by ``mmbytes.io.atomic_path``: a link planted at
+    ``path`` is replaced, never written through, and a reader never sees half a file. A folder at ``path`` is
     refused."""
-    if path.is_dir() and not path.is_symlink():
-        raise IsADirectoryError(errno.EISDIR, "a folder is in the way of a sample file", str(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)  # O_EXCL, mode 0600
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from mmbytes.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        write(tmp)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def contact_sheet(paths: list[Path], out: Path, columns: int = 8, gap: int = 2) -> Path:
@@ -197,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--temperature", type=nonnegative_float, default=1.0, help="0 is greedy")
     ap.add_argument("--top-k", type=positive_int, help="sample from the k likeliest bytes (1 or more)")
     ap.add_argument("--top-p", type=probability, help="sample from the likeliest bytes holding this mass, in (0, 1]")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed64, default=0, help="a 64-bit seed: 0 to 2^64-1")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu, cuda, cuda:N or mps (default: cuda when available)")
     args = ap.parse_args(argv)

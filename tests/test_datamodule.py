@@ -189,3 +189,15 @@ def test_mixed_validation_covers_every_set_exactly(tmp_path):
             seen[MODALITIES[m]] = seen.get(MODALITIES[m], 0) + b["mask"][i].sum().item()
     expect = {s["codec"]: manifest(Path(s["data_dir"]))["splits"]["val"]["bytes"] for s in mixed_sets(tmp_path)}
     assert seen == {"image": expect["image"], "audio": expect["audio"], "text": expect["text"]}
+
+
+@pytest.mark.parametrize("pattern", ["data/train-{000000..000011}.tar", "s-{a,b,c}-{0..3}.tar", "plain.tar",
+                                     "x-{7..9}.tar::y-{00..02}.tar"])
+def test_brace_patterns_name_the_shards_webdataset_names_and_are_counted_before_expansion(pattern):
+    from webdataset.shardlists import expand_urls
+
+    from datamodules.reader import count_names, expand_names
+
+    parts = pattern.split("::")
+    assert [n for p in parts for n in expand_names(p)] == expand_urls(pattern)
+    assert sum(count_names(p) for p in parts) == len(expand_urls(pattern))
