@@ -401,6 +401,8 @@ class ByteDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         train_batches_per_epoch: int = 200,
         val_fraction: float | dict[str, float] = 0.1,
+        split: str = "auto",
+        val_sources: list[str] | None = None,
         train_shards: str | None = None,
         val_shards: str | None = None,
         seed: int = 0,
@@ -418,8 +420,13 @@ class ByteDataModule(L.LightningDataModule):
             num_workers: data loader worker processes.
             shuffle_buffer: training windows shuffled together.
             train_batches_per_epoch: batches per rank in one training epoch (the stream itself is endless).
-            val_fraction: share of samples held out for validation when building shards, or one per modality
-                (``{audio: 0.2, default: 0.1}``); each sample's split is a hash of its name.
+            val_fraction: share held out for validation when building shards, or one per modality
+                (``{audio: 0.2, default: 0.1}``).
+            split: how shards are split when built (``mmbytes shards --split``): ``auto`` (whole files by a hash of
+                their content; a modality's only file by its last ``val_fraction`` of bytes), ``files`` or
+                ``contiguous`` (every file of several samples split at its tail).
+            val_sources: files and folders that are the validation split, whole (an official test set); the
+                modalities they hold take no validation from ``sources``.
             train_shards: a webdataset URL pattern (local path, ``https://``, ``pipe:aws s3 cp ...``, brace
                 ranges) to read training shards from instead of ``data_dir``.
             val_shards: the same for validation shards.
@@ -435,6 +442,10 @@ class ByteDataModule(L.LightningDataModule):
         self.hp = self.hparams
         check_loader_options(seq_len, batch_size, num_workers, shuffle_buffer, train_batches_per_epoch, val_fraction,
                              patch_size, interleave)
+        if split not in ("auto", "files", "contiguous"):
+            from mmbytes.errors import OptionError
+
+            raise OptionError(f"data.split must be auto, files or contiguous, got {split!r}")
 
     def prepare_data(self) -> None:
         """Build the shards from ``sources`` when ``data_dir`` has none. Shards already there are compared with the
@@ -459,7 +470,8 @@ class ByteDataModule(L.LightningDataModule):
                                   "`mmbytes shards` (these were not built by the datamodule, so it leaves them)")
             log.warning("%s: the recipe's %s changed (%r, was %r); rebuilding the shards it built", self.hp.data_dir,
                         ", ".join(d[0] for d in differ), ours, theirs)
-        write_shards(self.hp.sources, self.hp.data_dir, self.hp.codec, self.hp.codec_options, self.hp.val_fraction)
+        write_shards(self.hp.sources, self.hp.data_dir, self.hp.codec, self.hp.codec_options, self.hp.val_fraction,
+                     val_sources=self.hp.val_sources, split=self.hp.split)
         data_description.mark_built_by(self.hp.data_dir, "datamodule")
 
     def urls(self, split: str) -> list[str]:

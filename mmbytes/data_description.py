@@ -26,7 +26,8 @@ from typing import Any
 
 VERSION = 1
 KEY = "data_description"  # where a checkpoint holds it
-RECIPE_FIELDS = ("codec", "codec_options", "val_fraction", "sources")  # what a manifest records of its recipe
+RECIPE_FIELDS = ("codec", "codec_options", "val_fraction", "sources", "split", "val_sources")
+"""What a manifest records of its recipe."""
 BUILT_BY = "built_by"  # a manifest key: the datamodule built these shards itself, and may rebuild them
 
 
@@ -165,13 +166,15 @@ def recipe_difference(manifest: dict[str, Any], recipe: dict[str, Any]) -> list[
     """(field, manifest's value, recipe's value) for each recipe field the shards were built with differently."""
     wanted = {"codec": recipe.get("codec", "raw"), "codec_options": recipe.get("codec_options") or {},
               "val_fraction": recipe.get("val_fraction", 0.1),
-              "sources": [str(s) for s in recipe.get("sources") or []]}
+              "sources": [str(s) for s in recipe.get("sources") or []], "split": recipe.get("split", "auto"),
+              "val_sources": [str(s) for s in recipe.get("val_sources") or []]}
     from mmbytes.shards import shown
 
     wanted["sources"] = [shown(s) for s in wanted["sources"]]
+    wanted["val_sources"] = [shown(s) for s in wanted["val_sources"]]
     differ = []
     for k, v in _plain(wanted).items():
-        theirs = _plain(manifest.get(k))
+        theirs = _plain(manifest.get(k, {"split": "auto", "val_sources": []}.get(k)))  # fields older manifests lack
         same = theirs == v
         if k == "codec_options" and not same:  # the same codec either way ({size: 32} and {size: [32, 32]} alike)
             same = _settings(wanted["codec"], theirs) == _settings(wanted["codec"], v) is not None
