@@ -471,7 +471,7 @@ class ByteDataModule(L.LightningDataModule):
             log.warning("%s: the recipe's %s changed (%r, was %r); rebuilding the shards it built", self.hp.data_dir,
                         ", ".join(d[0] for d in differ), ours, theirs)
         write_shards(self.hp.sources, self.hp.data_dir, self.hp.codec, self.hp.codec_options, self.hp.val_fraction,
-                     val_sources=self.hp.val_sources, split=self.hp.split)
+                     val_sources=self.hp.get("val_sources"), split=self.hp.get("split", "auto"))
         data_description.mark_built_by(self.hp.data_dir, "datamodule")
 
     def urls(self, split: str) -> list[str]:
