@@ -200,3 +200,16 @@ def test_a_model_declaring_no_cached_byte_logits_is_refused():
     assert not (model.capabilities.byte_logits or model.capabilities.cached)
     with pytest.raises(CompressionError, match="predicts tokens, not bytes"):
         compress_files(model, [(b"hello", "x.txt")])
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"length": 2**40}, "claims 1,099,511,627,776 bytes"),  # a million chunks promised by a file of a few hundred bytes
+    ({"length": 2**40, "chunk": 2**40}, "invalid header"),  # one chunk of a terabyte: over the largest chunk
+    ({"rows": 2**20}, "invalid header"),
+])
+def test_a_crafted_header_with_absurd_sizes_and_a_valid_crc_is_refused_before_anything_is_built(packed, fields,
+                                                                                                 message):
+    header, streams = unpack(packed, "x")
+    crafted = pack(replace(header, **fields), streams)  # pack writes a CRC-32 that matches
+    with pytest.raises(CompressionError, match=message):
+        unpack(crafted, "crafted.mmbz")

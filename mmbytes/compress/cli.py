@@ -61,6 +61,7 @@ def load(ckpt: Path, device: str) -> tuple[nn.Module, dict]:
 
 def main(argv: list[str] | None = None, command: str = "compress") -> None:
     from mmbytes.argtypes import at_most
+    from mmbytes.compress.container import MAX_CHUNK, MAX_ROWS
 
     decompress = command == "decompress"
     ap = argparse.ArgumentParser(
@@ -73,10 +74,10 @@ def main(argv: list[str] | None = None, command: str = "compress") -> None:
                     help=".mmbz files or folders holding them" if decompress else "files and folders")
     ap.add_argument("--out", required=True, type=Path, help="output folder; nothing is written outside it")
     if not decompress:
-        ap.add_argument("--chunk", type=at_most(int, 1, 2**24),
+        ap.add_argument("--chunk", type=at_most(int, 1, MAX_CHUNK),
                         help="bytes per independently coded chunk (default: the model's training sequence length, "
                         "else 4096); longer chunks give more context, shorter ones more rows to code in parallel")
-        ap.add_argument("--batch", type=at_most(int, 1, 2**16), default=16,
+        ap.add_argument("--batch", type=at_most(int, 1, MAX_ROWS), default=16,
                         help="rows coded together (chunks of one or many files)")
         ap.add_argument("--raw", action="store_true", help="code every file as stored (no pixel or sample mode)")
         ap.add_argument("--verify", action="store_true",

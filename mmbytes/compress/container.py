@@ -24,6 +24,13 @@ mode is also the modality (``mmbytes.codecs.MODALITIES`` name) the model is told
 DEVICES = ("cpu", "cuda", "other")
 SUFFIX = ".mmbz"
 MAX_TEXT = 255
+MAX_CHUNK = 2**24
+"""Most bytes per chunk a file may declare (``mmbytes compress --chunk``): a decoder's buffers and caches are
+sized by it."""
+MAX_ROWS = 2**16
+"""Most batch rows a file may declare (``mmbytes compress --batch``)."""
+MIN_STREAM = 4
+"""Bytes of the shortest coded stream of a non-empty chunk (one 32-bit word of the range coder)."""
 """Longest envelope string (torch version, kernel family, dtype), in UTF-8 bytes."""
 
 
@@ -213,7 +220,7 @@ def unpack(data: bytes, name: str | Path) -> tuple[Header, list[bytes]]:
         else:
             envelope = Envelope(device, "", "", "", 0)
         chunk, rows, shared = r.varint(), r.varint(), r.u8()
-        if mode >= len(MODES) or shared > 1 or chunk < 1 or rows < 1:
+        if mode >= len(MODES) or shared > 1 or not 1 <= chunk <= MAX_CHUNK or not 1 <= rows <= MAX_ROWS:
             raise ValueError
         image = {}
         if MODES[mode] == "image":
@@ -227,11 +234,14 @@ def unpack(data: bytes, name: str | Path) -> tuple[Header, list[bytes]]:
                    version=version)
         if h.body_length < 0:
             raise ValueError
-        n = len(h.chunk_lengths())
+        n = -(-h.body_length // chunk)  # counted before anything is built: the sizes claimed must fit in the file
+        if n * (1 + MIN_STREAM) > len(data) - r.pos:
+            raise CompressionError(f"{name}: corrupt (the header claims {h.length:,} bytes in {n:,} chunks, more than "
+                                   f"its {len(data):,} bytes can hold)")
         for i in range(n):
             h.slots.append(r.varint() if h.shared else i % rows)
             h.sizes.append(r.varint())
-        if any(s >= rows for s in h.slots) or any(s % 4 for s in h.sizes):
+        if any(s >= rows for s in h.slots) or any(s % 4 or s < MIN_STREAM for s in h.sizes):
             raise ValueError
         streams = [r.take(s) for s in h.sizes]
         crc = r.take(4)
