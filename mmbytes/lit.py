@@ -53,8 +53,8 @@ class ByteLM(L.LightningModule):
             strided_eval: in validation and test, also score with strided inference (paper section 2.3.3: a
                 second pass offset by P/2) and log it as ``*_strided``. ``paper`` (or ``true``): each byte is taken
                 from the pass where it sits in the first P/2 positions of its patch, as in the paper. ``later``: from
-                the pass where it sits in the later half (more local context; better on small models, see the
-                README). The rule used is printed at each evaluation and kept in the hyperparameters.
+                the pass where it sits in the later half (more local context; better on small models, see
+                docs/training.md). The rule used is printed at each evaluation and kept in the hyperparameters.
             max_bad_steps: a step whose loss is NaN or infinite is skipped (no update) and counted in
                 ``train/skipped_steps``; this many in a row stop training with ``NonFiniteLossError``.
             decay_embeddings: apply weight decay to the byte embedding tables too.

@@ -91,7 +91,7 @@ def test_a_megabyte_config_stored_before_the_new_fields_loads_in_the_paper_form(
     old = config_from_dict(stored)
     assert (old.token_shift, old.embed_std, old.patch_embed, old.global_to_local, old.local_shift, old.init) == (
         False, 0.02, "concat", "slice", "patch", "gpt2")
-    assert config_from_name("small").local_shift == "sequence"  # what the named size builds today
+    assert config_from_name("small").local_shift == "sequence"  # what the named size builds
 
 
 def test_spacebyte_small_is_about_ten_million_parameters_at_megabyte_small_flops():

@@ -99,7 +99,7 @@ class MegabyteConfig:
     tied_head: bool = False
     """The output head reuses the last stage's byte embedding matrix (the local one; the global one in
     ``arch: transformer``), as the paper's output equation does (softmax of E^local-embed times the local output).
-    Off by default: a separate head matrix (256 x D_L more parameters), as every model trained here so far."""
+    Off by default: a separate head matrix (256 x D_L more parameters)."""
     vocab_size: int = 256
     """Byte values. All 256 are data: none is reserved for padding."""
 
@@ -168,8 +168,8 @@ LEARNS_FAST = dict(embed_std=1.0, init="fan_in", local_shift="sequence", token_s
 """The form of the named MEGABYTE sizes: byte embeddings and padding units N(0, 1), PyTorch's fan-in initialisation
 of every linear layer, a patch's first byte reading the byte before it, token shift in every sublayer, and the
 global model reading a patch through LayerNorm -> Linear -> LayerNorm of its concatenated byte embeddings. Together
-they learn faster than the paper's form, at equal steps and at equal time (``bench/learning.py``; README, Learning
-efficiency). The dataclass defaults stay the paper's exact form (``MegabyteConfig()``): give ``embed_std: 0.02,
+they learn faster than the paper's form, at equal steps and at equal time (``bench/learning.py``; docs/measurements.md,
+learning efficiency). The dataclass defaults stay the paper's exact form (``MegabyteConfig()``): give ``embed_std: 0.02,
 init: gpt2, local_shift: patch, token_shift: false, patch_embed: concat`` to a named size to train it that way."""
 
 PAPER_FORM = {k: getattr(MegabyteConfig(), k) for k in LEARNS_FAST}
@@ -357,7 +357,7 @@ class Megabyte(nn.Module):
         ``rule="paper"``: as in the paper, which observes that the loss rises toward the end of a patch, each byte is
         taken from the pass in which it sits in the *first* P/2 positions of its patch. ``rule="later"``: from the pass
         in which it sits in the later half (more bytes of its own patch as local context; on a small trained model
-        the per-position loss fell along the patch, so this rule can score better there; see the README).
+        the per-position loss fell along the patch, so this rule can score better there; docs/training.md).
 
         The second pass starts at byte s: bytes 0..s-1 are not context for any byte it scores (a window's first s
         bytes would otherwise form a partial patch that training never shows the model). Those first s bytes always
