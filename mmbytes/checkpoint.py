@@ -167,7 +167,8 @@ def load_entropy_model(path: str | Path) -> dict[str, Any]:
         caps = build(config).capabilities
     if caps.per_modality or not caps.byte_logits:
         raise CheckpointError(f"{path}: an entropy model gives byte logits whatever the modality; this checkpoint's "
-                              f"model ({type(config).__name__}) does not: give a byte model's")
+                              f"model ({type(config).__name__}) does not: give a byte model's trained without a "
+                              "start state per modality (a blt-entropy-* size, or modality_start: false)")
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     return {"config": config_to_dict(config), "state": state,
             "calibration": (ckpt.get("mmbytes") or {}).get("calibration")}

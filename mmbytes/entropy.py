@@ -236,7 +236,7 @@ def patches_main(argv: list[str] | None = None) -> None:
     ckpt = load_checkpoint(args.ckpt)
     calibration = (ckpt.get("mmbytes") or {}).get("calibration")
     rule, max_len = (calibration["rule"], calibration.get("max_patch_len", 0)) if calibration else ("entropy", 0)
-    if model.capabilities.per_modality:  # a BLT checkpoint: its own entropy model and thresholds
+    if model.capabilities.entropy_patches:  # a BLT checkpoint: its own entropy model and thresholds
         rule, max_len = model.config.patching, model.config.max_patch_len
         thresholds = {m: float(model.theta[i]) for i, m in enumerate(MODALITIES)}
         model = model.entropy_model

@@ -189,11 +189,12 @@ class ByteLM(L.LightningModule):
         x, mask, modality = batch["x"], batch["mask"], batch.get("modality")
         self.bits[stage].update(self.model.nll(x, mask, **self._modality(batch)).sum(1), mask.sum(1), modality)
         if self.strided_rule:
-            strided = self.model.nll_strided(x, mask, rule=self.strided_rule)
+            strided = self.model.nll_strided(x, mask, rule=self.strided_rule, **self._modality(batch))
             self.bits[f"{stage}_strided"].update(strided.sum(1), mask.sum(1), modality)
 
     def _modality(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The rows' modality ids (a model whose patching depends on them uses them: BLT's thresholds)."""
+        """The rows' modality ids: a model conditioned on them (``capabilities.per_modality``: its start state per
+        modality, BLT's thresholds) uses them, the others ignore them."""
         return {"modality": batch.get("modality")}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
