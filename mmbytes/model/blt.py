@@ -115,10 +115,12 @@ class BLTConfig:
     directly, which leaves most rows unused at table sizes related to ``HASH_BASE`` (500,002 rows: HASH_BASE = -1 mod
     the size); configs stored without this field have it (``LEGACY``), so their checkpoints keep their ids."""
     modality_start: bool = False
-    """A learned start state per modality (``layers.ModalityStart``): the latent input before the first patch is the
-    shared one plus an offset chosen by the row's modality (rows without one: the shared one), so every latent
-    position, and through the decoder's cross-attention every byte, is conditioned on the modality. Off in configs
-    stored before the field existed (``LEGACY``); on in the named sizes. The entropy model stays unconditioned."""
+    """A learned start state per modality (``layers.ModalityStart``): both start vectors, the latent input before
+    the first patch and the decoder input of position 0, are the shared ones plus offsets chosen by the row's
+    modality (rows without one: the shared ones), so every latent position, and through the decoder's cross-attention
+    every byte, is conditioned on the modality, and the first bytes also directly through the local decoder. Off in
+    configs stored before the field existed (``LEGACY``); on in the named sizes. The entropy model stays
+    unconditioned."""
 
     def __post_init__(self) -> None:
         if self.hash_version not in (1, 2):
@@ -301,6 +303,7 @@ class BLT(nn.Module):
         self.from_global = nn.ModuleList(nn.Linear(DG, k * DL, bias=False) for _ in range(c.n_layer_decoder))
         self.cross = nn.ModuleList(PatchCrossAttention(DL, c.n_head_local) for _ in range(c.n_layer_decoder))
         self.start = nn.Parameter(torch.empty(DL))  # the decoder input of position 0: no in-band BOS byte
+        self.modality_byte_start = ModalityStart(DL, len(MODALITIES)) if c.modality_start else None
         self.decoder = Transformer(DL, c.n_layer_decoder, c.n_head_local, window=c.local_window, **block)
         self.head = nn.Linear(DL, c.vocab_size, bias=False)
         self.register_buffer("theta", torch.full((len(MODALITIES),), float(c.threshold)))
@@ -321,6 +324,7 @@ class BLT(nn.Module):
             nn.init.normal_(p, std=self.config.embed_std)
         if self.modality_start is not None:
             self.modality_start.reset_parameters()
+            self.modality_byte_start.reset_parameters()
 
     def train(self, mode: bool = True) -> BLT:
         super().train(mode)
@@ -464,6 +468,13 @@ class BLT(nn.Module):
             return self.global_start.to(dtype).expand(batch, 1, -1)
         return self.modality_start(self.global_start, batch, modality, dtype)
 
+    def byte_start(self, batch: int, modality: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """The decoder input of position 0 (B, 1, D_L): the shared one, plus the row's modality offset with
+        ``modality_start``."""
+        if self.modality_byte_start is None:
+            return self.start.to(dtype).expand(batch, 1, -1)
+        return self.modality_byte_start(self.start, batch, modality, dtype)
+
     def embed_bytes(self, x: Tensor) -> Tensor:
         """Byte embeddings plus the hash n-gram embeddings of the n-grams ending at each byte: (B, L, D_L)."""
         e = self.embed(x)
@@ -514,7 +525,7 @@ class BLT(nn.Module):
         p = self.patch_vectors(h, pid, K)  # (B, K, D)
         g_in = torch.cat([self.latent_start(B, modality, p.dtype), p[:, :-1]], dim=1)  # the one-patch shift
         g = self.global_model(g_in)  # (B, K, D): output j has seen patches < j
-        d = torch.cat([self.start.to(h.dtype).expand(B, 1, -1), h[:, :-1]], dim=1)  # position t reads byte t - 1
+        d = torch.cat([self.byte_start(B, modality, h.dtype), h[:, :-1]], dim=1)  # position t reads byte t - 1
         return self.decode(d, self.latent_keys(g), pid)
 
     def forward(self, x: Tensor, *, modality: Tensor | None = None) -> Tensor:
@@ -573,7 +584,8 @@ class BLT(nn.Module):
             dec=self.decoder.make_caches(batch, max_len + 1, device, dtype),
             states=torch.zeros(batch, max_len, c.d_local, device=device, dtype=dtype),
             theta=self.thresholds(None if modality is None else modality.to(self.theta.device), batch).clone(),
-            latent_start=self.latent_start(batch, modality, dtype or self.global_start.dtype))
+            latent_start=self.latent_start(batch, modality, dtype or self.global_start.dtype),
+            byte_start=self.byte_start(batch, modality, dtype or self.start.dtype))
 
     def prefill(self, prompt: Tensor, cache: BLTCache) -> Tensor:
         """Positions 0..L0 (the prompt's bytes and the next one) in one parallel pass; the logits of byte L0."""
@@ -601,7 +613,7 @@ class BLT(nn.Module):
         cache.kv = [(key[rows, done][:, None], val[rows, done][:, None]) for key, val in kv]  # byte L0's patch
         cache.count = done + 1
         cache.start = patching.latest_start(starts)[:, L0]
-        d = torch.cat([self.start.to(h.dtype).expand(B, 1, -1), h], dim=1)  # (B, L0 + 1, D_L)
+        d = torch.cat([cache.byte_start.to(h.dtype), h], dim=1)  # (B, L0 + 1, D_L)
         return self.head(self.decode(d, kv, pid, cache.dec)[:, -1])
 
     def step(self, byte: Tensor, cache: BLTCache) -> Tensor:
@@ -649,9 +661,9 @@ class BLT(nn.Module):
 class BLTCache:
     """Generation state: the bytes so far (``t`` known), the encoder's and decoder's sliding-window caches, the
     entropy model's cache and its latest entropy, the latent transformer's row caches, every byte's encoder state
-    (to pool a patch when it closes), and per row: its threshold, its latent start state (its modality's), where its
-    current patch started, its latent positions so far, and the decoder's keys and values of the latent output its
-    current patch reads."""
+    (to pool a patch when it closes), and per row: its threshold, its latent and decoder start vectors (its
+    modality's), where its current patch started, its latent positions so far, and the decoder's keys and values of
+    the latent output its current patch reads."""
 
     buf: Tensor
     t: int
@@ -662,6 +674,7 @@ class BLTCache:
     states: Tensor
     theta: Tensor
     latent_start: Tensor
+    byte_start: Tensor
     start: Tensor = field(default=None)
     count: Tensor = field(default=None)
     kv: list = field(default=None)

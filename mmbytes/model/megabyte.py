@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mmbytes.model import flops, patching
 from mmbytes.codecs import MODALITIES
+from mmbytes.model import flops, patching
 from mmbytes.model.layers import ModalityStart, Transformer, init_linear
 from mmbytes.model.protocol import Capabilities, ModelData
 
@@ -392,7 +392,8 @@ class Megabyte(nn.Module):
         if s == 0 or x.shape[1] <= s:
             out = first
         else:
-            second = self.nll(x[:, s:], chunk=chunk, modality=modality)  # byte t sits at t - s, patch position (t - s) % P
+            # byte t sits at t - s, patch position (t - s) % P
+            second = self.nll(x[:, s:], chunk=chunk, modality=modality)
             pos = torch.arange(x.shape[1], device=x.device) % P  # position of byte t in its first-pass patch
             keep_first = pos < s if rule == "paper" else pos >= s
             keep_first[:s] = True  # the second pass never sees the first s bytes
