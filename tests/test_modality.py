@@ -153,3 +153,21 @@ def test_a_small_trained_model_generates_image_bytes_from_the_image_start_state(
 @pytest.mark.parametrize("name", ["debug", "transformer-debug", "spacebyte-debug", "blt-fixed-debug"])
 def test_every_architecture_trained_generates_image_bytes_from_the_image_start_state(name):
     assert_generation_follows_the_start_state(name, 300)
+
+
+def test_an_entropy_checkpoint_with_a_start_state_per_modality_is_refused_naming_the_field(tmp_path):
+    from mmbytes.checkpoint import CheckpointError, load_entropy_model
+
+    def saved(name: str, **overrides) -> Path:
+        m = build(name, **overrides)
+        path = tmp_path / f"{name}-{len(overrides)}.ckpt"
+        torch.save({"state_dict": {f"model.{k}": v for k, v in m.state_dict().items()},
+                    "hyper_parameters": {"size": name}, "mmbytes": {"config": config_to_dict(m.config)}}, path)
+        return path
+
+    with pytest.raises(CheckpointError, match="modality_start: false"):
+        load_entropy_model(saved("transformer-debug"))
+    assert load_entropy_model(saved("transformer-debug", modality_start=False))["config"]["modality_start"] is False
+    assert load_entropy_model(saved("blt-entropy-debug"))["config"]["arch"] == "transformer"
+    assert [build(n).capabilities.entropy_patches for n in ("blt-debug", "blt-fixed-debug", "debug")] == \
+        [True, False, False]
