@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from stamp import stamp  # noqa: E402  (bench/stamp.py: commit, machine, versions, command)
 
 from mmbytes.compress import compress_files, decompress_files, load, machine_envelope, trained_codecs
 from mmbytes.shards import DEFAULT_CHUNK, chunks, split_hash
@@ -172,7 +173,7 @@ def main() -> None:
     if args.json:
         machine = {"cpu": platform.processor() or platform.machine(), "device": args.device,
                    "envelope": str(machine_envelope(model))}
-        args.json.write_text(json.dumps({"ckpt": str(args.ckpt), "chunk": chunk, "batch": args.batch,
+        args.json.write_text(json.dumps({**stamp(), "ckpt": str(args.ckpt), "chunk": chunk, "batch": args.batch,
                                          "machine": machine, "rows": rows}, indent=1))
 
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from stamp import stamp  # noqa: E402  (bench/stamp.py: commit, machine, versions, command)
 
 from datamodules import ByteDataModule
 from mmbytes.model import build
@@ -91,7 +92,7 @@ def main() -> None:
         print(f"{r['modality']:9s} {r['files']:7d} {r['write_samples_per_s']:14.0f} "
               f"{r['write_bytes_per_s'] / 1e6:11.2f} {r['load_bytes_per_s'] / 1e6:10.2f} {r['load_vs_train']:12.0f}x")
     if args.json:
-        args.json.write_text(json.dumps({"train_bytes_per_s": train, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({**stamp(), "train_bytes_per_s": train, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ Every model of ``--models`` decodes ``--bytes`` bytes (batch 1, sampling at temp
 weights) with ``mmbytes.model.generate.generate``, in the same process; each model's bytes/s is also given as a
 ratio to the first ``transformer-*`` model, if any. The reference decoder (``generate_reference``: a full forward
 pass for every byte) is measured for the models of ``--ref-models`` (default: the first of ``--models``). Running it
-for all 8192 bytes would take most of an hour on a laptop CPU, so by default its cost is measured as the time of one
-full forward pass at ``--ref-points`` lengths and integrated over every length 1..N (piecewise linear);
-``--ref-full`` runs it for real.
+for all 8192 bytes costs one forward pass per byte (most of an hour on a 2-core CPU), so by default its cost is
+measured as the time of one full forward pass at ``--ref-points`` lengths and integrated over every length 1..N
+(piecewise linear); ``--ref-full`` runs it for real.
 
     python bench/generate_speed.py --json bench/generate_speed.json
     python bench/generate_speed.py --models small,spacebyte-small,transformer-small --ref-models all
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from stamp import stamp  # noqa: E402  (bench/stamp.py: commit, machine, versions, command)
 from torch import nn
 
 from mmbytes.codecs import MODALITIES
@@ -120,7 +121,7 @@ def main() -> None:
     if args.json:
         result = {"bytes": args.bytes, "threads": torch.get_num_threads(),
                   "baseline": base["model"] if base else None, "rows": rows}
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(json.dumps({**stamp(), **result}, indent=2))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from stamp import stamp  # noqa: E402  (bench/stamp.py: commit, machine, versions, command)
 
 from mmbytes import MegabyteConfig
 from mmbytes.lit import param_groups, warmup_cosine
@@ -50,8 +51,8 @@ VARIANTS: dict[str, tuple[dict, bool]] = {
     "embed1+shift+seqshift": ({**PAPER, "embed_std": 1.0, "token_shift": True, "local_shift": "sequence"}, True),
     "embed1+fanin": ({**PAPER, "embed_std": 1.0, "init": "fan_in"}, True),
     "fanin+seqshift": ({**PAPER, "init": "fan_in", "local_shift": "sequence"}, True),
-    # the three fields of stop 11's named sizes (local_shift sequence, fan-in init, N(0, 1) embeddings) and the two
-    # added to them since, each alone and together: "default" is today's named size
+    # three fields of the named sizes (local_shift sequence, fan-in init, N(0, 1) embeddings) and two more (token
+    # shift, projected patch embedding), each alone and together: "default" is the named size as the registry builds it
     "seq+fanin+embed1": ({**PAPER, "embed_std": 1.0, "init": "fan_in", "local_shift": "sequence"}, True),
     "seq+fanin+embed1+shift": ({**PAPER, "embed_std": 1.0, "init": "fan_in", "local_shift": "sequence",
                                 "token_shift": True}, True),
@@ -195,7 +196,8 @@ def main() -> None:
 
 def write_json(args, rows: list[dict]) -> None:
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+        settings = {k: str(v) for k, v in vars(args).items()}
+        args.json.write_text(json.dumps({**stamp(), "args": settings, "rows": rows}, indent=2))
 
 
 def equal_wall(args, names: list[str], train: torch.Tensor, val: torch.Tensor) -> None:

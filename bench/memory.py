@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from stamp import stamp  # noqa: E402  (bench/stamp.py: commit, machine, versions, command)
+
 GiB = 2**30
 
 
@@ -124,7 +126,7 @@ def main() -> None:
             prev = row
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"limit_gb": args.limit_gb, "timeout_s": args.timeout, "rows": rows}, f, indent=1)
+            json.dump({**stamp(), "limit_gb": args.limit_gb, "timeout_s": args.timeout, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

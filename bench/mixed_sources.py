@@ -1,7 +1,7 @@
-"""The mixed image + audio + text set of the README's mixed study, as a folder of links into ``../shared/data``:
+"""The mixed image + audio + text set of the mixed study (docs/study.md), as a folder of links into ``../shared/data``:
 the first 150 CIFAR-10 images of each class (1,500), every sixth FSDD recording in name order (333) and
-tinyshakespeare.txt. The link names are the ones the study's shards were written from, so the train/validation split
-(a hash of each sample's name) comes out the same.
+tinyshakespeare.txt. ``mmbytes shards`` splits by content (whole files by a hash of their bytes; the one text file
+by its tail), so the split does not depend on the link names.
 
     python bench/mixed_sources.py data/mixed_src
     mmbytes shards data/mixed_src/image data/mixed_src/audio data/mixed_src/text --out data/mixed_shards

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 import torch
+from stamp import stamp  # noqa: E402  (bench/stamp.py: commit, machine, versions, command)
 
 from mmbytes.codecs import get_codec
 from mmbytes.model import patching
@@ -69,7 +70,7 @@ def main() -> None:
             print(f"{modality:10s} {','.join(sources)[:45]:45s} {n / 1e6:5.2f} {row['start_share']:7.1%} "
                   f"{row['global_share']:7.1%} {row['overflow_share']:9.1%}")
     if args.json:
-        args.json.write_text(json.dumps({"seq_len": T, "cap": cap, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({**stamp(), "seq_len": T, "cap": cap, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -77,7 +77,10 @@ def stamp_lines(meta: dict) -> list[str]:
     if "commit" in stamp:
         recorded = " (the commit that recorded these figures)" if meta.get("transcribed") else ""
         lines.append(f"- commit: `{stamp['commit']}`{recorded}")
-    lines.append(f"- machine: {stamp.get('machine', 'not recorded')}")
+    machine = stamp.get("machine", "not recorded")
+    if isinstance(machine, dict):  # bench/stamp.py's form
+        machine = ", ".join(f"{k} {v}" for k, v in machine.items())
+    lines.append(f"- machine: {machine}")
     if stamp.get("versions"):
         versions = stamp["versions"]
         text = ", ".join(f"{k} {v}" for k, v in versions.items()) if isinstance(versions, dict) else str(versions)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from stamp import stamp  # noqa: E402  (bench/stamp.py: commit, machine, versions, command)
 
 from mmbytes.codecs import MODALITIES
 from mmbytes.model import SIZES, build
@@ -147,7 +148,7 @@ def main() -> None:
         result = {"seq_len": args.seq_len, "batch": args.batch, "device": str(device), "dtype": args.dtype,
                   "threads": threads, "matmul_peak_gflops": peak, "flops": "analytic model.flops_per_byte",
                   "baseline": base["model"] if base else None, "rows": rows}
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(json.dumps({**stamp(), **result}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Word starts in trained models (issue 13): SpaceByte's premise and BLT's patches.
+"""Word starts in trained models: SpaceByte's premise and BLT's patches.
 
 - MEGABYTE (or any byte model): mean bits of word-initial bytes against the rest, on the validation windows. SpaceByte
   (Slagle, 2024, section 2) puts its global blocks at word starts because the first byte of a word is the hardest.
@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 
 import torch
+from stamp import stamp  # noqa: E402  (bench/stamp.py: commit, machine, versions, command)
 
 from datamodules import ByteDataModule
 from mmbytes.checkpoint import load_model
@@ -90,7 +91,7 @@ def main() -> None:
         print(f"{r['ckpt'][-60:]:60s} {r['bits_word_initial']:18.3f} {r['bits_rest']:10.3f} "
               f"{r['word_initial_share']:10.3f} {at:>22s}")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps({**stamp(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import tarfile
+import re
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
@@ -29,9 +28,17 @@ import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset.shardlists import expand_urls
 from webdataset.utils import pytorch_worker_info
 
+from datamodules.reader import (
+    MAX_SAMPLE_BYTES,
+    ShardReadError,
+    check_meta,
+    count_samples,
+    manifest_shards,
+    pattern_shards,
+    tar_samples,
+)
 from mmbytes.codecs import MODALITIES
 from mmbytes.errors import NoDataError
 
@@ -43,33 +50,29 @@ _reported: set[str] = set()
 def skip_and_count(exn: Exception) -> bool:
     """A webdataset handler: a damaged shard or member is skipped, counted and reported; training goes on."""
     skipped["errors"] += 1
-    if repr(exn) not in _reported:  # resampling draws a damaged shard again and again: warn once per error
-        _reported.add(repr(exn))
+    kind = re.sub(r"sample \S+ in", "sample * in", repr(exn))
+    if kind not in _reported:  # resampling draws a damaged shard again and again: warn once per error and shard
+        _reported.add(kind)
         log.warning("skipping damaged shard data (%d so far in this process): %r", skipped["errors"], exn)
     return True
 
 
 def decode(sample: dict) -> tuple[np.ndarray, dict]:
-    if "bin" not in sample or "json" not in sample:
-        raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks its bin or json member")
-    meta = json.loads(sample["json"])
-    if not isinstance(meta, dict):
-        raise ValueError(f"sample {sample['__key__']} in {sample.get('__url__')}: metadata is not a JSON object")
-    if meta.get("modality", "raw") not in MODALITIES:
-        raise ValueError(f"sample {sample['__key__']} in {sample.get('__url__')}: unknown modality "
-                         f"{meta.get('modality')!r} (known: {', '.join(MODALITIES)})")
-    width = meta.get("sample_width", 1)
-    if meta.get("modality") == "audio" and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
-        raise ValueError(f"sample {sample['__key__']} in {sample.get('__url__')}: sample_width {width!r}")
-    if len(sample["bin"]) != meta.get("nbytes", len(sample["bin"])):  # a member cut short in a damaged tar
-        raise ValueError(f"sample {sample['__key__']} in {sample.get('__url__')}: {len(sample['bin'])} bytes, "
-                         f"{meta['nbytes']} expected")
+    """A tar sample -> (bytes as uint8, metadata checked by ``reader.check_meta``), or a ``ValueError`` naming the
+    sample and its shard (the callers' handlers skip and count it)."""
+    where = f"sample {sample.get('__key__')} in {sample.get('__url__')}"
+    if not isinstance(sample.get("bin"), bytes) or not isinstance(sample.get("json"), bytes):
+        raise ShardReadError(f"{where} lacks its bin or json member")
+    try:
+        meta = check_meta(json.loads(sample["json"]), len(sample["bin"]))
+    except ValueError as e:  # not JSON, not UTF-8, or a field of the wrong shape
+        raise ShardReadError(f"{where}: {e}") from None
     return np.frombuffer(sample["bin"], dtype=np.uint8), meta
 
 
 def readable_samples(src: Iterator[dict], urls: list[str], split: str = "train",
                      usable: Callable[[np.ndarray, dict], bool] | None = None,
-                     rotate: str | None = None) -> Iterator[tuple[np.ndarray, dict]]:
+                     rotate: str | None = None, bound: int = MAX_SAMPLE_BYTES) -> Iterator[tuple[np.ndarray, dict]]:
     """Shards (``{"url": ...}`` items, drawn again and again when resampled) -> decoded samples. Damaged data is
     skipped and counted as before; but once every shard has been tried and none gave a single readable sample, the
     stream stops with a ``NoDataError`` naming each shard and its first error (a resampled stream would otherwise
@@ -78,7 +81,7 @@ def readable_samples(src: Iterator[dict], urls: list[str], split: str = "train",
     ``rotate`` (a seed): the first shard is read from a random sample on, then from its start up to that sample, so
     a stream that starts anew every epoch still reads every part of a shard equally often (the cost: one extra read
     of the skipped part of one shard per epoch and worker, and for a shard that is not a local file one read to
-    count its samples)."""
+    count its samples). ``bound``: the most bytes one sample may have (``reader.tar_samples``)."""
     every, good, bad = set(urls), set(), {}
     for index, shard in enumerate(src):
         url, errors = shard["url"], []
@@ -88,7 +91,7 @@ def readable_samples(src: Iterator[dict], urls: list[str], split: str = "train",
             return skip_and_count(exn)
 
         n = 0
-        for sample in _shard_samples(shard, handler, rotate if index == 0 else None):
+        for sample in _shard_samples(shard, handler, rotate if index == 0 else None, bound):
             try:
                 item = decode(sample)
                 if usable is not None and not usable(*item):
@@ -110,20 +113,29 @@ def readable_samples(src: Iterator[dict], urls: list[str], split: str = "train",
                                   "rebuild them with `mmbytes shards`")
 
 
-def _shard_samples(shard: dict, handler: Callable, rotate: str | None) -> Iterator[dict]:
+def _shard_samples(shard: dict, handler: Callable, rotate: str | None,
+                   bound: int = MAX_SAMPLE_BYTES) -> Iterator[dict]:
     """The samples of one shard, in order, or rotated to start at a random sample (see ``readable_samples``)."""
+    url = shard["url"]
     if rotate is None:
-        yield from wds.tarfile_samples(iter([shard]), handler=handler)
+        yield from tar_samples(url, handler, bound)
         return
-    n = shard_samples(shard["url"], handler)
+    n = count_samples(url, handler, bound)
     k = worker_rng(rotate, "rotate").randrange(n) if n else 0
-    for i, sample in enumerate(wds.tarfile_samples(iter([shard]), handler=handler)):
+    for i, sample in enumerate(tar_samples(url, handler, bound)):
         if i >= k:
             yield sample
-    for i, sample in enumerate(wds.tarfile_samples(iter([shard]), handler=handler)):
+    for i, sample in enumerate(tar_samples(url, handler, bound)):
         if i >= k:
             break
         yield sample
+
+
+def shard_stream(src: Iterator[dict], bound: int = MAX_SAMPLE_BYTES,
+                 handler: Callable = skip_and_count) -> Iterator[dict]:
+    """A pipeline stage: shards (``{"url": ...}``) -> their tar samples, through the one reader."""
+    for shard in src:
+        yield from tar_samples(shard["url"], handler, bound)
 
 
 def rotated_shards(src: Iterator[dict], seed: int | str, handler: Callable = skip_and_count) -> Iterator[dict]:
@@ -167,10 +179,17 @@ class EpochLoader:
     again up to that place and the batches before it are dropped, so a resume replays at most one epoch, however long
     the run (with ``pipe:`` or ``https://`` shards it re-reads only what this epoch read). Each epoch starts its
     workers afresh; within a worker, each epoch starts at a random sample of its first shard (``rotated_shards``), so
-    epochs shorter than a shard do not all read the same start of it."""
+    epochs shorter than a shard do not all read the same start of it.
 
-    def __init__(self, make: Callable[[int], Iterable], batches: int, num_workers: int = 0) -> None:
-        self.make, self.batches, self.num_workers = make, batches, num_workers
+    ``epoch_of()``, when given and not None, is the trainer's own epoch count and decides the stream over
+    ``set_epoch``: resumed from a checkpoint written at the end of an epoch (ModelCheckpoint after the epoch's
+    validation), Lightning's fit loop first iterates the finished epoch once more (its first batch is fetched and
+    dropped) and from then on numbers the samplers' epochs one ahead of ``current_epoch``; the stream follows
+    ``current_epoch``, as in a run that was never interrupted (the finished epoch's iteration then yields nothing)."""
+
+    def __init__(self, make: Callable[[int], Iterable], batches: int, num_workers: int = 0,
+                 epoch_of: Callable[[], int | None] | None = None) -> None:
+        self.make, self.batches, self.num_workers, self.epoch_of = make, batches, num_workers, epoch_of
         self.epoch = self.consumed = 0
         self.replayed = 0  # batches drawn again and dropped when this epoch was resumed
         self._resume: dict[str, int] | None = None
@@ -184,6 +203,9 @@ class EpochLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         # a generator: nothing runs until the first batch is asked for, after Lightning has set the epoch and state
+        current = self.epoch_of() if self.epoch_of is not None else None
+        if current is not None:
+            self.epoch = current
         resume, self._resume = self._resume, None
         skip = resume["batches"] if resume and resume["epoch"] == self.epoch else 0
         share_temp_dir(self.num_workers)
@@ -205,6 +227,11 @@ class EpochLoader:
         self._resume = {"epoch": state["epoch"], "batches": state["batches"]}
 
 
+def trainer_epoch(module: L.LightningDataModule) -> int | None:
+    """The attached trainer's ``current_epoch`` (None without a trainer): what the training stream follows."""
+    return None if module.trainer is None else module.trainer.current_epoch
+
+
 def share_temp_dir(workers: int) -> None:
     """Give this process its multiprocessing temp folder before workers fork: they then use it instead of each making
     a ``/tmp/pymp-*`` of its own, which stays behind when Lightning stops them; this one is removed at exit."""
@@ -220,15 +247,8 @@ def epoch_seed(seed: int, epoch: int) -> str:
 
 
 def shard_samples(url: str, handler: Callable = skip_and_count) -> int:
-    """Samples in one tar shard: a local file's member headers only (tarfile seeks over the data), else a read."""
-    path = url.removeprefix("file://")
-    if os.path.isfile(path):
-        try:
-            with tarfile.open(path) as tar:
-                return len({m.name.split("/")[-1].split(".")[0] for m in tar.getmembers() if m.isfile()})
-        except (tarfile.TarError, OSError):  # damaged: count what a read yields
-            pass
-    return sum(1 for _ in wds.tarfile_to_samples(handler=handler)(iter([{"url": url}])))
+    """Samples in one tar shard, counted from its member headers."""
+    return count_samples(url, handler)
 
 
 def shuffled(src: Iterator, size: int, seed: int) -> Iterator:
@@ -381,6 +401,8 @@ class ByteDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         train_batches_per_epoch: int = 200,
         val_fraction: float | dict[str, float] = 0.1,
+        split: str = "auto",
+        val_sources: list[str] | None = None,
         train_shards: str | None = None,
         val_shards: str | None = None,
         seed: int = 0,
@@ -398,8 +420,13 @@ class ByteDataModule(L.LightningDataModule):
             num_workers: data loader worker processes.
             shuffle_buffer: training windows shuffled together.
             train_batches_per_epoch: batches per rank in one training epoch (the stream itself is endless).
-            val_fraction: share of samples held out for validation when building shards, or one per modality
-                (``{audio: 0.2, default: 0.1}``); each sample's split is a hash of its name.
+            val_fraction: share held out for validation when building shards, or one per modality
+                (``{audio: 0.2, default: 0.1}``).
+            split: how shards are split when built (``mmbytes shards --split``): ``auto`` (whole files by a hash of
+                their content; a modality's only file by its last ``val_fraction`` of bytes), ``files`` or
+                ``contiguous`` (every file of several samples split at its tail).
+            val_sources: files and folders that are the validation split, whole (an official test set); the
+                modalities they hold take no validation from ``sources``.
             train_shards: a webdataset URL pattern (local path, ``https://``, ``pipe:aws s3 cp ...``, brace
                 ranges) to read training shards from instead of ``data_dir``.
             val_shards: the same for validation shards.
@@ -415,40 +442,65 @@ class ByteDataModule(L.LightningDataModule):
         self.hp = self.hparams
         check_loader_options(seq_len, batch_size, num_workers, shuffle_buffer, train_batches_per_epoch, val_fraction,
                              patch_size, interleave)
+        if split not in ("auto", "files", "contiguous"):
+            from mmbytes.errors import OptionError
+
+            raise OptionError(f"data.split must be auto, files or contiguous, got {split!r}")
 
     def prepare_data(self) -> None:
-        if self.hp.sources and not self.hp.train_shards and not (Path(self.hp.data_dir) / "manifest.json").exists():
-            from mmbytes.shards import write_shards
+        """Build the shards from ``sources`` when ``data_dir`` has none. Shards already there are compared with the
+        recipe (codec, codec options, validation fraction, sources): shards this module built itself are rebuilt when
+        the recipe changed; others are refused with one line naming the field that differs."""
+        if not self.hp.sources or self.hp.train_shards:
+            return
+        from mmbytes import data_description
+        from mmbytes.shards import write_shards
 
-            write_shards(self.hp.sources, self.hp.data_dir, self.hp.codec, self.hp.codec_options,
-                         self.hp.val_fraction)
+        manifest = data_description.read_manifest_file(self.hp.data_dir)
+        if manifest is not None:
+            differ = data_description.recipe_difference(manifest, dict(self.hp))
+            if not differ:
+                return
+            field, theirs, ours = differ[0]
+            if manifest.get(data_description.BUILT_BY) != "datamodule":
+                from mmbytes.errors import OptionError
 
-    def urls(self, split: str) -> str | list[str]:
+                raise OptionError(f"{Path(self.hp.data_dir) / 'manifest.json'}: shards built with {field} {theirs!r}, "
+                                  f"the recipe asks for {ours!r}; give another data.data_dir, or rebuild them with "
+                                  "`mmbytes shards` (these were not built by the datamodule, so it leaves them)")
+            log.warning("%s: the recipe's %s changed (%r, was %r); rebuilding the shards it built", self.hp.data_dir,
+                        ", ".join(d[0] for d in differ), ours, theirs)
+        write_shards(self.hp.sources, self.hp.data_dir, self.hp.codec, self.hp.codec_options, self.hp.val_fraction,
+                     val_sources=self.hp.get("val_sources"), split=self.hp.get("split", "auto"))
+        data_description.mark_built_by(self.hp.data_dir, "datamodule")
+
+    def urls(self, split: str) -> list[str]:
+        """The ``split`` shards to read (``reader.manifest_shards`` or ``reader.pattern_shards``); the most bytes
+        one sample may have is kept in ``self.bounds[split]``."""
         explicit = self.hp.train_shards if split == "train" else self.hp.val_shards
+        self.bounds = getattr(self, "bounds", {})
         if explicit:
-            return explicit
+            self.bounds[split] = MAX_SAMPLE_BYTES
+            return pattern_shards(explicit, f"data.{split}_shards")
         from mmbytes.shards import read_manifest
 
         manifest_path = Path(self.hp.data_dir) / "manifest.json"
         if not manifest_path.exists():
             raise FileNotFoundError(f"{manifest_path}: no shards; run `mmbytes shards SRC --out {self.hp.data_dir}` "
                                     "or give data.sources")
-        names = read_manifest(manifest_path)["splits"].get(split, {}).get("shards", [])
-        if not names:
-            raise ValueError(f"{manifest_path}: the {split} split has no shards")
-        for n in names:  # a manifest names files inside its own folder, nothing else
-            if Path(n).name != n or n in (".", ".."):
-                raise ValueError(f"{manifest_path}: shard {n!r} is not a file name inside {self.hp.data_dir}")
-        paths = [str(Path(self.hp.data_dir) / n) for n in names]
-        missing = [p for p in paths if not Path(p).is_file()]
-        if len(missing) == len(paths):
-            raise NoDataError(f"{manifest_path}: none of the {len(paths)} {split} shards it names is there (missing: "
-                              f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); rebuild with "
-                              "`mmbytes shards`")
-        if missing:
-            log.warning("%s: %d of the %d %s shards it names are missing and are skipped: %s", manifest_path,
-                        len(missing), len(paths), split, ", ".join(missing))
+        paths, self.bounds[split] = manifest_shards(read_manifest(manifest_path), manifest_path, split)
         return paths
+
+    def samples(self, split: str) -> Iterator[tuple[np.ndarray, dict]]:
+        """Every readable sample of ``split`` once, in shard order, as (bytes as uint8, checked metadata); damaged
+        shards and samples are skipped and counted."""
+        urls = self.urls(split)
+        for url in urls:
+            for sample in tar_samples(url, skip_and_count, self.bounds[split]):
+                try:
+                    yield decode(sample)
+                except ValueError as exn:
+                    skip_and_count(exn)
 
     def _loader(self, pipeline: wds.DataPipeline) -> wds.WebLoader:
         n = self.hp.num_workers
@@ -473,8 +525,7 @@ class ByteDataModule(L.LightningDataModule):
         urls = self.urls("train")
         return wds.DataPipeline(
             wds.ResampledShards(urls, seed=wds.utils.make_seed(self.hp.seed, epoch), deterministic=True),
-            partial(readable_samples, urls=expand_urls(urls) if isinstance(urls, str) else list(urls),
-                    usable=self.usable, rotate=seed),
+            partial(readable_samples, urls=urls, usable=self.usable, rotate=seed, bound=self.bounds["train"]),
             partial(self.cut, seed=seed),
         )
 
@@ -483,16 +534,13 @@ class ByteDataModule(L.LightningDataModule):
         urls = self.urls("val")
         return wds.DataPipeline(
             wds.SimpleShardList(urls),
-            partial(readable_samples, urls=expand_urls(urls) if isinstance(urls, str) else list(urls), split="val"),
+            partial(readable_samples, urls=urls, split="val", bound=self.bounds["val"]),
             partial(self.cut, seed=None),
         )
 
     def train_samples(self) -> Iterator[bytes]:
         """Every training sample's bytes once, in shard order (to train a tokenizer on the training split)."""
-        pipeline = wds.DataPipeline(wds.SimpleShardList(self.urls("train")),
-                                    wds.tarfile_to_samples(handler=skip_and_count),
-                                    wds.map(decode, handler=skip_and_count))
-        for data, _ in pipeline:
+        for data, _ in self.samples("train"):
             yield data.tobytes()
 
     def train_pipeline(self, epoch: int = 0) -> wds.DataPipeline:
@@ -505,7 +553,8 @@ class ByteDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> EpochLoader:
         self.urls("train")  # missing shards fail here, not at the first batch
-        return EpochLoader(self.train_pipeline, self.hp.train_batches_per_epoch, self.hp.num_workers)
+        return EpochLoader(self.train_pipeline, self.hp.train_batches_per_epoch, self.hp.num_workers,
+                           epoch_of=partial(trainer_epoch, self))
 
     def val_dataloader(self) -> wds.WebLoader:
         share = partial(val_batches, seq_len=self.hp.seq_len, batch_size=self.hp.batch_size, **rank_world(self))

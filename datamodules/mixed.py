@@ -21,6 +21,7 @@ from datamodules.bytes import (
     epoch_seed,
     rank_world,
     shuffled,
+    trainer_epoch,
     val_batches,
     worker_rng,
 )
@@ -107,7 +108,8 @@ class MixedDataModule(L.LightningDataModule):
         return wds.DataPipeline(partial(mixed, streams, self.weights, seed))
 
     def train_dataloader(self) -> EpochLoader:
-        return EpochLoader(self.train_pipeline, self.hparams.train_batches_per_epoch, self.hparams.num_workers)
+        return EpochLoader(self.train_pipeline, self.hparams.train_batches_per_epoch, self.hparams.num_workers,
+                           epoch_of=partial(trainer_epoch, self))
 
     def val_dataloader(self) -> wds.WebLoader:
         hp = self.hparams

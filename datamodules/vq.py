@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from datamodules.bytes import ByteDataModule, decode, skip_and_count, take_share, worker_rng
+from datamodules.bytes import ByteDataModule, decode, shard_stream, skip_and_count, take_share, worker_rng
 from mmbytes.codecs.image import from_order
 
 
@@ -162,9 +162,10 @@ class VQDataModule(ByteDataModule):
         return super().train_dataloader()
 
     def val_windows(self) -> wds.DataPipeline:
+        urls = self.urls("val")
         return wds.DataPipeline(
-            wds.SimpleShardList(self.urls("val")),
-            wds.tarfile_to_samples(handler=skip_and_count),
+            wds.SimpleShardList(urls),
+            partial(shard_stream, bound=self.bounds["val"]),
             take_share,
             wds.map(decode, handler=skip_and_count),
             partial(self.cut, seed=None),

@@ -1,5 +1,5 @@
-"""Callbacks: writing generated samples (rank zero only; the module's mode is left as found) and counting training
-FLOPs against a budget (``FlopBudget``)."""
+"""Callbacks: writing generated samples (rank zero only; the module's mode is left as found), storing the data
+description in checkpoints (``DataDescription``) and counting training FLOPs against a budget (``FlopBudget``)."""
 
 from __future__ import annotations
 
@@ -19,13 +19,18 @@ class SampleWriter(L.Callback):
     def __init__(self, modality: str = "text", num: int = 4, num_bytes: int = 512, every_n_steps: int = 0,
                  on_validation_end: bool = True, prompt: str = "", temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 meta: dict[str, Any] | None = None) -> None:
+                 meta: dict[str, Any] | None = None, max_seconds: float | None = 600.0) -> None:
         """Generates samples and writes them to ``<log_dir>/samples/step_<N>/`` and to TensorBoard.
+
+        In training, the samples of a step are made after that step's checkpoint is written (at the next training
+        batch, or at the end of training): interrupting the sampling loses no training. They are generated as one
+        batch, with a progress bar (or a log line) on rank zero, from a generator of their own: the global random
+        state, and so the training, is the same with and without sample writers.
 
         Args:
             modality: codec that turns the bytes into a file: text, raw, image or audio.
             num: samples per call, generated as one batch.
-            num_bytes: bytes per sample for text, raw and audio (images: the ``meta`` size fixes it).
+            num_bytes: bytes per sample for text, raw and audio (images: the image size fixes it).
             every_n_steps: also sample every N training steps (0: only at the end of validation).
             on_validation_end: sample after each validation run.
             prompt: text that starts every sample.
@@ -33,18 +38,42 @@ class SampleWriter(L.Callback):
             top_k: keep the k most likely bytes.
             top_p: keep the smallest set of bytes with this much probability.
             seed: sampling seed, the same at every call so samples are comparable across steps.
-            meta: what the codec needs to decode: ``{height, width, channels, order, tile}`` for images,
-                ``{sample_rate}`` for audio.
+            meta: what the codec needs to decode (``{height, width, channels, order, tile}`` for images,
+                ``{sample_rate}`` for audio); by default the data description of the datamodule's shards
+                (``mmbytes.data_description``), so samples are decoded as the training data was encoded.
+            max_seconds: time budget of one call; samples not finished by then are dropped with a warning and
+                training goes on (None: no limit).
         """
         self.modality, self.num, self.num_bytes = modality, num, num_bytes
         self.every_n_steps, self.at_validation_end = every_n_steps, on_validation_end
         self.prompt = prompt.encode()
         self.kw = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
-        self.meta = meta or {}
+        self.given_meta = meta
+        self.meta = dict(meta or {})
+        self.max_seconds = max_seconds
         self._last_step = -1
+        self._pending: int | None = None  # a step whose samples wait for its checkpoint
+
+    def _meta(self, trainer) -> dict[str, Any]:
+        """The codec's decoding options: ``meta`` as given, else read from the data description."""
+        if self.given_meta is not None:
+            return dict(self.given_meta)
+        from mmbytes.data_description import codec_meta, of_datamodule
+
+        description = of_datamodule(getattr(trainer, "datamodule", None)) or {}
+        meta = codec_meta(description, self.modality)
+        if self.modality == "image" and None in (meta["height"], meta["width"]):
+            raise ValueError(f"SampleWriter(image): the training data has no images of one size to copy; give meta: "
+                             f"{{height, width, channels, order, tile}} (data description: {meta})")
+        if self.modality == "audio" and not meta["sample_rate"]:
+            raise ValueError("SampleWriter(audio): the training data has no audio to take the sample rate from; give "
+                             "meta: {sample_rate: N}")
+        return meta
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        """Warn once if the samples are longer than the training windows (the model would generate past them)."""
+        """Read the decoding options, and warn once if the samples are longer than the training windows (the model
+        would generate past them)."""
+        self.meta = self._meta(trainer)
         seq_len = (getattr(trainer.datamodule, "hparams", None) or {}).get("seq_len")
         total = len(self.prompt) + sample_length(self.modality, self.meta, self.num_bytes)
         if trainer.is_global_zero:
@@ -52,23 +81,60 @@ class SampleWriter(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            self._sample(trainer, pl_module)
+            self._pending = trainer.global_step
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if self.at_validation_end and not trainer.sanity_checking:
+        if not self.at_validation_end or trainer.sanity_checking:
+            return
+        if getattr(trainer.state, "fn", None) == "fit":
+            self._pending = trainer.global_step  # ModelCheckpoint saves in this hook too, after the other callbacks
+        else:
+            self._sample(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._flush(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._flush(trainer, pl_module)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._pending = None  # an interrupted run stops; it does not sample first
+
+    def _flush(self, trainer, pl_module) -> None:
+        if self._pending is not None:
+            self._pending = None
             self._sample(trainer, pl_module)
 
     @rank_zero_only
     def _sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+        from mmbytes.sample import SamplingTimeout
+
         step = trainer.global_step
         if step == self._last_step:  # the step-based and validation triggers can meet on one step
             return
         self._last_step = step
+        if not self.meta:
+            self.meta = self._meta(trainer)
         num_bytes = sample_length(self.modality, self.meta, self.num_bytes)
-        samples = sample_bytes(pl_module.model, self.num, num_bytes, self.prompt, modality=self.modality, **self.kw)
+        started = time.monotonic()
+        show = getattr(trainer, "progress_bar_callback", None) is not None
+        try:
+            samples = sample_bytes(pl_module.model, self.num, num_bytes, self.prompt, modality=self.modality,
+                                   progress=show, desc=f"samples {self.modality} step {step}",
+                                   max_seconds=self.max_seconds, **self.kw)
+        except SamplingTimeout as e:
+            rank_zero_warn(f"SampleWriter({self.modality}) at step {step}: {e}; no samples written (raise "
+                           "max_seconds, or lower num or num_bytes)")
+            return
         out = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step_{step}"
         paths = write_samples(samples, self.modality, self.meta, out)
         self._log_tensorboard(trainer, paths, samples, step)
+        rank_zero_info(f"SampleWriter({self.modality}): {len(paths)} samples of {num_bytes:,} bytes at step {step} in "
+                       f"{time.monotonic() - started:.1f} s -> {out}")
 
     def _log_tensorboard(self, trainer: L.Trainer, paths: list[Path], samples: list[bytes], step: int) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -91,6 +157,26 @@ class SampleWriter(L.Callback):
                 for i, data in enumerate(samples):
                     wave = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
                     writer.add_audio(f"{tag}_{i}", wave[None], step, sample_rate=self.meta["sample_rate"])
+
+
+class DataDescription(L.Callback):
+    """Stores the description of the training data (``mmbytes.data_description``: modalities, codec and decoding
+    options, derived from the shards' manifests) in every checkpoint, as ``checkpoint["data_description"]``, for
+    ``mmbytes sample`` and the other readers of a checkpoint. ``mmbytes fit`` adds it to every run."""
+
+    def __init__(self) -> None:
+        self.description: dict[str, Any] | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from mmbytes.data_description import of_datamodule
+
+        self.description = of_datamodule(trainer.datamodule)  # after prepare_data: the manifests are there
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        from mmbytes.data_description import KEY
+
+        if self.description is not None:
+            checkpoint[KEY] = self.description
 
 
 class FlopBudget(L.Callback):

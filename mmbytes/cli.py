@@ -6,6 +6,11 @@
     mmbytes calibrate --ckpt ENTROPY.ckpt --data data/mixed --out runs/entropy_calibrated
     mmbytes compress --ckpt runs/quickstart/version_0/checkpoints/last.ckpt notes.txt --out packed/
     mmbytes study --data data/text --budget 3e13 --models small,transformer-small,bpe-small --out runs/study
+    mmbytes fit --config recipes/quickstart.yaml --ckpt_path last     # resume the newest run of that recipe
+
+Threads: unless ``OMP_NUM_THREADS`` is set or ``--threads N`` is given, torch's intra-op threads are set to half the
+CPUs this process may run on, at least 1 and at most 8 (``default_threads``): small models gain little from more,
+and on a machine shared with other work, threads that wait for busy cores slow every step down many times over.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -29,6 +35,8 @@ EXTRA = {
 
 
 EVAL_OPTIONS = ("strided_eval",)
+THREADS_HELP = ("threads: torch's intra-op threads are half the CPUs this process may use (1 to 8) unless "
+                "OMP_NUM_THREADS is set or --threads N is given (anywhere on the command line)")
 
 
 class MmbytesCLI(LightningCLI):
@@ -41,7 +49,8 @@ class MmbytesCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """Checkpoints are written atomically (``AtomicCheckpointIO``) unless the run names a checkpoint IO of its own;
-        other plugins given on the command line are kept."""
+        other plugins given on the command line are kept. Every checkpoint holds the data description
+        (``DataDescription``)."""
         from lightning.fabric.plugins import CheckpointIO
 
         from mmbytes.checkpoint import AtomicCheckpointIO
@@ -50,7 +59,12 @@ class MmbytesCLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
-        return super().instantiate_trainer(**{**kwargs, "plugins": plugins})
+        trainer = super().instantiate_trainer(**{**kwargs, "plugins": plugins})
+        from mmbytes.callbacks import DataDescription
+
+        if not any(isinstance(c, DataDescription) for c in trainer.callbacks):  # every checkpoint describes its data
+            trainer.callbacks.append(DataDescription())
+        return trainer
 
     def _check_ckpt_config(self, sub: str, init: dict | None) -> None:
         """A model configuration given for this run (anything but the defaults) must match the checkpoint's: refuse
@@ -63,9 +77,9 @@ class MmbytesCLI(LightningCLI):
 
         ckpt_path = self.config[sub].get("ckpt_path")
         if ckpt_path and Path(ckpt_path).is_file():
-            from mmbytes.checkpoint import check_checkpoint_file
+            from mmbytes.checkpoint import verify_checkpoint
 
-            check_checkpoint_file(ckpt_path)  # random bytes: one line naming the file, not torch's mmap message
+            verify_checkpoint(ckpt_path)  # damaged, pickled or of a wrong inside: one line naming the file and field
         if init is None or "size" not in init or not ckpt_path or not Path(ckpt_path).is_file():  # not a ByteLM
             return  # "last" and the like are resolved by the Trainer; ByteLM.on_load_checkpoint checks those
         defaults = inspect.signature(ByteLM.__init__).parameters
@@ -90,12 +104,140 @@ class MmbytesCLI(LightningCLI):
         init = self.config[sub].model.get("init_args") if sub else None
         self._eval_options = {k: init.get(k) for k in EVAL_OPTIONS if k in init} if init is not None else {}
         if sub:
+            check_model_size(self.config[sub].model)
+            check_accelerator(self.config[sub].trainer.get("accelerator"))
+            if self.config[sub].get("ckpt_path") == "last":
+                self.config[sub].ckpt_path = str(find_last_checkpoint(self.config[sub]))
+                print(f"mmbytes: --ckpt_path last: {self.config[sub].ckpt_path}", file=sys.stderr)
             self._check_ckpt_config(sub, init)
 
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
         for k, v in getattr(self, "_eval_options", {}).items():
             self.config[sub].model.init_args[k] = v
+
+def check_model_size(model) -> None:
+    """A ``ByteLM`` size (and overrides) the registry does not know: one line naming the known sizes, before the
+    parser's instantiation wraps the error in a Union-type report."""
+    init = model.get("init_args") if model is not None and hasattr(model, "get") else None
+    if init is None or "size" not in init or not str(model.get("class_path", "")).endswith("ByteLM"):
+        return
+    from mmbytes.errors import OptionError
+    from mmbytes.model.registry import config_from_name
+
+    try:
+        config_from_name(init.get("size"), **dict(init.get("overrides") or {}))
+    except ValueError as e:
+        raise OptionError(f"--model.size/--model.overrides: {e}") from None
+
+
+def check_accelerator(name) -> None:
+    """``--trainer.accelerator`` naming a kind of device this machine does not have (``cuda`` without a GPU): one
+    line naming the accelerators it has, instead of Lightning's traceback."""
+    if not isinstance(name, str) or name == "auto":
+        return
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    from mmbytes.errors import OptionError
+
+    known = sorted(AcceleratorRegistry.available_accelerators())
+    here = [n for n in known if AcceleratorRegistry[n]["accelerator"].is_available()]
+    wanted = ["cuda", "mps"] if name == "gpu" else [name]
+    if name != "gpu" and name not in known:
+        raise OptionError(f"--trainer.accelerator {name}: unknown; choose one of auto, gpu, {', '.join(known)}")
+    if not any(n in here for n in wanted):
+        raise OptionError(f"--trainer.accelerator {name}: no such device on this machine (torch {_torch_build()}); "
+                          f"available here: auto, {', '.join(here)}")
+
+
+def _torch_build() -> str:
+    import torch
+
+    return f"{torch.__version__}, " + (f"built for CUDA {torch.version.cuda}" if torch.version.cuda else
+                                       "a build without CUDA")
+
+
+def find_last_checkpoint(config) -> Path:
+    """``--ckpt_path last``: the ``last.ckpt`` of the newest earlier run of the same logger ``save_dir``/``name`` (the
+    highest ``version_N`` that has ``checkpoints/last.ckpt``; only the given version when the logger names one), or
+    of the ``dirpath`` a ModelCheckpoint is given; without a logger, ``<default_root_dir>/checkpoints``. Lightning
+    itself would look in the new run's own, still empty, folder and train from step 0. None found: ``OptionError``
+    naming where it looked."""
+    from mmbytes.errors import OptionError
+
+    trainer = config.trainer
+    root = Path(trainer.get("default_root_dir") or ".")
+    callbacks = trainer.get("callbacks") or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    places = [Path(c.init_args.dirpath) for c in callbacks if str(c.get("class_path", "")).endswith("ModelCheckpoint")
+              and c.get("init_args") is not None and c.init_args.get("dirpath")]
+    logger = trainer.get("logger")
+    logger = logger[0] if isinstance(logger, list) and logger else logger
+    looked: list[str] = []
+    found: list[Path] = []
+    if places:
+        found = [p / "last.ckpt" for p in places]
+        looked = [str(p / "last.ckpt") for p in places]
+    elif logger is False or (isinstance(logger, list) and not logger):
+        found = [root / "checkpoints" / "last.ckpt"]
+        looked = [str(found[0])]
+    else:
+        init = (logger.get("init_args") if hasattr(logger, "get") else None) or {}
+        base = Path(init.get("save_dir") or root) / (init.get("name", "lightning_logs") or "")
+        version = init.get("version")
+        if version is not None:
+            folder = version if isinstance(version, str) else f"version_{version}"
+            found = [base / folder / "checkpoints" / "last.ckpt"]
+            looked = [str(found[0])]
+        else:
+            numbered = [(int(p.name.removeprefix("version_")), p) for p in base.glob("version_*")
+                        if p.name.removeprefix("version_").isdigit()]
+            found = [p / "checkpoints" / "last.ckpt" for _, p in sorted(numbered, reverse=True)]
+            looked = [str(base / "version_*" / "checkpoints" / "last.ckpt")]
+    for path in found:
+        if path.is_file():
+            return path
+    raise OptionError(f"--ckpt_path last: no last.ckpt in {' or '.join(looked)}; give the checkpoint's path, or check "
+                      "the logger's save_dir and name (a run resumes the newest run of the same logger)")
+
+
+def default_threads() -> int:
+    """Half the CPUs this process may run on, at least 1 and at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus // 2))
+
+
+def set_threads(argv: list[str], from_sys: bool = True) -> list[str]:
+    """Take ``--threads N`` out of ``argv`` (and out of ``sys.argv`` when ``from_sys``: LightningCLI reads it) and set
+    torch's intra-op threads: N, else ``OMP_NUM_THREADS`` when set (torch reads it itself), else, for the command
+    (``from_sys``; a Python caller keeps its own setting), ``default_threads()``. The choice is also put in
+    ``OMP_NUM_THREADS``, so processes this one starts (DDP ranks, data workers) use it too."""
+    from mmbytes.errors import OptionError
+
+    rest, given = [], None
+    it = iter(argv)
+    for a in it:
+        if a == "--threads" or a.startswith("--threads="):
+            value = a.partition("=")[2] if "=" in a else next(it, "")
+            if not value.isdigit() or int(value) < 1:
+                raise OptionError(f"--threads {value}: give a whole number of at least 1")
+            given = int(value)
+        else:
+            rest.append(a)
+    if from_sys:
+        sys.argv[1:] = rest
+    if given is None and (os.environ.get("OMP_NUM_THREADS") or not from_sys):
+        return rest
+    n = given or default_threads()
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    import torch
+
+    torch.set_num_threads(n)
+    return rest
+
 
 DEBUG_ENV = "MMBYTES_DEBUG"
 SIGTERM_GRACE_S = 5.0
@@ -114,9 +256,9 @@ def main(argv: list[str] | None = None, *, friendly: bool | None = None) -> None
     if from_sys:
         sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (given args, it warns they are meant for Python)
     if not friendly or debug:
-        return _main(argv, friendly, from_sys)
+        return _main(set_threads(argv, from_sys), friendly, from_sys)
     try:
-        _main(argv, friendly, from_sys)
+        _main(set_threads(argv, from_sys), friendly, from_sys)
     except KeyboardInterrupt:
         print("mmbytes: interrupted", file=sys.stderr)
         sys.exit(130)
@@ -145,10 +287,20 @@ def _main(argv: list[str], friendly: bool, from_sys: bool) -> None:
         for name, (_, what) in EXTRA.items():
             print(f"  {name:10s} {what}")
         print("  --debug    show the traceback of an error (or set MMBYTES_DEBUG=1)")
+        print("  --threads N  torch's intra-op threads (default: half the CPUs this process may use, 1 to 8, unless "
+              "OMP_NUM_THREADS is set)")
         print()
+    from mmbytes.argtypes import yaml_config
+
+    for i, arg in enumerate(argv):  # config files are checked before jsonargparse expands them
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            yaml_config(argv[i + 1])
+        elif arg.startswith("--config="):
+            yaml_config(arg.partition("=")[2])
     old = stop_on_sigterm(grace=SIGTERM_GRACE_S) if friendly else None
+    quiet = {"exit_on_error": False, **{s: {"exit_on_error": False} for s in ("fit", "validate", "test", "predict")}}
     try:
-        run_cli(None if from_sys else argv)
+        run_cli(None if from_sys else argv, **({"parser_kwargs": quiet} if friendly else {}))
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
@@ -180,10 +332,22 @@ def stop_on_sigterm(grace: float):
 def one_line(e: BaseException) -> str | None:
     """The message of an error a user can act on, as one line naming the file, or None for a bug (traceback)."""
     import errno
+    from argparse import ArgumentError
 
     from mmbytes.errors import MmbytesError
     from mmbytes.lit import NonFiniteLossError
 
+    if isinstance(e, ArgumentError):  # a config or option jsonargparse refused: its first lines name the key
+        lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+        problem = next((i for i, x in enumerate(lines) if x.startswith("- Problem with given")), None)
+        if problem is None:
+            return " ".join(lines[:2]) if lines else "invalid arguments"
+        detail = []
+        for x in lines[problem + 1:]:  # the nested reason, up to the next alternative
+            if x.startswith(("- ", "Given value")):
+                break
+            detail.append(x)
+        return " ".join([lines[0], lines[problem].removeprefix("- "), *detail])
     if isinstance(e, MmbytesError | NonFiniteLossError):
         text = str(e).strip()
         if "Original Traceback" in text:  # raised in a data loader worker: the last line is the error itself
@@ -203,10 +367,15 @@ def one_line(e: BaseException) -> str | None:
 
 
 def run_cli(argv: list[str] | None, **kwargs) -> MmbytesCLI:
+    """The LightningCLI; its parsers (the main one and each subcommand's) refuse abbreviated options, so a misspelt
+    ``--trainer.max_step`` is an error, not ``max_steps``."""
     from lightning.pytorch import LightningDataModule, LightningModule
 
+    parser_kwargs = {"allow_abbrev": False, "epilog": THREADS_HELP,
+                     **{sub: {"epilog": THREADS_HELP} for sub in ("fit", "validate", "test", "predict")},
+                     **kwargs.pop("parser_kwargs", {})}
     return MmbytesCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                      args=argv, save_config_kwargs={"overwrite": True}, **kwargs)
+                      args=argv, save_config_kwargs={"overwrite": True}, parser_kwargs=parser_kwargs, **kwargs)
 
 
 if __name__ == "__main__":

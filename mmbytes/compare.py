@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmbytes.io import atomic_path, write_text
+
 LOSSLESS, LOSSY = "lossless", "lossy"
 COLUMNS = ["system", "kind", "modality", "items", "dims", "bits_per_dim", "code_bits_per_dim", "residual_bits_per_dim",
            "mse", "psnr_db", "ssim", "snr_db", "si_snr_db", "codebook_usage", "code_perplexity", "params"]
@@ -36,21 +38,13 @@ COLUMNS = ["system", "kind", "modality", "items", "dims", "bits_per_dim", "code_
 
 def read_val(data_dir: Path, modality: str, max_items: int | None = None) -> list[tuple[np.ndarray, dict]]:
     """The validation samples of one modality in the shards of ``data_dir``: (bytes as uint8, meta), in shard order."""
-    import webdataset as wds
-
-    from datamodules.bytes import decode
+    from datamodules.bytes import ByteDataModule
 
     manifest = data_dir / "manifest.json"
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest}: no shards here; build them with `mmbytes shards ... --out {data_dir}`")
-    from mmbytes.shards import read_manifest
-
-    names = read_manifest(manifest)["splits"].get("val", {}).get("shards", [])
-    if not names:
-        raise ValueError(f"{manifest}: the validation split has no shards")
     items = []
-    for sample in wds.DataPipeline(wds.SimpleShardList([str(data_dir / n) for n in names]), wds.tarfile_to_samples()):
-        data, meta = decode(sample)
+    for data, meta in ByteDataModule(data_dir=str(data_dir)).samples("val"):
         if meta.get("modality") == modality:
             items.append((data, meta))
             if max_items and len(items) >= max_items:
@@ -206,7 +200,8 @@ def image_grid(rows: list[tuple[str, list[np.ndarray]]], out: Path, scale: int) 
                 ax.axis("off")
         axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     fig.subplots_adjust(left=1.5 / fig.get_figwidth(), right=0.99, top=0.98, bottom=0.02, wspace=0.05, hspace=0.1)
-    fig.savefig(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format=Path(out).suffix[1:] or "png")
     plt.close(fig)
     return out
 
@@ -227,7 +222,8 @@ def wave_grid(rows: list[tuple[str, list[np.ndarray]]], out: Path) -> Path:
                 ax.plot(clips[c].astype(np.float64) / 32768.0, lw=0.5, color="tab:blue")
         axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     fig.subplots_adjust(left=1.5 / fig.get_figwidth(), right=0.99, top=0.97, bottom=0.03, wspace=0.05, hspace=0.15)
-    fig.savefig(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format=Path(out).suffix[1:] or "png")
     plt.close(fig)
     return out
 
@@ -247,7 +243,8 @@ def rd_plot(points: list[tuple[str, float, float, str]], out: Path, ylabel: str,
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format=Path(out).suffix[1:] or "png")
     plt.close(fig)
     return out
 
@@ -264,7 +261,7 @@ def _fmt(v) -> str:
 
 
 def write_report(out: Path, rows: list[dict], info: dict) -> None:
-    with open(out / "report.csv", "w", newline="") as f:
+    with atomic_path(out / "report.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
@@ -314,12 +311,13 @@ def write_report(out: Path, rows: list[dict], info: dict) -> None:
         else "") + ".", "",
         f"Took {info['seconds']:.1f} s on {info['device']}.", "",
     ]
-    (out / "report.md").write_text("\n".join(lines))
+    write_text(out / "report.md", "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="mmbytes compare", description="Byte model vs VQ-VAE + prior on the same "
-                                 "validation files: report.md, report.csv, rate-distortion plot, sample grid.")
+                                 "validation files: report.md, report.csv, rate-distortion plot, sample grid.",
+                                 allow_abbrev=False)
     ap.add_argument("--byte-ckpt", type=Path, required=True, help="a byte model checkpoint (`mmbytes fit`)")
     ap.add_argument("--vq-ckpt", type=Path, required=True, help="a VQ-VAE checkpoint (mmbytes.vq.VQVAEModule)")
     ap.add_argument("--prior-ckpt", type=Path, required=True, help="a prior checkpoint (mmbytes.vq.VQPriorModule)")
@@ -410,8 +408,8 @@ def main(argv: list[str] | None = None) -> None:
                  "byte model sample": "byte_sample"}
         for name, clips in grid_rows:
             for i, a in enumerate(clips):
-                sf.write(str(args.out / f"{stems[name]}_{i:03d}.wav"), a.astype(np.int16), meta["sample_rate"],
-                         subtype="PCM_16", format="WAV")
+                with atomic_path(args.out / f"{stems[name]}_{i:03d}.wav") as tmp:
+                    sf.write(str(tmp), a.astype(np.int16), meta["sample_rate"], subtype="PCM_16", format="WAV")
     f = vq.downsample
     per_item = (f"{shape[1] // f}x{shape[2] // f} codes per {shape[2]}x{shape[1]} image" if modality == "image"
                 else f"one code per {f} samples")

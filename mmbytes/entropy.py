@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from mmbytes.codecs import MODALITIES
+from mmbytes.io import atomic_path, write_text
 from mmbytes.model import patching
 from mmbytes.model.blt import entropy_of
 
@@ -72,15 +73,11 @@ def calibrate(per_modality: dict[str, list[Tensor]], target: float, rule: str = 
 
 
 def split_items(datamodule, split: str = "train") -> Iterator[tuple[np.ndarray, dict]]:
-    """Every readable sample of a datamodule's split once, as (bytes as uint8, meta), in shard order; a datamodule of
-    several sets (``MixedDataModule``) gives each set's in turn."""
-    import webdataset as wds
-
-    from datamodules.bytes import decode, skip_and_count
-
+    """Every readable sample of a datamodule's split once, as (bytes as uint8, meta), in shard order, through the
+    package's one shard reader (``ByteDataModule.samples``); a datamodule of several sets (``MixedDataModule``) gives
+    each set's in turn."""
     for dm in getattr(datamodule, "children", None) or [datamodule]:
-        yield from wds.DataPipeline(wds.SimpleShardList(dm.urls(split)), wds.tarfile_to_samples(handler=skip_and_count),
-                                    wds.map(decode, handler=skip_and_count))
+        yield from dm.samples(split)
 
 
 def draw_windows(items: Iterable[tuple[np.ndarray, dict]], n: int, seq_len: int,
@@ -128,7 +125,7 @@ def draw_windows(items: Iterable[tuple[np.ndarray, dict]], n: int, seq_len: int,
 def calibrate_main(argv: list[str] | None = None) -> None:
     from mmbytes.checkpoint import atomic_save, load_checkpoint, load_model
 
-    ap = argparse.ArgumentParser(prog="mmbytes calibrate",
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="mmbytes calibrate",
                                  description="Per-modality entropy thresholds for BLT, stored with the entropy model.")
     ap.add_argument("--ckpt", required=True, type=Path, help="the entropy model's checkpoint (`mmbytes fit`)")
     ap.add_argument("--data", required=True, nargs="+",
@@ -165,7 +162,7 @@ def calibrate_main(argv: list[str] | None = None) -> None:
                                                     ("rule", "patch_size", "max_patch_len", "thresholds")}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_save(ckpt, args.out / "entropy.ckpt")
-    (args.out / "calibration.json").write_text(json.dumps(result, indent=1))
+    write_text(args.out / "calibration.json", json.dumps(result, indent=1))
     print(format_table(result))
     print(f"wrote {args.out / 'entropy.ckpt'} (give it to BLT: --model.entropy_ckpt) and "
           f"{args.out / 'calibration.json'}")
@@ -211,7 +208,8 @@ def plot_patches(data: bytes, h: Tensor, starts: Tensor, theta: float, out: Path
     ax.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format=Path(out).suffix[1:] or "png")
     plt.close(fig)
     return out
 
@@ -220,7 +218,7 @@ def patches_main(argv: list[str] | None = None) -> None:
     from mmbytes.checkpoint import load_checkpoint, load_model
     from mmbytes.codecs import get_codec
 
-    ap = argparse.ArgumentParser(prog="mmbytes patches",
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="mmbytes patches",
                                  description="PNG of a file's next-byte entropy and BLT patch boundaries.")
     ap.add_argument("--ckpt", required=True, type=Path, help="an entropy model (best calibrated) or a BLT checkpoint")
     ap.add_argument("files", nargs="+", type=Path)

@@ -6,9 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
-import os
-import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -19,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mmbytes.argtypes import nonnegative_float, positive_float, positive_int, probability, regular_file
+from mmbytes.argtypes import seed as seed64
 from mmbytes.codecs import MODALITIES
 from mmbytes.model.generate import generate
 
@@ -26,20 +24,35 @@ SUFFIX = {"text": ".txt", "raw": ".bin", "image": ".png", "audio": ".wav"}
 MAX_SAMPLE_BYTES = 2**28  # as the codecs' decoded-size limit: 256 MiB per sample
 
 
+class SamplingTimeout(RuntimeError):
+    """Sampling ran past its time budget."""
+
+
 @torch.no_grad()
 def sample_bytes(model: nn.Module, num: int, num_bytes: int, prompt: bytes = b"", *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 progress: bool = False, modality: str | None = None) -> list[bytes]:
-    """``num`` independent continuations of ``prompt``, each ``num_bytes`` long (prompt included when it fits).
-    ``modality`` picks a BLT model's threshold for the samples."""
+                 progress: bool = False, modality: str | None = None, desc: str = "sampling",
+                 max_seconds: float | None = None) -> list[bytes]:
+    """``num`` independent continuations of ``prompt``, each ``num_bytes`` long (prompt included when it fits),
+    generated as one batch from a generator of their own (the global random state is left untouched).
+    ``modality`` picks a BLT model's threshold for the samples. Past ``max_seconds``: ``SamplingTimeout``."""
+    import time
+
     device = next(model.parameters()).device
     p = torch.tensor(list(prompt[:num_bytes]), dtype=torch.long, device=device).expand(num, -1)
     g = torch.Generator(device).manual_seed(seed)
     new = num_bytes - p.shape[1]
-    with tqdm(total=new * num, unit="B", unit_scale=True, desc="sampling", disable=not progress) as bar:
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+
+    def made(n: int) -> None:
+        bar.update(n * num - bar.n)
+        if deadline is not None and time.monotonic() > deadline:
+            raise SamplingTimeout(f"{n:,} of {new:,} bytes per sample made in the {max_seconds:g} s allowed")
+
+    with tqdm(total=new * num, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar:
         ids = None if modality is None else torch.full((num,), MODALITIES.index(modality), device=device)
         out = generate(model, p, new, temperature=temperature, top_k=top_k, top_p=top_p, generator=g,
-                       on_progress=lambda n: bar.update(n * num - bar.n), modality=ids)
+                       on_progress=made, modality=ids)
     return [bytes(row.tolist()) for row in out.to(torch.uint8).cpu()]
 
 
@@ -86,27 +99,14 @@ def write_samples(samples: list[bytes], modality: str, meta: dict, out: Path, st
 
 
 def safe_write(path: Path, write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` into a new file created exclusively beside ``path``, then renamed over ``path``: a link planted
-    at ``path`` is replaced, never written through, and a reader never sees half a file. A folder at ``path`` is
+    """``write(tmp)`` into a temporary file renamed over ``path`` by ``mmbytes.io.atomic_path``: a link planted at
+    ``path`` is replaced, never written through, and a reader never sees half a file. A folder at ``path`` is
     refused."""
-    if path.is_dir() and not path.is_symlink():
-        raise IsADirectoryError(errno.EISDIR, "a folder is in the way of a sample file", str(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)  # O_EXCL, mode 0600
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from mmbytes.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        write(tmp)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def contact_sheet(paths: list[Path], out: Path, columns: int = 8, gap: int = 2) -> Path:
@@ -123,30 +123,49 @@ def contact_sheet(paths: list[Path], out: Path, columns: int = 8, gap: int = 2) 
     return out
 
 
-def codec_meta(modality: str, data_hparams: dict, args: argparse.Namespace, patch_size: int) -> dict:
-    """What the decoder needs, from the command line, else from the options the model was trained with."""
+def codec_meta(modality: str, description: dict, args: argparse.Namespace, patch_size: int) -> dict:
+    """What the decoder needs: from the command line, else from the data description the model was trained on
+    (``mmbytes.data_description``), else the defaults (32x32 RGB images in the patch order, 16 kHz audio)."""
+    from mmbytes import data_description
     from mmbytes.codecs.image import tile_for_patch
 
-    options = data_hparams.get("codec_options") or {}
-    options = options.get(modality, options) if data_hparams.get("codec") == "auto" else options
     if modality == "image":
-        size = args.image_size or options.get("size") or 32
-        h, w = (size, size) if isinstance(size, int) else size
-        channels = args.channels or options.get("channels", 3)
-        order = args.order or options.get("order", "patch")
-        tile = args.tile or options.get("tile")
-        if tile is None:
-            tile = tile_for_patch(patch_size, channels)
+        size = (args.image_size, args.image_size) if args.image_size else (None, None)
+        meta = data_description.codec_meta(description, "image", {
+            "height": size[0], "width": size[1], "channels": args.channels, "order": args.order, "tile": args.tile})
+        h, w = meta["height"] or 32, meta["width"] or 32
+        channels, order = meta["channels"] or 3, meta["order"] or "patch"
+        tile = meta["tile"] or tile_for_patch(patch_size, channels)
         return {"height": h, "width": w, "channels": channels, "order": order, "tile": tile}
     if modality == "audio":
-        return {"sample_rate": args.sample_rate or options.get("sample_rate") or 16000}
+        meta = data_description.codec_meta(description, "audio", {"sample_rate": args.sample_rate})
+        return {"sample_rate": meta["sample_rate"] or 16000}
     return {}
+
+
+def check_device(device: str) -> None:
+    """A device this machine does not have is refused as such, before any checkpoint is read."""
+    from mmbytes.errors import OptionError
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise OptionError(f"--device {device}: not a device name (cpu, cuda, cuda:1, mps)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a build without CUDA"
+        raise OptionError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}, "
+                          f"{build}); use --device cpu")
+    if kind == "cuda" and (index := torch.device(device).index) is not None and index >= torch.cuda.device_count():
+        raise OptionError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise OptionError(f"--device {device}: MPS is not available on this machine; use --device cpu")
 
 
 def main(argv: list[str] | None = None) -> None:
     from mmbytes.checkpoint import load_model
 
-    ap = argparse.ArgumentParser(prog="mmbytes sample", description="Generate files from a mmbytes checkpoint.")
+    ap = argparse.ArgumentParser(prog="mmbytes sample", description="Generate files from a mmbytes checkpoint.",
+                                 allow_abbrev=False)
     ap.add_argument("--ckpt", required=True, type=Path, help="a checkpoint written by `mmbytes fit`")
     ap.add_argument("--modality", choices=sorted(SUFFIX), default="text")
     ap.add_argument("--num", type=positive_int, default=4, help="independent samples (one batch)")
@@ -163,8 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--temperature", type=nonnegative_float, default=1.0, help="0 is greedy")
     ap.add_argument("--top-k", type=positive_int, help="sample from the k likeliest bytes (1 or more)")
     ap.add_argument("--top-p", type=probability, help="sample from the likeliest bytes holding this mass, in (0, 1]")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=seed64, default=0, help="a 64-bit seed: 0 to 2^64-1")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu, cuda, cuda:N or mps (default: cuda when available)")
     args = ap.parse_args(argv)
     if args.image_size and args.tile and (args.order or "patch") == "patch" and args.image_size % args.tile:
         ap.error(f"--image-size {args.image_size} does not split into --tile {args.tile} tiles")
@@ -173,11 +193,16 @@ def main(argv: list[str] | None = None) -> None:
 
     from mmbytes.checkpoint import load_checkpoint
     from mmbytes.codecs import get_codec
+    from mmbytes.data_description import of_checkpoint
     from mmbytes.errors import OptionError
 
+    check_device(args.device)
     model, _ = load_model(args.ckpt, map_location=args.device)
-    data_hp = load_checkpoint(args.ckpt).get("datamodule_hyper_parameters") or {}
-    meta = codec_meta(args.modality, data_hp, args, getattr(model.config, "patch_size", 1))
+    ckpt = load_checkpoint(args.ckpt)
+    data_hp = ckpt.get("datamodule_hyper_parameters") or {}
+    description = of_checkpoint(ckpt)
+    del ckpt
+    meta = codec_meta(args.modality, description, args, getattr(model.config, "patch_size", 1))
     if args.modality == "image" and meta["order"] == "patch" and (meta["height"] % meta["tile"]
                                                                   or meta["width"] % meta["tile"]):
         raise OptionError(f"{args.ckpt}: {meta['width']}x{meta['height']} images do not split into {meta['tile']}x"

@@ -845,7 +845,8 @@ load_manifest = read_manifest
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="mmbytes shards", description="Write webdataset shards + manifest from files.")
+    ap = argparse.ArgumentParser(prog="mmbytes shards", description="Write webdataset shards + manifest from files.",
+                                 allow_abbrev=False)
     ap.add_argument("sources", nargs="+", help="files and folders (walked recursively)")
     ap.add_argument("--out", required=True, type=Path, help="output folder; nothing is written outside it")
     ap.add_argument("--codec", default="raw", choices=["text", "raw", "image", "audio", "auto", "idx"],

@@ -37,6 +37,9 @@ from typing import Any
 import lightning as L
 import torch
 
+from mmbytes.argtypes import at_most, count, fraction, model_rate, positive_float
+from mmbytes.io import atomic_path, write_text
+
 RECOMMENDED_LR = 1e-3
 """Peak learning rate of every architecture at the ``small`` sizes: the recipes' (``recipes/*.yaml``). ``debug``
 sizes take ``DEBUG_LR``; ``--lr MODEL=LR`` replaces either."""
@@ -75,7 +78,7 @@ class Curve(L.Callback):
 
     def write_wall(self, step: int, seconds: float | None = None) -> None:
         if self.wall_path is not None:
-            self.wall_path.write_text(json.dumps({"s": self.wall() if seconds is None else seconds, "step": step}))
+            write_text(self.wall_path, json.dumps({"s": self.wall() if seconds is None else seconds, "step": step}))
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -83,7 +86,7 @@ class Curve(L.Callback):
         row = {"step": trainer.global_step, "flops": self.counter.flops, "bytes": self.counter.bytes}
         row.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
         self.rows = [r for r in self.rows if r["step"] != row["step"]] + [row]
-        self.path.write_text(json.dumps(self.rows, indent=1))
+        write_text(self.path, json.dumps(self.rows, indent=1))
         self.write_wall(trainer.global_step)
 
 
@@ -145,7 +148,7 @@ def train_run(size: str, seed: int, budget: float, run_dir: Path, args: argparse
         "steps": trainer.global_step, "bytes": counter.bytes, "flops": counter.flops, "wall_s": wall, **val,
         "patch_size": counter.mean_patch,
     }
-    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    write_text(run_dir / "result.json", json.dumps(result, indent=1))
     return result
 
 
@@ -218,12 +221,12 @@ def write_report(out: Path, results: list[dict], settings: dict, entropy: dict[s
                       key=lambda k: (k != "val/bpb", k))
     columns = ["model", "seeds", "params", "flops_per_byte", "flops_per_byte_counted", "lr", "steps", "bytes", "flops",
                "wall_s", *val_keys, "patch_size"]
-    with (out / "report.csv").open("w", newline="") as f:
+    with atomic_path(out / "report.csv") as tmp, open(tmp, "w", newline="") as f:
         std_cols = [f"{k}_std" for k in val_keys]
         w = csv.DictWriter(f, [*columns, *std_cols], extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    with (out / "runs.csv").open("w", newline="") as f:
+    with atomic_path(out / "runs.csv") as tmp, open(tmp, "w", newline="") as f:
         keys = list(dict.fromkeys(k for r in results for k in r))
         w = csv.DictWriter(f, keys)
         w.writeheader()
@@ -277,7 +280,7 @@ def write_report(out: Path, results: list[dict], settings: dict, entropy: dict[s
     lines += ["BPE: bits per byte of the original bytes (a window's token nats / its bytes / ln 2); FLOPs per byte "
               "= FLOPs per token / bytes per token." if tokenizers else "",
               "Per-run figures: `runs.csv`; logs: `runs/<model>/seed<k>/` (TensorBoard, `curve.json`)."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "report.md", "\n".join(lines) + "\n")
     plot(out / "bpb_vs_flops.png", out)
 
 
@@ -311,7 +314,8 @@ def plot(path: Path, out: Path) -> Path:
     ax.legend(fontsize=8)
     ax.set_title("bits per byte against training FLOPs")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix[1:] or "png")
     plt.close(fig)
     return path
 
@@ -345,7 +349,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         if differ:
             raise SystemExit(f"{args.out} holds a study with other settings {differ} (stored, given); "
                              "use another --out")
-    stored.write_text(json.dumps(settings, indent=1))
+    write_text(stored, json.dumps(settings, indent=1))
     log: list[str] = []
     trained, results, entropy = [], [], {}
     data = study_data(args)
@@ -371,29 +375,31 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mmbytes study", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="mmbytes study", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, type=Path, help="shard folder (`mmbytes shards`)")
-    ap.add_argument("--budget", required=True, type=float, help="training FLOPs per run")
+    ap.add_argument("--budget", required=True, type=positive_float, help="training FLOPs per run")
     ap.add_argument("--models", required=True, help="comma-separated named sizes (e.g. small,transformer-small,"
                     "spacebyte-small,blt-small,bpe-small)")
     ap.add_argument("--out", required=True, type=Path, help="study folder: report.md, report.csv, bpb_vs_flops.png, "
                     "runs/")
-    ap.add_argument("--seeds", type=int, default=1, help="runs per model (seeds 0..N-1)")
-    ap.add_argument("--seq-len", type=int, default=1024, help="bytes per window, for every model")
-    ap.add_argument("--batch-size", type=int, default=8, help="windows per batch, for every model")
-    ap.add_argument("--evals", type=int, default=4, help="validations during each run (the curve), besides the last")
-    ap.add_argument("--val-batches", type=int, default=0,
+    ap.add_argument("--seeds", type=at_most(int, 1, 1000), default=1, help="runs per model (seeds 0..N-1)")
+    ap.add_argument("--seq-len", type=at_most(int, 1, 2**24), default=1024, help="bytes per window, for every model")
+    ap.add_argument("--batch-size", type=at_most(int, 1, 2**16), default=8, help="windows per batch, for every model")
+    ap.add_argument("--evals", type=at_most(int, 0, 10_000), default=4,
+                    help="validations during each run (the curve), besides the last")
+    ap.add_argument("--val-batches", type=count, default=0,
                     help="score the first N validation batches (0: every validation byte)")
-    ap.add_argument("--warmup", type=float, default=0.05, help="warmup as a fraction of each run's steps")
-    ap.add_argument("--lr", nargs="*", default=[], metavar="MODEL=LR", help="replace a model's recommended rate")
-    ap.add_argument("--entropy-budget", type=float, default=None,
+    ap.add_argument("--warmup", type=fraction, default=0.05, help="warmup as a fraction of each run's steps")
+    ap.add_argument("--lr", nargs="+", type=model_rate, default=[], metavar="MODEL=LR",
+                    help="replace a model's recommended rate")
+    ap.add_argument("--entropy-budget", type=positive_float, default=None,
                     help="training FLOPs of BLT's entropy model (default: a quarter of --budget)")
     ap.add_argument("--entropy-ckpt", type=Path, help="a calibrated entropy model for every BLT model instead")
     ap.add_argument("--strided", nargs="?", const="paper", choices=["paper", "later"],
                     help="MEGABYTE runs also score with strided inference (paper section 2.3.3; twice the validation "
                     "cost), reported as val/bpb_strided; the rule: paper (default) or later")
-    ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--num-workers", type=at_most(int, 0, 1024), default=0)
     ap.add_argument("--accelerator", default="auto")
     ap.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "bf16-true", "16-mixed"],
                     help="Lightning precision of every run (bf16-mixed on GPUs; the FLOP budget does not depend on it)")

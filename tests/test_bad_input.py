@@ -32,18 +32,15 @@ from mmbytes.shards import DIED, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = ROOT / "tests" / "data"  # real files shipped for the tests (credits: tests/data/MANIFEST.md)
 PHOTOS = SHARED / "images" / "photos"
-MNIST = SHARED / "images" / "mnist" / "t10k-images-idx3-ubyte.gz"
+MNIST = SHARED / "images" / "mnist" / "t10k-images-idx3-ubyte-first1000.gz"
 ICON = SAMPLES / "images" / "icon_places_user-home.png"
 WAV = SAMPLES / "audio" / "fsdd_0_george_1.wav"
 TEXT = SAMPLES / "text" / "tinyshakespeare.txt"
 GIFS = sorted((SHARED / "files").glob("*.gif"))
 LIMIT = 2 * 2**20  # --max-file-mb 2: also the decoded-size limit
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-
-pytestmark = pytest.mark.skipif(not PHOTOS.exists(), reason="shared data not present")
-
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -257,7 +254,6 @@ def test_resampling_coprime_rates_is_fast_and_exact_in_length(tree):
     assert len(data) == 2 * -(-len(tree["odd"]) * 8000 // 16001) and meta["sample_rate"] == 8000
 
 
-@pytest.mark.skipif(not MNIST.exists(), reason="MNIST not present")
 @pytest.mark.parametrize(("name", "count", "h", "w", "gz", "match"), [
     ("billions_of_empty.idx", 4_000_000_000, 0, 0, False, "header promises 4000000000 images of 0x0: no pixels"),
     ("billion_digits.idx", 1_000_000_000, 28, 28, False, "a header promising 1,000,000,000 images of 28x28 would "
@@ -608,7 +604,7 @@ def retag(p: Path) -> None:
 @pytest.mark.parametrize(("edit", "workers", "match"), [
     (truncate, 0, r"no readable train sample in any of the \d+ train shards \(.*train-000000.tar: "),
     (truncate, 2, r"no readable train sample in any of the \d+ train shards"),
-    (retag, 0, r"train-000000.tar: ValueError: sample [0-9a-f]+ in .*: unknown modality 'video'"),
+    (retag, 0, r"train-000000.tar: ShardReadError: sample [0-9a-f]+ in .*: unknown modality 'video'"),
     (lambda p: p.unlink(), 0, r"none of the \d+ train shards it names is there"),
 ])
 def test_no_readable_training_shard_stops_within_seconds(good_shards, tmp_path, edit, workers, match):
@@ -720,11 +716,13 @@ def test_user_errors_are_one_line(tmp_path, capsys, monkeypatch, case, line):
 
 
 def test_sigterm_stops_a_run_that_waits_for_data(tmp_path):
-    """A FIFO named as the training shard: the loader blocks in open() forever. SIGTERM stops the run."""
+    """A user-typed ``pipe:`` shard whose command waits forever (``cat`` of a FIFO nobody writes): the loader blocks
+    reading it. SIGTERM stops the run."""
     fifo = tmp_path / "train.tar"
     os.mkfifo(fifo)
-    cmd = [sys.executable, "-m", "mmbytes.cli", "fit", "--model.size", "debug", "--data.train_shards", str(fifo),
-           "--data.val_shards", str(fifo), "--data.seq_len", "64", "--trainer.limit_val_batches", "0",
+    cmd = [sys.executable, "-m", "mmbytes.cli", "fit", "--model.size", "debug",
+           "--data.train_shards", f"pipe:cat {fifo}", "--data.val_shards", f"pipe:cat {fifo}", "--data.seq_len", "64",
+           "--trainer.limit_val_batches", "0",
            "--trainer.num_sanity_val_steps", "0", "--trainer.max_steps", "2", "--trainer.logger", "false",
            "--trainer.enable_checkpointing", "false", "--trainer.default_root_dir", str(tmp_path)]
     run = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -801,7 +799,8 @@ def test_a_damaged_vq_sample_is_skipped_and_counted(tmp_path):
             tar.addfile(x, io.BytesIO(data))
     before = skipped["errors"]
     dm = VQDataModule(data_dir=str(out), modality="image", batch_size=2, train_batches_per_epoch=1, shuffle_buffer=2)
-    with pytest.raises(NoDataError, match=r"no readable train sample in any of the 1 train shards \(.*ValueError"):
+    with pytest.raises(NoDataError, match=r"no readable train sample in any of the 1 train shards \(.*ShardReadError: "
+                                          r".*cannot be a 32x31x3 image"):
         next(iter(dm.train_dataloader()))
     assert skipped["errors"] > before
 
@@ -823,3 +822,223 @@ def test_a_tree_deeper_than_the_recursion_limit_is_walked(tmp_path):
         while deep != tmp_path:
             deep.rmdir()
             deep = deep.parent
+
+
+# ---- the one shard reader: manifests name files, reads are bounded, nothing blocks, metadata is checked once
+
+
+def set_train_shards(folder: Path, names: list[str]) -> None:
+    m = json.loads((folder / "manifest.json").read_text())
+    m["splits"]["train"]["shards"] = names
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("entry", ["pipe:touch MARKER;cat train-000000.tar", "file:train-000000.tar",
+                                   "https://example.invalid/train-000000.tar", "../good/train-000000.tar"])
+def test_a_manifest_entry_that_is_not_a_file_name_is_refused_and_never_run(good_shards, tmp_path, monkeypatch,
+                                                                          entry):
+    bad = copy_shards(good_shards, tmp_path / "bad", lambda p: None)
+    set_train_shards(bad, [entry, "train-000000.tar"])
+    monkeypatch.chdir(bad)  # data_dir "." : a bare name would reach webdataset as the URL itself
+    with pytest.raises(ManifestError, match=re.escape(f"shard {entry!r} is not a file name inside")):
+        next(iter(datamodule(Path(".")).train_dataloader()))
+    assert not (bad / "MARKER").exists()
+
+
+def test_a_pipe_url_typed_by_the_user_is_read(good_shards):
+    first = good_shards / json.loads((good_shards / "manifest.json").read_text())["splits"]["train"]["shards"][0]
+    piped = list(ByteDataModule(train_shards=f"pipe:cat {first}").samples("train"))
+    direct = list(ByteDataModule(train_shards=str(first)).samples("train"))
+    assert piped and [d.tobytes() for d, _ in piped] == [d.tobytes() for d, _ in direct]
+
+
+def test_shard_paths_from_a_manifest_are_absolute_local_files(good_shards, monkeypatch):
+    monkeypatch.chdir(good_shards)
+    urls = datamodule(Path(".")).urls("train")
+    assert urls and all(Path(u).is_absolute() and Path(u).parent == good_shards.resolve() for u in urls)
+
+
+def test_a_small_gzip_shard_holding_a_huge_member_is_refused_before_it_is_read(good_shards, tmp_path):
+    """A 64 MiB member of zeros, gzipped to a few KB, in a split the manifest says holds under 2 MB."""
+    from datamodules.bytes import skipped
+
+    bad = copy_shards(good_shards, tmp_path / "bad", lambda p: None)
+    m = json.loads((bad / "manifest.json").read_text())
+    name = m["splits"]["train"]["shards"][0]
+    assert m["splits"]["train"]["bytes"] < 2 * 2**20
+    huge = 64 * 2**20
+    with tarfile.open(bad / name) as tar:
+        first = [(x, tar.extractfile(x).read()) for x in tar.getmembers()[:2]]
+    with gzip.open(bad / name, "wb", compresslevel=1) as z, tarfile.open(fileobj=z, mode="w") as tar:
+        for x, data in first:
+            if x.name.endswith(".bin"):
+                x.size, data = huge, None
+            else:
+                data = json.dumps({**json.loads(data), "nbytes": huge}).encode()
+                x.size = len(data)
+            tar.addfile(x, io.BytesIO(bytes(huge)) if data is None else io.BytesIO(data))
+    assert (bad / name).stat().st_size < 2**20
+    import tracemalloc
+
+    before, started = skipped["errors"], time.time()
+    tracemalloc.start()
+    try:
+        items = list(datamodule(bad).samples("train"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert skipped["errors"] > before and peak < 16 * 2**20 and time.time() - started < 10
+    assert items and all(len(data) < huge for data, _ in items)  # the other shards are read
+
+
+def test_a_fifo_under_a_shard_name_is_refused_without_blocking(good_shards, tmp_path, caplog):
+    from datamodules.reader import ShardReadError, open_shard
+
+    bad = copy_shards(good_shards, tmp_path / "bad", lambda p: None)
+    first = json.loads((bad / "manifest.json").read_text())["splits"]["train"]["shards"][0]
+    (bad / first).unlink()
+    os.mkfifo(bad / first)
+    signal.alarm(20)  # a blocking open would hang the test: fail it instead
+    try:
+        assert len(list(datamodule(bad).train_dataloader())) == 2  # the other shards train
+        assert "1 of the" in caplog.text and "missing or not regular files" in caplog.text
+        with pytest.raises(ShardReadError, match="not a regular file"):
+            open_shard(str(bad / first))  # replaced by a FIFO after the listing
+        with pytest.raises(NoDataError, match="none of the 1 shards it names is there as a file"):
+            ByteDataModule(train_shards=str(bad / first)).urls("train")
+    finally:
+        signal.alarm(0)
+
+
+def test_a_wide_brace_pattern_warns_once_with_a_count(good_shards, caplog):
+    import logging
+
+    from datamodules.reader import MAX_NAMES
+
+    pattern = str(good_shards / "train-{000000..099999}.tar")
+    present = len(json.loads((good_shards / "manifest.json").read_text())["splits"]["train"]["shards"])
+    started = time.time()
+    with caplog.at_level(logging.WARNING):
+        urls = ByteDataModule(train_shards=pattern).urls("train")
+    assert len(urls) == present and time.time() - started < 5
+    lines = [r for r in caplog.records if "shards it names are missing" in r.getMessage()]
+    assert len(lines) == 1 and f"{MAX_NAMES - present} of the {MAX_NAMES} shards" in lines[0].getMessage()
+
+
+def test_a_pattern_of_a_billion_names_is_refused_before_it_is_expanded(good_shards):
+    started = time.time()
+    with pytest.raises(OptionError, match="the pattern names 1,000,000,000 shards, over the limit of 100,000"):
+        ByteDataModule(train_shards=str(good_shards / "train-{000000000..999999999}.tar")).urls("train")
+    assert time.time() - started < 1
+
+
+@pytest.fixture(scope="session")
+def image_shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("images") / "shards"
+    write_shards([SAMPLES / "images"], out, codec="image", codec_options={"size": 16, "tile": 4}, val_fraction=0,
+                 progress=False)
+    return out
+
+
+@pytest.mark.parametrize(("field", "value", "reason"), [
+    ("tile", 0, "tile 0 (a whole number of at least 1 is expected)"),
+    ("tile", "4", "tile '4' (a whole number of at least 1 is expected)"),
+    ("tile", 3, "tile 3 does not divide a 16x16 image"),
+    ("channels", 0, "channels 0 (a whole number of at least 1 is expected)"),
+    ("height", -16, "height -16"),
+    ("width", 8, "cannot be a 8x16x3 image"),
+    ("order", "spiral", "order 'spiral'"),
+    ("sample_width", True, None),  # not read for images: the sample stays good
+])
+def test_image_metadata_of_the_wrong_shape_is_skipped_and_counted(image_shards, tmp_path, field, value, reason):
+    from datamodules.bytes import decode, skipped
+    from datamodules.reader import tar_samples
+
+    bad = tmp_path / "bad"
+    shutil.copytree(image_shards, bad)
+    shard = bad / json.loads((bad / "manifest.json").read_text())["splits"]["train"]["shards"][0]
+    with tarfile.open(shard) as tar:
+        members = [(x, tar.extractfile(x).read()) for x in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for i, (x, data) in enumerate(members):
+            if i == 1:  # the first sample's metadata only
+                data = json.dumps({**json.loads(data), field: value}).encode()
+                x.size = len(data)
+            tar.addfile(x, io.BytesIO(data))
+    first = next(tar_samples(str(shard), lambda e: False))
+    if reason is None:
+        assert decode(first)[1][field] is True
+        return
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        decode(first)
+    before = skipped["errors"]
+    dm = ByteDataModule(data_dir=str(bad), seq_len=48, batch_size=2, shuffle_buffer=2, train_batches_per_epoch=3,
+                        patch_size=48)
+    assert len(list(dm.train_dataloader())) == 3  # training goes on over the other samples
+    assert skipped["errors"] > before
+
+
+# ---- options out of range: the parser stops with the option named, before any file is read
+
+
+@pytest.mark.parametrize(("command", "args", "message"), [
+    ("sample", ["--seed", str(2**64)], "argument --seed: must be from 0 to 18,446,744,073,709,551,615 (a 64-bit seed)"),
+    ("sample", ["--seed", "-1"], "argument --seed: must be from 0 to"),
+    ("compress", ["--chunk", "0"], "argument --chunk: must be from 1 to 16,777,216, not 0"),
+    ("compress", ["--chunk", str(2**40)], "argument --chunk: must be from 1 to 16,777,216"),
+    ("compress", ["--batch", "0"], "argument --batch: must be from 1 to 65,536, not 0"),
+    ("study", ["--budget", "nan"], "argument --budget: 'nan' is not a finite number"),
+    ("study", ["--budget", "0"], "argument --budget: must be more than 0, not 0.0"),
+    ("study", ["--budget", "1e12", "--lr"], "argument --lr: expected at least one argument"),
+    ("study", ["--budget", "1e12", "--lr", "small"], "argument --lr: 'small' is not MODEL=LR"),
+    ("study", ["--budget", "1e12", "--lr", "small=inf"], "argument --lr: 'inf' is not a finite number"),
+    ("study", ["--budget", "1e12", "--seeds", "0"], "argument --seeds: must be from 1 to 1,000, not 0"),
+    ("study", ["--budget", "1e12", "--seq-len", "0"], "argument --seq-len: must be from 1 to 16,777,216, not 0"),
+    ("study", ["--budget", "1e12", "--batch-size", "0"], "argument --batch-size: must be from 1 to 65,536, not 0"),
+    ("study", ["--budget", "1e12", "--warmup", "1.5"], "argument --warmup: must be at least 0 and less than 1"),
+])
+def test_options_out_of_range_stop_the_parser_before_any_file_is_read(tmp_path, capsys, command, args, message):
+    from mmbytes.cli import main
+
+    common = {"sample": ["--ckpt", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "out")],
+              "compress": ["--ckpt", str(tmp_path / "none.ckpt"), str(TEXT), "--out", str(tmp_path / "out")],
+              "study": ["--data", str(tmp_path / "none"), "--models", "debug", "--out", str(tmp_path / "out")]}
+    with pytest.raises(SystemExit) as stop:
+        main([command, *common[command], *args])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# ---- YAML configs: unknown keys, wrong types and alias bombs are one line
+
+
+def alias_bomb(depth: int = 9) -> str:
+    """A "billion laughs": 9^depth strings from a dozen lines."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, depth)]
+    return "\n".join(lines) + f"\nhidden: *l{depth - 1}\n"
+
+
+@pytest.mark.parametrize(("edit", "line"), [
+    (lambda t: t.replace("    size: debug\n", "    size: debug\n    sizee: 3\n"),
+     "Parser key \"model\": Problem with given class_path 'mmbytes.lit.ByteLM': Option 'sizee' is not accepted"),
+    (lambda t: t.replace("    seq_len: 1024\n", "    seq_len: lots\n"),
+     "Parser key \"seq_len\": Expected a <class 'int'>. Got value: lots"),
+    (lambda t: alias_bomb() + t, "its YAML aliases expand to more than 100,000 values (an alias bomb?)"),
+    (lambda t: t + "trainer: [unclosed\n", "not a YAML config"),
+])
+def test_a_bad_yaml_config_is_one_line(tmp_path, capsys, monkeypatch, edit, line):
+    import resource
+
+    from mmbytes.cli import main
+
+    config = tmp_path / "recipe.yaml"
+    config.write_text(edit((ROOT / "recipes" / "quickstart.yaml").read_text()))
+    monkeypatch.chdir(tmp_path)
+    before, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time()
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(config), "--trainer.max_steps", "1"], friendly=True)
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert stop.value.code == 1 and len(err) == 1 and line in err[0], err
+    assert time.time() - started < 60 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2**20  # KiB
+    assert not (tmp_path / "data").exists()  # nothing was built

@@ -209,3 +209,165 @@ def test_sample_command_writes_valid_files(run, tmp_path, modality, capsys):
     else:
         prompt = (ROOT / "samples" / "files" / "libpython3.11-stdlib_python3.11_this.py").read_bytes()
         assert files[0].read_bytes()[: len(prompt)] == prompt
+
+
+def small_fit(tmp: Path, save_dir: str, *extra: str) -> list[str]:
+    """A 6-step fit on the real Shakespeare text (3 batches per epoch, validated and sampled at each epoch end) with
+    the quickstart's kinds of callbacks: ModelCheckpoint on val/bpb with last.ckpt, and text, image and audio
+    sample writers."""
+    callbacks = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"monitor": "val/bpb", "save_last": True, "save_top_k": -1, "filename": "{step}"}},
+        {"class_path": "mmbytes.callbacks.SampleWriter",
+         "init_args": {"modality": "text", "num": 2, "num_bytes": 24, "prompt": "ROMEO:", "temperature": 0.8}},
+        {"class_path": "mmbytes.callbacks.SampleWriter",
+         "init_args": {"modality": "image", "num": 2, "meta": {"height": 4, "width": 4, "channels": 3,
+                                                               "order": "patch", "tile": 2}}},
+        {"class_path": "mmbytes.callbacks.SampleWriter",
+         "init_args": {"modality": "audio", "num": 2, "num_bytes": 32, "meta": {"sample_rate": 8000}}},
+    ]
+    return ["fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"),
+            "--data.sources", json.dumps([str(ROOT / "samples" / "text")]), "--data.codec", "text",
+            "--data.codec_options", "{}", "--data.data_dir", str(tmp / "shards"), "--data.seq_len", "64",
+            "--data.batch_size", "2", "--data.num_workers", "0", "--data.train_batches_per_epoch", "3",
+            "--data.shuffle_buffer", "16", "--model.size", "debug", "--model.overrides", "{}",
+            "--model.warmup_steps", "2", "--trainer.max_steps", "6", "--trainer.limit_val_batches", "2",
+            "--trainer.logger.init_args.save_dir", str(tmp / save_dir), "--trainer.enable_progress_bar", "false",
+            "--trainer.log_every_n_steps", "1", "--trainer.callbacks", json.dumps(callbacks), *extra]
+
+
+def test_ckpt_path_last_resumes_the_newest_run_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    """Resumed with ``--ckpt_path last`` from a checkpoint written at an epoch's end (after its validation and with
+    sample writers) and from one inside an epoch, training reaches the uninterrupted run's weights bit for bit."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        inside = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",  # a checkpoint inside epoch 1 too
+                  "init_args": {"every_n_train_steps": 4, "dirpath": str(tmp_path / "inside"), "filename": "{step}",
+                                "save_top_k": -1}}
+        main(small_fit(tmp_path, "whole", "--trainer.callbacks+", json.dumps(inside)))
+        folder = tmp_path / "whole" / "quickstart" / "version_0" / "checkpoints"
+        whole = torch.load(folder / "last.ckpt", weights_only=True)
+        assert whole["global_step"] == 6 and (folder.parent / "samples" / "step_3" / "image_sheet.png").exists()
+        # the end of epoch 0 (written after its validation and before its samples), and inside epoch 1
+        for step, start in ((3, folder / "step=3.ckpt"), (4, tmp_path / "inside" / "step=4.ckpt")):
+            cut = tmp_path / f"cut_{step}" / "quickstart"
+            for version in (9, 10, 11):  # older runs, the newest with a last.ckpt, and one without
+                (cut / f"version_{version}" / "checkpoints").mkdir(parents=True)
+                if version < 11:
+                    shutil.copy(start, cut / f"version_{version}" / "checkpoints" / "last.ckpt")
+            assert torch.load(start, weights_only=True)["global_step"] == step
+            capsys.readouterr()
+            main(small_fit(tmp_path, f"cut_{step}", "--ckpt_path", "last"))
+            chosen = cut / "version_10" / "checkpoints" / "last.ckpt"
+            assert f"--ckpt_path last: {chosen}" in capsys.readouterr().err
+            resumed = torch.load(cut / "version_12" / "checkpoints" / "last.ckpt", weights_only=True)
+            assert resumed["global_step"] == 6
+            torch.testing.assert_close(resumed["state_dict"], whole["state_dict"], rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_ckpt_path_last_without_an_earlier_run_is_refused_naming_where_it_looked(tmp_path):
+    from mmbytes.errors import OptionError
+
+    with pytest.raises(OptionError, match=r"no last.ckpt in .*nothing/quickstart/version_\*/checkpoints/last.ckpt"):
+        run_cli(small_fit(tmp_path, "nothing", "--ckpt_path", "last"), run=True)
+
+
+def test_abbreviated_options_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(small_fit(tmp_path, "runs", "--trainer.max_step", "10"))
+    assert "unrecognized arguments: --trainer.max_step 10" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", "--ckpt", "x.ckpt", "--out", str(tmp_path), "--mod", "text"])
+    assert "unrecognized arguments: --mod text" in capsys.readouterr().err
+
+
+def one_line_error(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as stop:
+        main(args, friendly=True)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mmbytes: error:")]
+    assert stop.value.code == 1 and len(err) == 1
+    return err[0]
+
+
+def test_an_unknown_model_size_is_one_line_naming_the_sizes(tmp_path, capsys):
+    line = one_line_error(small_fit(tmp_path, "runs", "--model.size", "smal"), capsys)
+    assert "unknown model size 'smal'; known: debug" in line and "small" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_an_unavailable_accelerator_is_one_line_naming_those_available(tmp_path, capsys):
+    line = one_line_error(small_fit(tmp_path, "runs", "--trainer.accelerator", "cuda"), capsys)
+    assert "--trainer.accelerator cuda: no such device on this machine" in line and "available here: auto, cpu" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_sample_on_cuda_without_cuda_says_so_before_reading_the_checkpoint(tmp_path, capsys):
+    line = one_line_error(["sample", "--ckpt", str(tmp_path / "none.ckpt"), "--device", "cuda", "--out",
+                           str(tmp_path / "out")], capsys)
+    assert "--device cuda: CUDA is not available on this machine" in line and "none.ckpt" not in line
+
+
+def test_threads_default_to_half_the_cpus_and_follow_the_flag(monkeypatch):
+    import os
+
+    from mmbytes.cli import default_threads, set_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert default_threads() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert default_threads() == 8
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    try:
+        assert set_threads(["fit", "--threads", "3", "--config", "x"], from_sys=False) == ["fit", "--config", "x"]
+        assert torch.get_num_threads() == 3 and os.environ["OMP_NUM_THREADS"] == "3"
+        set_threads(["fit"], from_sys=False)  # OMP_NUM_THREADS set: left as it is
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fit_checkpoints_hold_the_data_description(run):
+    tmp, _ = run
+    ckpt = torch.load(tmp / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    modalities = ckpt["data_description"]["modalities"]
+    assert modalities["audio"] == {"codec": "audio", "sample_rate": 8000, "sample_width": 2}
+    assert modalities["image"] == {"codec": "image", "height": 32, "width": 32, "channels": 3, "order": "patch",
+                                   "tile": 4}
+    assert set(modalities) == {"image", "audio", "text", "raw"}
+
+
+def test_samples_are_written_after_the_checkpoint_of_their_step(run):
+    tmp, _ = run
+    version = tmp / "runs" / "quickstart" / "version_0"
+    ckpt = torch.load(version / "checkpoints" / "last.ckpt", weights_only=True)
+    written = (version / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    step = version / "samples" / f"step_{ckpt['global_step']}"
+    assert min(p.stat().st_mtime_ns for p in step.iterdir()) >= written
+
+
+def test_sample_decodes_audio_of_a_mixed_recipe_at_its_set_rate(run, tmp_path):
+    """A MixedDataModule's audio set at 8 kHz (recipes/mixed.yaml): ``mmbytes sample`` writes 8 kHz WAVs, also from a
+    checkpoint that holds no data description (then derived from the datamodule's sets)."""
+    import soundfile as sf
+    import yaml
+
+    tmp, _ = run
+    ckpt = torch.load(tmp / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    mixed = yaml.safe_load((ROOT / "recipes" / "mixed.yaml").read_text())["data"]["init_args"]
+    rates = [s["codec_options"]["sample_rate"] for s in mixed["sets"] if s.get("codec") == "audio"]
+    assert rates == [8000]
+    ckpt.pop("data_description", None)
+    ckpt["datamodule_hyper_parameters"] = {**mixed, "sets": [{**s, "data_dir": str(tmp_path / "none")}
+                                                             for s in mixed["sets"]]}
+    torch.save(ckpt, tmp_path / "mixed.ckpt")
+    main(["sample", "--ckpt", str(tmp_path / "mixed.ckpt"), "--modality", "audio", "--num", "1", "--seconds",
+          "0.01", "--out", str(tmp_path / "out")])
+    info = sf.info(next((tmp_path / "out").glob("audio_*.wav")))
+    assert info.samplerate == 8000 and info.frames == 80

@@ -11,7 +11,7 @@ from mmbytes.codecs import CodecError, get_codec
 from mmbytes.codecs.image import tile_for_patch
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"  # real files shipped for the tests (tests/data/MANIFEST.md)
 ICON = SAMPLES / "images" / "icon_places_user-home.png"
 JPEG = next((SAMPLES / "images").glob("cifar10_*.jpg"))
 WAV = next((SAMPLES / "audio").glob("fsdd_*.wav"))
@@ -72,7 +72,7 @@ def test_image_resize_center_crop_and_grayscale():
 def test_image_resize_and_centre_crop_is_pil_imageops_fit():
     from PIL import ImageOps
 
-    photo = SHARED / "images" / "photos"
+    photo = DATA / "images" / "photos"
     path = next(p for p in sorted(photo.iterdir()) if Image.open(p).size[0] != Image.open(p).size[1])  # not square
     pixels = get_codec("image", size=(24, 40), order="raster").pixels(path)
     expect = ImageOps.fit(Image.open(path).convert("RGB"), (40, 24), Image.Resampling.BICUBIC)
@@ -162,16 +162,15 @@ def test_auto_picks_by_content_not_name(tmp_path):
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(ICON).convert("RGB")))
 
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "images" / "mnist"
+MNIST = DATA / "images" / "mnist"  # the first 1,000 test images (a valid IDX3 file) and all 10,000 labels
 
 
-@pytest.mark.skipif(not MNIST.exists(), reason="shared MNIST files not present")
 def test_idx_gives_one_image_per_digit_and_decodes(tmp_path):
     import gzip
 
-    items = get_codec("idx", tile=4).encode_many(MNIST / "t10k-images-idx3-ubyte.gz")
-    assert len(items) == 10_000 and all(len(d) == 784 for d, _ in items[:10])
-    raw = gzip.open(MNIST / "t10k-images-idx3-ubyte.gz").read()
+    items = get_codec("idx", tile=4).encode_many(MNIST / "t10k-images-idx3-ubyte-first1000.gz")
+    assert len(items) == 1_000 and all(len(d) == 784 for d, _ in items[:10])
+    raw = gzip.open(MNIST / "t10k-images-idx3-ubyte-first1000.gz").read()
     first = np.frombuffer(raw, np.uint8, 784, offset=16).reshape(28, 28)
     out = get_codec("idx").decode(items[0][0], items[0][1], tmp_path / "digit.png")
     assert np.array_equal(np.asarray(Image.open(out)), first)
@@ -179,5 +178,51 @@ def test_idx_gives_one_image_per_digit_and_decodes(tmp_path):
         get_codec("idx").encode_many(MNIST / "t10k-labels-idx1-ubyte.gz")
     cut = tmp_path / "cut-idx3-ubyte"
     cut.write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(CodecError, match="cut-idx3-ubyte: header promises 10000 images"):
+    with pytest.raises(CodecError, match="cut-idx3-ubyte: header promises 1000 images"):
         get_codec("idx").encode_many(cut)
+
+
+# ---- pictures and sounds recorded as they are: depth, orientation and container
+
+
+PHOTO = DATA / "images" / "photos" / "astronaut.png"
+
+
+@pytest.mark.skipif(not PHOTO.exists(), reason="shared data not present")
+def test_a_16_bit_ppm_is_scaled_to_8_bits_and_the_scaling_recorded(tmp_path):
+    pixels = np.asarray(Image.open(PHOTO).convert("RGB"))
+    h, w, _ = pixels.shape
+    ppm = tmp_path / "deep.ppm"
+    ppm.write_bytes(b"P6\n%d %d\n65535\n" % (w, h) + (pixels.astype(">u2") * 257).tobytes())
+    data, meta = get_codec("auto", image={"order": "raster"}).encode(ppm)
+    assert meta["codec"] == "image" and meta["converted"] == ["RGB 16-bit -> 8-bit (maximum 65535 scaled to 255)"]
+    assert np.array_equal(np.frombuffer(data, np.uint8).reshape(h, w, 3), pixels)
+
+
+@pytest.mark.skipif(not PHOTO.exists(), reason="shared data not present")
+@pytest.mark.parametrize(("orientation", "upright", "how"), [
+    (6, lambda a: np.rot90(a, -1), ["EXIF orientation 6 applied (rotated 90 clockwise)"]),
+    (3, lambda a: a[::-1, ::-1], ["EXIF orientation 3 applied (rotated 180)"]),
+    (1, lambda a: a, []),
+])
+def test_exif_orientation_is_applied_and_recorded(tmp_path, orientation, upright, how):
+    picture = Image.open(PHOTO).convert("RGB").crop((100, 50, 196, 114))  # 96 wide, 64 high
+    exif = picture.getexif()
+    exif[0x0112] = orientation
+    picture.save(tmp_path / "camera.png", exif=exif)  # lossless: the pixels can be compared exactly
+    data, meta = get_codec("image", order="raster").encode(tmp_path / "camera.png")
+    expect = upright(np.asarray(picture))
+    assert (meta["height"], meta["width"]) == expect.shape[:2]
+    assert np.array_equal(np.frombuffer(data, np.uint8).reshape(expect.shape), expect)
+    recorded = [c for c in meta.get("converted", []) if c.startswith("EXIF orientation")]
+    assert recorded == how
+
+
+@pytest.mark.parametrize("container", ["RF64", "WAV"])
+def test_a_64_bit_wav_container_is_decoded_as_audio(tmp_path, container):
+    samples, rate = sf.read(str(WAV), dtype="int16")
+    path = tmp_path / "broadcast.wav"
+    sf.write(str(path), samples, rate, format=container, subtype="PCM_16")
+    data, meta = get_codec("auto").encode(path)
+    assert meta["codec"] == "audio" and meta["sample_rate"] == rate and meta["converted"] == []
+    assert np.array_equal(np.frombuffer(data, "<i2"), samples)

@@ -6,7 +6,6 @@ import io
 import struct
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -197,7 +196,7 @@ def test_a_token_model_is_refused_with_a_message():
 
 
 def test_a_model_declaring_no_cached_byte_logits_is_refused():
-    model = build("debug").eval()
-    model.capabilities = SimpleNamespace(byte_logits=True, cached=False, independent_rows=True)
+    model = build("bpe-debug").eval()  # the BPE baseline: token logits, no cached byte steps
+    assert not (model.capabilities.byte_logits or model.capabilities.cached)
     with pytest.raises(CompressionError, match="predicts tokens, not bytes"):
         compress_files(model, [(b"hello", "x.txt")])

@@ -110,12 +110,13 @@ def test_image_training_windows_start_on_whole_tiles_and_whole_patches(tmp_path)
 
 def test_one_long_file_does_not_dominate_consecutive_training_windows():
     """A long file's windows are spread over the stream: in every run of 1,000 consecutive windows after the shuffle
-    buffer, the 1.1 MB Shakespeare text (1,089 windows) makes at most a fifth, among 300 real files."""
+    buffer, the 1.1 MB Shakespeare text (1,089 windows) makes at most a fifth, among 21 small real files."""
     import numpy as np
 
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
-    long = np.frombuffer((shared / "text" / "tinyshakespeare.txt").read_bytes(), dtype=np.uint8)
-    others = [np.frombuffer(p.read_bytes(), dtype=np.uint8) for p in sorted((shared / "files").iterdir())]
+    shipped = Path(__file__).resolve().parents[1]  # real files shipped with the repository
+    long = np.frombuffer((shipped / "samples" / "text" / "tinyshakespeare.txt").read_bytes(), dtype=np.uint8)
+    others = [np.frombuffer(p.read_bytes(), dtype=np.uint8) for p in sorted((shipped / "tests" / "data" / "files")
+                                                                              .iterdir())]
     from itertools import chain, cycle, islice
 
     # as in training, the stream of samples is endless: the long file, then the others over and over
@@ -188,3 +189,15 @@ def test_mixed_validation_covers_every_set_exactly(tmp_path):
             seen[MODALITIES[m]] = seen.get(MODALITIES[m], 0) + b["mask"][i].sum().item()
     expect = {s["codec"]: manifest(Path(s["data_dir"]))["splits"]["val"]["bytes"] for s in mixed_sets(tmp_path)}
     assert seen == {"image": expect["image"], "audio": expect["audio"], "text": expect["text"]}
+
+
+@pytest.mark.parametrize("pattern", ["data/train-{000000..000011}.tar", "s-{a,b,c}-{0..3}.tar", "plain.tar",
+                                     "x-{7..9}.tar::y-{00..02}.tar"])
+def test_brace_patterns_name_the_shards_webdataset_names_and_are_counted_before_expansion(pattern):
+    from webdataset.shardlists import expand_urls
+
+    from datamodules.reader import count_names, expand_names
+
+    parts = pattern.split("::")
+    assert [n for p in parts for n in expand_names(p)] == expand_urls(pattern)
+    assert sum(count_names(p) for p in parts) == len(expand_urls(pattern))

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -438,3 +439,211 @@ def test_sample_command_with_a_hostile_prompt_name_writes_only_into_out(saved, t
           str(prompt), "--out", str(tmp_path / "out")])
     assert outside_files(tmp_path, tmp_path / "out") == before
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["text_000.txt", "text_001.txt"]
+
+
+# ---- checkpoints that are damaged or hold a wrong inside: one line naming the file and the field, nothing built
+
+
+def damaged_record(src: Path, dst: Path) -> str:
+    """``src`` with one byte of one weight record changed after writing (the zip's CRC-32 no longer matches)."""
+    import zipfile
+
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    name_len, extra_len = int.from_bytes(data[info.header_offset + 26: info.header_offset + 28], "little"), \
+        int.from_bytes(data[info.header_offset + 28: info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.file_size // 2] ^= 0x40
+    dst.write_bytes(bytes(data))
+    return info.filename
+
+
+def test_a_checkpoint_with_a_changed_weight_is_refused_by_its_crc(saved, tmp_path, capsys):
+    from mmbytes.cli import main
+
+    bad = tmp_path / "model.ckpt"
+    record = damaged_record(saved, bad)
+    with pytest.raises(SystemExit) as stop:
+        main(["sample", "--ckpt", str(bad), "--num", "1", "--bytes", "4", "--out", str(tmp_path / "out")],
+             friendly=True)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 1 and len(err) == 1
+    assert err[0].startswith(f"mmbytes: error: {bad}: damaged checkpoint: record {record} does not match its CRC-32")
+    assert not (tmp_path / "out").exists()
+
+
+def edited(saved: Path, dst: Path, edit) -> Path:
+    ckpt = torch.load(saved, weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, dst)
+    return dst
+
+
+def set_config(**fields):
+    def edit(ckpt):
+        ckpt["mmbytes"]["config"].update(fields)
+    return edit
+
+
+WRONG_INSIDE = {
+    "patch size edited": (set_config(patch_size=16),
+                          r"state_dict tensor model\.\S+ has shape \([\d, ]+\), its config calls for \([\d, ]+\)"),
+    "negative width": (set_config(d_local=-24), "config field d_local is -24; a model size is a whole number"),
+    "huge config": (set_config(d_global=2**20, n_layer_global=4096),
+                    r"its model config calls for more weights than its state_dict holds \(\d+ tensors\)"),
+    "no state_dict": (lambda c: c.pop("state_dict"), r"no state_dict \(the weights\) in the checkpoint"),
+    "text where a size goes": (set_config(patch_size="8"), "config field|not valid|does not describe a model"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG_INSIDE))
+def test_a_checkpoint_with_a_wrong_inside_is_refused_in_one_line_before_building(saved, tmp_path, capsys, case):
+    import tracemalloc
+
+    from mmbytes.cli import main
+
+    edit, message = WRONG_INSIDE[case]
+    bad = edited(saved, tmp_path / "model.ckpt", edit)
+    started = time.time()
+    tracemalloc.start()
+    try:
+        with pytest.raises(SystemExit) as stop:
+            main(["sample", "--ckpt", str(bad), "--num", "1", "--bytes", "4", "--out", str(tmp_path / "out")],
+                 friendly=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 1 and len(err) == 1 and err[0].startswith(f"mmbytes: error: {bad}: ")
+    assert re.search(message, err[0]), err[0]
+    assert peak < 256 * 2**20 and time.time() - started < 30
+
+
+class Payload:
+    """Not a tensor or container: ``torch.load(weights_only=True)`` refuses to unpickle it."""
+
+
+@pytest.mark.parametrize("command", ["sample", "fit"])
+def test_a_pickle_payload_is_refused_by_weights_only_in_one_line(saved, text_shards, tmp_path, capsys, monkeypatch,
+                                                                  command):
+    from mmbytes.cli import main
+
+    bad = edited(saved, tmp_path / "model.ckpt", lambda c: c.update(payload=Payload()))
+    monkeypatch.chdir(tmp_path)
+    args = (["sample", "--ckpt", str(bad), "--out", str(tmp_path / "out")] if command == "sample" else
+            ["fit", "--data.data_dir", str(text_shards), "--data.seq_len", "64", "--trainer.max_steps", "3",
+             "--trainer.logger", "false", "--ckpt_path", str(bad)])
+    with pytest.raises(SystemExit) as stop:
+        main(args, friendly=True)
+    err = [x for x in capsys.readouterr().err.strip().splitlines() if x.strip()]
+    assert stop.value.code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"mmbytes: error: {bad}: cannot load as a weights-only checkpoint")
+
+
+@pytest.mark.parametrize("where", ["state_dict", "optimizer_states"])
+def test_a_checkpoint_holding_nan_is_never_written_and_the_old_one_stays(saved, tmp_path, where):
+    from mmbytes.errors import CheckpointError
+
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(saved.read_bytes())
+    ckpt = torch.load(saved, weights_only=True)
+    if where == "state_dict":
+        ckpt["state_dict"]["model.head.weight"][0, 0] = float("nan")
+        named = "model.head.weight"
+    else:
+        state = ckpt["optimizer_states"][0]["state"]
+        first = next(iter(state))
+        state[first]["exp_avg"].view(-1)[0] = float("inf")
+        named = f"optimizer_states[0].state.{first}.exp_avg"
+    with pytest.raises(CheckpointError, match=f"not written: {re.escape(named)} holds NaN or infinite values"):
+        AtomicCheckpointIO().save_checkpoint(ckpt, path)
+    assert path.read_bytes() == saved.read_bytes() and os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_a_second_run_writing_checkpoints_into_the_same_folder_is_refused(saved, tmp_path):
+    from mmbytes.errors import CheckpointError
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+            "print('held', flush=True); time.sleep(60)")  # another run's lock_folder, as the kernel sees it
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        ckpt = torch.load(saved, weights_only=True)
+        with pytest.raises(CheckpointError, match="another run is writing checkpoints into this folder"):
+            AtomicCheckpointIO().save_checkpoint(ckpt, folder / "last.ckpt")
+        assert os.listdir(folder) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    AtomicCheckpointIO().save_checkpoint(ckpt, folder / "last.ckpt")  # the lock went with its process
+    assert os.listdir(folder) == ["last.ckpt"]
+
+
+PAUSE_IN_VALIDATION = '''
+import os, time
+from pathlib import Path
+import lightning as L
+
+class PauseInValidation(L.Callback):
+    """Holds the run inside the validation after ``step`` so the test can signal it there."""
+    def __init__(self, step: int, marker: str):
+        self.step, self.marker = step, marker
+    def on_validation_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step and not trainer.sanity_checking:
+            Path(self.marker).write_text(str(os.getpid()))
+            time.sleep(300)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_run_signalled_mid_validation_resumes_from_last(text_shards, tmp_path, monkeypatch, sig):
+    """SIGTERM or Ctrl-C to the process group while validation runs: the run stops with status 1 and no partial
+    file, and ``--ckpt_path last`` then trains to the end with the weights of a run never stopped."""
+    (tmp_path / "pause.py").write_text(PAUSE_IN_VALIDATION)
+    for name in ("stopped", "whole"):
+        fit_command(tmp_path, text_shards, name)
+        config = json.loads((tmp_path / f"{name}.json").read_text())
+        config["trainer"].update({"limit_val_batches": 2, "val_check_interval": 5, "num_sanity_val_steps": 0})
+        if name == "stopped":
+            config["trainer"]["callbacks"].append({"class_path": "pause.PauseInValidation",
+                                                   "init_args": {"step": 10, "marker": str(tmp_path / "paused")}})
+        (tmp_path / f"{name}.json").write_text(json.dumps(config))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen([sys.executable, "-m", "mmbytes.cli", "fit", "--config", str(tmp_path / "stopped.json")],
+                           cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "paused").exists():
+            assert run.poll() is None, run.stderr.read()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.1)
+        os.killpg(run.pid, sig)
+        assert run.wait(60) != 0
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert torch.load(tmp_path / "stopped" / "last.ckpt", weights_only=True)["global_step"] == 10
+    assert not [p for p in (tmp_path / "stopped").iterdir() if p.name.startswith(".")]
+
+    from mmbytes.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    config = json.loads((tmp_path / "stopped.json").read_text())
+    config["trainer"]["callbacks"].pop()  # the resumed run is not held
+    (tmp_path / "stopped.json").write_text(json.dumps(config))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(["fit", "--config", str(tmp_path / "stopped.json"), "--ckpt_path", "last"])
+        main(["fit", "--config", str(tmp_path / "whole.json")])
+    finally:
+        torch.set_num_threads(threads)
+    resumed = torch.load(tmp_path / "stopped" / "last.ckpt", weights_only=True)
+    whole = torch.load(tmp_path / "whole" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == whole["global_step"] == 12
+    torch.testing.assert_close(resumed["state_dict"], whole["state_dict"], rtol=0, atol=0)

@@ -87,3 +87,74 @@ def test_sample_writer_warns_when_samples_are_longer_than_the_training_windows(s
     writer.on_fit_start(trainer, None)
     said = [str(w.message) for w in recwarn if "trained on windows" in str(w.message)]
     assert len(said) == warns and (not warns or "4,000 bytes" in said[0] and "1,024 bytes" in said[0])
+
+
+def test_sample_writer_leaves_the_global_random_state_untouched(tmp_path):
+    from types import SimpleNamespace
+
+    from mmbytes.callbacks import SampleWriter
+
+    module = SimpleNamespace(model=model("debug").float())
+    trainer = SimpleNamespace(global_step=3, log_dir=str(tmp_path), default_root_dir=str(tmp_path), loggers=[])
+    before = torch.random.get_rng_state()
+    SampleWriter(modality="text", num=2, num_bytes=12, temperature=1.0)._sample(trainer, module)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert len(list((tmp_path / "samples" / "step_3").iterdir())) == 2
+
+
+def test_sample_writer_in_training_waits_for_the_next_batch_or_the_end_of_training(tmp_path):
+    """In ``fit``, the samples of a validation are made at the next training batch or at the end of training, after
+    ModelCheckpoint (which saves in the same hook, after every other callback) has written that step's checkpoint;
+    an exception in between drops them."""
+    from types import SimpleNamespace
+
+    from mmbytes.callbacks import SampleWriter
+
+    module = SimpleNamespace(model=model("debug").float())
+    trainer = SimpleNamespace(global_step=5, log_dir=str(tmp_path), default_root_dir=str(tmp_path), loggers=[],
+                              sanity_checking=False, state=SimpleNamespace(fn="fit"))
+    writer = SampleWriter(modality="text", num=1, num_bytes=8)
+    writer.on_validation_end(trainer, module)
+    assert not (tmp_path / "samples").exists()
+    writer.on_train_batch_start(trainer, module, None, 0)
+    assert (tmp_path / "samples" / "step_5" / "text_000.txt").exists()
+    trainer.global_step = 10
+    writer.on_validation_end(trainer, module)
+    writer.on_exception(trainer, module, KeyboardInterrupt())
+    writer.on_train_end(trainer, module)
+    assert not (tmp_path / "samples" / "step_10").exists()
+    writer.on_validation_end(trainer, module)
+    writer.on_train_end(trainer, module)
+    assert (tmp_path / "samples" / "step_10" / "text_000.txt").exists()
+
+
+def test_sample_writer_gives_up_at_its_time_budget_and_writes_nothing(tmp_path, recwarn):
+    from types import SimpleNamespace
+
+    from mmbytes.callbacks import SampleWriter
+
+    module = SimpleNamespace(model=model("debug").float())
+    trainer = SimpleNamespace(global_step=2, log_dir=str(tmp_path), default_root_dir=str(tmp_path), loggers=[])
+    SampleWriter(modality="text", num=2, num_bytes=64, max_seconds=0.0)._sample(trainer, module)
+    assert not (tmp_path / "samples" / "step_2").exists()
+    said = [str(w.message) for w in recwarn if "max_seconds" in str(w.message)]
+    assert len(said) == 1 and "1 of 64 bytes per sample made in the 0 s allowed" in said[0]
+
+
+def test_sample_writer_decodes_with_the_data_description_of_the_datamodule(tmp_path):
+    """Without ``meta``, audio of a MixedDataModule's 8 kHz set is written at 8 kHz."""
+    from types import SimpleNamespace
+
+    import soundfile as sf
+
+    from mmbytes.callbacks import SampleWriter
+
+    sets = [{"data_dir": str(tmp_path / "none"), "codec": "audio", "codec_options": {"sample_rate": 8000}},
+            {"data_dir": str(tmp_path / "none2"), "codec": "text"}]
+    module = SimpleNamespace(model=model("debug").float())
+    trainer = SimpleNamespace(global_step=1, log_dir=str(tmp_path), default_root_dir=str(tmp_path), loggers=[],
+                              datamodule=SimpleNamespace(hparams={"sets": sets, "seq_len": 64}), is_global_zero=True)
+    writer = SampleWriter(modality="audio", num=1, num_bytes=16)
+    writer.on_fit_start(trainer, module)
+    writer._sample(trainer, module)
+    assert sf.info(tmp_path / "samples" / "step_1" / "audio_000.wav").samplerate == 8000

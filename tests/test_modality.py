@@ -171,3 +171,21 @@ def test_an_entropy_checkpoint_with_a_start_state_per_modality_is_refused_naming
     assert load_entropy_model(saved("blt-entropy-debug"))["config"]["arch"] == "transformer"
     assert [build(n).capabilities.entropy_patches for n in ("blt-debug", "blt-fixed-debug", "debug")] == \
         [True, False, False]
+
+
+@pytest.mark.parametrize("name", ["debug", "spacebyte-debug", "blt-fixed-debug", "bpe-debug"])
+def test_a_checkpoint_naming_only_its_size_loads_its_unconditioned_weights_with_zero_offsets(name, tmp_path):
+    """A checkpoint without its stored config is rebuilt from its size, now conditioned: the weights it has load,
+    the offsets it lacks are zero, and it scores as the model that wrote it, for every modality."""
+    from mmbytes.checkpoint import load_model
+
+    torch.manual_seed(0)
+    old = build(name, modality_start=False).eval()
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in old.state_dict().items()},
+                "hyper_parameters": {"size": name}}, path)
+    new, _ = load_model(path)
+    assert new.config.modality_start
+    x, modality = real_text(64).view(2, 32), torch.tensor([IMAGE, TEXT])
+    with torch.no_grad():
+        assert torch.equal(new.nll(x, modality=modality), old.nll(x))

@@ -12,7 +12,7 @@ from mmbytes.codecs import get_codec
 from mmbytes.shards import main, write_shards
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parent / "data"  # real files shipped for the tests (tests/data/MANIFEST.md)
 
 
 def read_back(out: Path, split: str) -> dict[str, tuple[bytes, dict]]:
@@ -181,12 +181,11 @@ def test_nothing_is_written_outside_out(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "train-000000.tar"]
 
 
-@pytest.mark.skipif(not (SHARED / "images" / "icons_gnome48").exists(), reason="shared data not present")
 def test_parallel_and_serial_encoding_agree(tmp_path):
     src = SHARED / "images" / "icons_gnome48"
     a = write_shards([src], tmp_path / "a", codec="image", workers=2, progress=False)
     b = write_shards([src], tmp_path / "b", codec="image", workers=0, progress=False)
-    assert a["splits"] == b["splits"] and a["files"] == 362 and a["duplicates"]["files"] == 8  # 370 files, 8 copies
+    assert a["splits"] == b["splits"] and a["files"] + a["duplicates"]["files"] == len(list(src.iterdir()))
     assert read_back(tmp_path / "a", "train") == read_back(tmp_path / "b", "train")
 
 

@@ -1,4 +1,4 @@
-"""Compute-matched study (issue 13): the FLOP budget callback, the BPE baseline, ``mmbytes study``."""
+"""Compute-matched study: the FLOP budget callback, the BPE baseline, ``mmbytes study``."""
 
 import math
 from pathlib import Path

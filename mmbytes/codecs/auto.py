@@ -12,13 +12,16 @@ from mmbytes.codecs.text import TextCodec
 
 IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 AUDIO_MAGIC = (b"fLaC", b"OggS")
+WAVE_CONTAINERS = (b"RIFF", b"RF64", b"BW64")  # RF64 / BW64: the 64-bit WAV of broadcast recorders (EBU Tech 3306)
 
 
 def sniff(head: bytes) -> str:
     """The codec name for a file that starts with ``head``."""
     if head.startswith(IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
         return "image"
-    if head.startswith(AUDIO_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WAVE"):
+    if head[:1] == b"P" and head[1:2] in (b"4", b"5", b"6") and head[2:3] in (b" ", b"\t", b"\n", b"\r"):
+        return "image"  # binary PBM / PGM / PPM (netpbm)
+    if head.startswith(AUDIO_MAGIC) or (head[:4] in WAVE_CONTAINERS and head[8:12] == b"WAVE"):
         return "audio"
     return "text_or_raw"
 

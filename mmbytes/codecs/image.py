@@ -92,11 +92,16 @@ class ImageCodec:
                 else:
                     check_decoded(path, w * h * self.channels, f"a {w}x{h} image")
                 frames = getattr(im, "n_frames", 1)
-                rawmode = im.tile[0][3] if im.tile and isinstance(im.tile[0][3], str) else ""
+                args = im.tile[0][3] if im.tile else None
+                rawmode = args if isinstance(args, str) else ""
+                # netpbm's maximum sample value (PPM/PGM): Pillow scales it to 0..255 as it decodes
+                maxval = args[1] if im.format == "PPM" and isinstance(args, tuple) and len(args) > 1 else None
                 im.load()  # decode now: a truncated file fails here, not later
                 if frames > 1:
                     changes.append(f"first frame of {frames} kept")
-                im = to_8bit(im, rawmode, changes)
+                if isinstance(maxval, int) and maxval not in (1, 255) and im.mode not in ("I", "F"):
+                    changes.append(f"{im.mode} {maxval.bit_length()}-bit -> 8-bit (maximum {maxval} scaled to 255)")
+                im = to_8bit(upright(im, changes), rawmode, changes)
                 if "A" in im.getbands() or "transparency" in im.info:
                     changes.append(f"{im.mode} -> {target} (alpha dropped)")
                 elif im.mode != target:
@@ -156,6 +161,25 @@ def to_8bit(im, rawmode: str, changes: list[str]):
     if rawmode.endswith(";16") or rawmode.endswith(";16B") or rawmode.endswith(";16L"):  # 16-bit colour
         changes.append(f"{im.mode} 16-bit -> 8-bit (high byte)")
     return im
+
+
+ORIENTATION = {2: "mirrored", 3: "rotated 180", 4: "flipped", 5: "transposed", 6: "rotated 90 clockwise",
+               7: "transversed", 8: "rotated 90 counter-clockwise"}
+
+
+def upright(im, changes: list[str]):
+    """The picture as it is meant to be seen: the EXIF orientation tag (cameras store pictures sideways and say so
+    in the tag) applied with ``PIL.ImageOps.exif_transpose`` and recorded."""
+    from PIL import ImageOps
+
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # an unreadable EXIF block: the pixels are still the picture
+        return im
+    if orientation not in ORIENTATION:
+        return im
+    changes.append(f"EXIF orientation {orientation} applied ({ORIENTATION[orientation]})")
+    return ImageOps.exif_transpose(im)
 
 
 def resize_center_crop(im, size: tuple[int, int]):

@@ -60,20 +60,24 @@ def load(ckpt: Path, device: str) -> tuple[nn.Module, dict]:
 
 
 def main(argv: list[str] | None = None, command: str = "compress") -> None:
+    from mmbytes.argtypes import at_most
+
     decompress = command == "decompress"
     ap = argparse.ArgumentParser(
         prog=f"mmbytes {command}",
         description="Decompress .mmbz files with the model that compressed them." if decompress else
-        "Compress files losslessly with a trained model (arithmetic coding of its next-byte distributions).")
+        "Compress files losslessly with a trained model (arithmetic coding of its next-byte distributions).",
+        allow_abbrev=False)
     ap.add_argument("--ckpt", required=True, type=Path, help="a checkpoint written by `mmbytes fit`")
     ap.add_argument("inputs", nargs="+", type=Path,
                     help=".mmbz files or folders holding them" if decompress else "files and folders")
     ap.add_argument("--out", required=True, type=Path, help="output folder; nothing is written outside it")
     if not decompress:
-        ap.add_argument("--chunk", type=int, help="bytes per independently coded chunk (default: the model's "
-                        "training sequence length, else 4096); longer chunks give more context, shorter ones more "
-                        "rows to code in parallel")
-        ap.add_argument("--batch", type=int, default=16, help="rows coded together (chunks of one or many files)")
+        ap.add_argument("--chunk", type=at_most(int, 1, 2**24),
+                        help="bytes per independently coded chunk (default: the model's training sequence length, "
+                        "else 4096); longer chunks give more context, shorter ones more rows to code in parallel")
+        ap.add_argument("--batch", type=at_most(int, 1, 2**16), default=16,
+                        help="rows coded together (chunks of one or many files)")
         ap.add_argument("--raw", action="store_true", help="code every file as stored (no pixel or sample mode)")
         ap.add_argument("--verify", action="store_true",
                         help="decompress every file before writing it and write only those that come back exact "
