@@ -189,3 +189,17 @@ def test_a_checkpoint_naming_only_its_size_loads_its_unconditioned_weights_with_
     x, modality = real_text(64).view(2, 32), torch.tensor([IMAGE, TEXT])
     with torch.no_grad():
         assert torch.equal(new.nll(x, modality=modality), old.nll(x))
+
+
+def test_sample_bytes_generates_from_the_start_state_of_the_modality_asked_for():
+    from mmbytes.sample import sample_bytes
+
+    m = condition(build("debug").eval())
+
+    def by_hand(modality: int) -> list[bytes]:
+        out = generate(m, torch.zeros(3, 0, dtype=torch.long), 24, generator=torch.Generator().manual_seed(5),
+                       modality=torch.full((3,), modality))
+        return [bytes(row.tolist()) for row in out]
+
+    assert sample_bytes(m, 3, 24, seed=5, modality="image") == by_hand(IMAGE)
+    assert sample_bytes(m, 3, 24, seed=5, modality="text") == by_hand(TEXT) != by_hand(IMAGE)
