@@ -14,6 +14,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 
 from mmbytes.errors import CheckpointError, MmbytesError
 from mmbytes.io import write_atomically
+from mmbytes.model.layers import ModalityStart
 from mmbytes.model.registry import build, config_from_dict, config_from_name, config_to_dict
 
 
@@ -171,8 +172,9 @@ def checked_model(ckpt: dict[str, Any], path: str | Path) -> tuple[Any, dict[str
     handle = register_module_parameter_registration_hook(spend)
     try:
         with torch.device("meta"):
+            model = build(config)
             expected = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None  # None: extra state (BPE)
-                        for k, v in build(config).state_dict().items()}
+                        for k, v in model.state_dict().items()}
     except _Oversized:
         raise CheckpointError(f"{path}: its model config calls for more weights than its state_dict holds "
                               f"({len(state)} tensors); the config or the weights were changed") from None
@@ -181,8 +183,12 @@ def checked_model(ckpt: dict[str, Any], path: str | Path) -> tuple[Any, dict[str
         raise CheckpointError(f"{path}: its model config does not describe a model ({first})") from None
     finally:
         handle.remove()
+    # start-state offsets per modality that a model saved unconditioned lacks: they load as zeros, that very model
+    optional = {f"{n}.offset" for n, m in model.named_modules() if isinstance(m, ModalityStart)}
     for name, shape in expected.items():
         have = state.get(name)
+        if name in optional and name not in state:
+            continue
         if shape is None:
             if name not in state:
                 raise CheckpointError(f"{path}: state_dict lacks model.{name}, which its config calls for")
@@ -289,6 +295,7 @@ def load_entropy_model(path: str | Path) -> dict[str, Any]:
         caps = build(config).capabilities
     if caps.per_modality or not caps.byte_logits:
         raise CheckpointError(f"{path}: an entropy model gives byte logits whatever the modality; this checkpoint's "
-                              f"model ({type(config).__name__}) does not: give a byte model's")
+                              f"model ({type(config).__name__}) does not: give a byte model's trained without a "
+                              "start state per modality (a blt-entropy-* size, or modality_start: false)")
     return {"config": config_to_dict(config), "state": state,
             "calibration": (ckpt.get("mmbytes") or {}).get("calibration")}

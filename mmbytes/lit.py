@@ -58,8 +58,9 @@ class ByteLM(L.LightningModule):
             max_bad_steps: a step whose loss is NaN or infinite is skipped (no update) and counted in
                 ``train/skipped_steps``; this many in a row stop training with ``NonFiniteLossError``.
             decay_embeddings: apply weight decay to the byte embedding tables too.
-            entropy_ckpt: BLT: the checkpoint of its entropy model (any byte model trained with ``mmbytes fit``,
-                best with thresholds stored by ``mmbytes calibrate``); frozen inside the BLT model and saved with it.
+            entropy_ckpt: BLT: the checkpoint of its entropy model (a byte model trained with ``mmbytes fit``
+                without a start state per modality: a ``blt-entropy-*`` size or ``modality_start: false``; best
+                with thresholds stored by ``mmbytes calibrate``); frozen inside the BLT model and saved with it.
                 Without it a BLT size carries a randomly initialised entropy model (warned at construction: its
                 patches carry no information). Thresholds not stored with it are calibrated at the start of ``fit``
                 on training windows drawn at random across the training split.
@@ -189,11 +190,12 @@ class ByteLM(L.LightningModule):
         x, mask, modality = batch["x"], batch["mask"], batch.get("modality")
         self.bits[stage].update(self.model.nll(x, mask, **self._modality(batch)).sum(1), mask.sum(1), modality)
         if self.strided_rule:
-            strided = self.model.nll_strided(x, mask, rule=self.strided_rule)
+            strided = self.model.nll_strided(x, mask, rule=self.strided_rule, **self._modality(batch))
             self.bits[f"{stage}_strided"].update(strided.sum(1), mask.sum(1), modality)
 
     def _modality(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The rows' modality ids (a model whose patching depends on them uses them: BLT's thresholds)."""
+        """The rows' modality ids: a model conditioned on them (``capabilities.per_modality``: its start state per
+        modality, BLT's thresholds) uses them, the others ignore them."""
         return {"modality": batch.get("modality")}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -35,7 +35,8 @@ def sample_bytes(model: nn.Module, num: int, num_bytes: int, prompt: bytes = b""
                  max_seconds: float | None = None) -> list[bytes]:
     """``num`` independent continuations of ``prompt``, each ``num_bytes`` long (prompt included when it fits),
     generated as one batch from a generator of their own (the global random state is left untouched).
-    ``modality`` picks a BLT model's threshold for the samples. Past ``max_seconds``: ``SamplingTimeout``."""
+    ``modality`` (a ``MODALITIES`` name) is every sample's: a conditioned model generates from its start state (and BLT
+    patches with its threshold). Past ``max_seconds``: ``SamplingTimeout``."""
     import time
 
     device = next(model.parameters()).device

@@ -23,3 +23,16 @@ def cached_equals_reference(m, prompt: torch.Tensor, n: int, atol: float = 1e-10
         torch.testing.assert_close(fast[t], slow[t], atol=atol, rtol=0)
     assert torch.equal(a, b)
     return a
+
+
+def condition(m, std: float = 1.0, seed: int = 0):
+    """The model with random per-modality offsets of its start state (they start at zero: every modality the same),
+    so that tests which pass a modality see each modality's own start state; returns it."""
+    from mmbytes.model.layers import ModalityStart
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in m.modules():
+            if isinstance(t, ModalityStart):
+                t.offset.copy_(torch.randn(t.offset.shape, generator=g, dtype=t.offset.dtype) * std)
+    return m

@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from generation_check import cached_equals_reference
+from generation_check import cached_equals_reference, condition
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from mmbytes.codecs import MODALITIES
 from mmbytes.model import SIZES, build, config_from_name, patching
 from mmbytes.model.generate import generate
 from mmbytes.model.registry import config_from_dict, config_to_dict
@@ -17,6 +18,7 @@ DEBUG = ["debug", "debug-long", "transformer-debug", "spacebyte-debug", "spaceby
 EVERY = [*DEBUG, "blt-debug", "blt-entropy-debug"]  # BLT with entropy patches: its FLOPs test is in test_blt.py
 SPACEBYTE = ["spacebyte-debug", "spacebyte-fixed-debug"]
 TEXT = Path(__file__).resolve().parents[1] / "samples" / "text"
+MODALITY = torch.tensor([MODALITIES.index("image"), MODALITIES.index("text")])  # rows' start states, in order
 
 
 def real_text(n: int) -> torch.Tensor:
@@ -26,14 +28,16 @@ def real_text(n: int) -> torch.Tensor:
 
 
 def leaks(m, x: torch.Tensor, change) -> list[int]:
-    """Positions t where changing byte t (by ``change``) changes any logit at a position <= t."""
+    """Positions t where changing byte t (by ``change``) changes any logit at a position <= t; each row from its
+    modality's start state (``MODALITY``)."""
+    modality = MODALITY[: x.shape[0]]
     with torch.no_grad():
-        base = m(x)
+        base = m(x, modality=modality)
         bad = []
         for t in range(x.shape[1]):
             y = x.clone()
             y[:, t] = change(y[:, t], t)
-            if not torch.allclose(m(y)[:, : t + 1], base[:, : t + 1], atol=1e-9, rtol=0):
+            if not torch.allclose(m(y, modality=modality)[:, : t + 1], base[:, : t + 1], atol=1e-9, rtol=0):
                 bad.append(t)
     return bad
 
@@ -159,7 +163,8 @@ def test_every_rule_is_incremental_on_random_and_real_bytes(rule):
 
 
 def sb(name: str, **kw):
-    return build(name, **kw).double().eval()
+    """A float64 SpaceByte in eval mode, its start state per modality given random offsets (``condition``)."""
+    return condition(build(name, **kw).double().eval())
 
 
 def flip(b: torch.Tensor, t: int) -> torch.Tensor:
@@ -179,7 +184,7 @@ def test_spacebyte_is_strictly_causal_also_where_boundaries_move_and_at_the_cap(
 def test_causality_check_catches_a_spacebyte_leak(monkeypatch):
     """If a position's global step could see its own byte, the check must say so."""
     m = sb("spacebyte-debug")
-    monkeypatch.setattr(m, "inputs", lambda x: m.embed(x))  # no shift: position t reads byte t
+    monkeypatch.setattr(m, "inputs", lambda x, modality=None: m.embed(x))  # no shift: position t reads byte t
     assert len(leaks(m, torch.randint(0, 256, (1, 20)), flip)) == 20
 
 
@@ -206,7 +211,7 @@ def test_spacebyte_init_gpt2_depth_scales_residual_projections_and_fan_in_is_pyt
 def test_spacebyte_cached_logits_equal_the_reference_at_every_step(name, shift, prompt_len):
     m = sb(name, token_shift=shift)
     x = real_text(2 * prompt_len + 2)[: 2 * prompt_len].view(2, prompt_len)
-    cached_equals_reference(m, x, 40)
+    cached_equals_reference(m, x, 40, modality=MODALITY)
 
 
 def test_identical_prompts_in_one_batch_decode_identically_while_rows_open_words_at_different_steps():

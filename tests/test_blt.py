@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from generation_check import cached_equals_reference
+from generation_check import cached_equals_reference, condition
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -19,6 +19,7 @@ from mmbytes.model.generate import generate
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 TEXT_ID, IMAGE_ID = MODALITIES.index("text"), MODALITIES.index("image")
+MODALITY = torch.tensor([IMAGE_ID, TEXT_ID])  # rows' start states, in order
 
 
 def real_bytes(n: int, folder: str = "text") -> torch.Tensor:
@@ -29,8 +30,9 @@ def real_bytes(n: int, folder: str = "text") -> torch.Tensor:
 
 def blt(name: str = "blt-debug", patch: float = 3.0, **kw):
     """A float64 model in eval mode whose (random) entropy model cuts real text into patches of ``patch`` bytes on
-    average, so that patches of many lengths occur."""
-    m = build(name, **kw).double().eval()
+    average, so that patches of many lengths occur, and a latent start state per modality with random offsets
+    (``condition``)."""
+    m = condition(build(name, **kw).double().eval())
     if m.entropy_model is not None:
         h = m.entropies(real_bytes(600).view(4, 150))
         theta, _ = patching.calibrate_threshold(list(h), patch, m.config.patching, m.config.max_patch_len)
@@ -40,15 +42,16 @@ def blt(name: str = "blt-debug", patch: float = 3.0, **kw):
 
 def leaks(m, x: torch.Tensor) -> tuple[list[int], int]:
     """Positions t where changing byte t changes a logit at a position <= t, and how many of the changes moved a
-    later patch boundary."""
+    later patch boundary. Each row from its modality's start state (``MODALITY``)."""
+    modality = MODALITY[: x.shape[0]]
     with torch.no_grad():
-        base, starts = m(x), m.starts(x)
+        base, starts = m(x, modality=modality), m.starts(x, modality)
         bad, moved = [], 0
         for t in range(x.shape[1]):
             y = x.clone()
             y[:, t] = torch.where(y[:, t] == 32, 101, 32)  # a space for a letter and back
-            moved += not torch.equal(m.starts(y), starts)
-            if not torch.allclose(m(y)[:, : t + 1], base[:, : t + 1], atol=1e-10, rtol=0):
+            moved += not torch.equal(m.starts(y, modality), starts)
+            if not torch.allclose(m(y, modality=modality)[:, : t + 1], base[:, : t + 1], atol=1e-10, rtol=0):
                 bad.append(t)
     return bad, moved
 
@@ -186,13 +189,13 @@ def test_causality_check_catches_a_decoder_that_reads_its_own_patch(monkeypatch)
 def test_blt_cached_logits_equal_the_reference_at_every_step(kw, prompt_len):
     m = blt(**kw)
     x = real_bytes(2 * prompt_len + 2)[: 2 * prompt_len].view(2, prompt_len)
-    cached_equals_reference(m, x, 40)
+    cached_equals_reference(m, x, 40, modality=MODALITY)
 
 
 @pytest.mark.parametrize("name,kw", [("blt-fixed-debug", {}), ("blt-fixed-debug", {"patching": "space"})])
 def test_static_patch_blt_cached_logits_equal_the_reference(name, kw):
     m = blt(name, **kw)
-    cached_equals_reference(m, real_bytes(40).view(2, 20), 30)
+    cached_equals_reference(m, real_bytes(40).view(2, 20), 30, modality=MODALITY)
 
 
 def test_identical_prompts_in_one_batch_decode_identically_while_rows_open_patches_at_different_steps():

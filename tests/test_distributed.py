@@ -74,7 +74,7 @@ def one_process_figures(ckpt: Path, shards: Path) -> dict[str, float]:
     count = torch.zeros_like(nats)
     with torch.no_grad():
         for b in ByteDataModule(data_dir=str(shards), seq_len=SEQ_LEN, batch_size=BATCH).val_dataloader():
-            nats.index_add_(0, b["modality"], model.nll(b["x"], b["mask"]).sum(1).double())
+            nats.index_add_(0, b["modality"], model.nll(b["x"], b["mask"], modality=b["modality"]).sum(1).double())
             count.index_add_(0, b["modality"], b["mask"].sum(1).double())
     out = {"val/bpb": (nats.sum() / count.sum() / math.log(2)).item()}
     for i, m in enumerate(MODALITIES):

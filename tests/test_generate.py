@@ -1,8 +1,9 @@
 import pytest
 import torch
-from generation_check import FORMS, cached_equals_reference
+from generation_check import FORMS, cached_equals_reference, condition
 
 from mmbytes import Megabyte, MegabyteConfig
+from mmbytes.codecs import MODALITIES
 from mmbytes.model.generate import generate, sample_next
 
 
@@ -18,9 +19,10 @@ def model(name: str, **form) -> Megabyte:
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("prompt_len", [0, 1, 3, 4, 9, 27])  # empty, inside the first patch, whole patches, both
 def test_cached_logits_equal_reference_at_every_step(name, form, prompt_len):
-    m = model(name, **FORMS[form])
+    m = condition(model(name, **FORMS[form]))  # each row from its modality's start state
     prompt = torch.randint(0, 256, (2, prompt_len))
-    out = cached_equals_reference(m, prompt, 13)  # logits at every step, and greedy decoding is identical
+    modality = torch.tensor([MODALITIES.index("image"), MODALITIES.index("audio")])
+    out = cached_equals_reference(m, prompt, 13, modality=modality)  # logits at every step; greedy bytes identical
     assert torch.equal(out[:, :prompt_len], prompt)
 
 

@@ -2,28 +2,31 @@ import math
 
 import pytest
 import torch
-from generation_check import FORMS
+from generation_check import FORMS, condition
 
 from mmbytes import Megabyte, MegabyteConfig
-from mmbytes.model.megabyte import LEARNS_FAST
+from mmbytes.codecs import MODALITIES
+from mmbytes.model.megabyte import CONDITIONED
 
 SIZES = ["debug", "debug-long", "transformer-debug"]  # two stages, three stages, flat
+MODALITY = torch.tensor([MODALITIES.index("image"), MODALITIES.index("text")])  # the two rows' start states
 
 
 def model(name: str, **kw) -> Megabyte:
-    return Megabyte(MegabyteConfig.from_name(name, **kw)).eval()
+    """A named size in eval mode, its start state per modality given random offsets (``condition``)."""
+    return condition(Megabyte(MegabyteConfig.from_name(name, **kw)).eval())
 
 
 def leaks(m: Megabyte, T: int) -> list[int]:
-    """Positions t where changing byte t changes any logit at a position <= t."""
+    """Positions t where changing byte t changes any logit at a position <= t (two rows of two modalities)."""
     x = torch.randint(0, 256, (2, T))
     with torch.no_grad():
-        base = m(x)
+        base = m(x, modality=MODALITY)
         bad = []
         for t in range(T):
             y = x.clone()
             y[:, t] = (y[:, t] + 1 + torch.randint(0, 254, (1,))) % 256
-            if not torch.allclose(m(y)[:, : t + 1], base[:, : t + 1], atol=1e-6, rtol=0):
+            if not torch.allclose(m(y, modality=MODALITY)[:, : t + 1], base[:, : t + 1], atol=1e-6, rtol=0):
                 bad.append(t)
     return bad
 
@@ -87,7 +90,7 @@ def test_chunked_loss_gradients_match():
     grads = []
     for chunk in (10_000, 7):
         m.zero_grad()
-        m.nll(x, chunk=chunk).mean().backward()
+        m.nll(x, chunk=chunk, modality=MODALITY).mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
 
@@ -102,7 +105,7 @@ def test_checkpointed_blocks_in_slices_give_the_same_gradients(name, monkeypatch
     for checkpointing in (False, True):
         torch.manual_seed(0)
         m = model(name, checkpointing=checkpointing).train()
-        m.nll(x).mean().backward()
+        m.nll(x, modality=MODALITY).mean().backward()
         grads.append({k: p.grad for k, p in m.named_parameters()})
     torch.testing.assert_close(grads[1], grads[0])
 
@@ -177,7 +180,7 @@ def test_config_rejects_bad_fields():
     cfg = MegabyteConfig(patch_size=8, mid_patch_sizes=[2], d_mid=[16], n_layer_mid=[1], n_head_mid=[2])  # YAML lists
     assert cfg.mid_patch_sizes == (2,) and cfg == MegabyteConfig.from_name("debug-long", **{
         k: getattr(cfg, k) for k in ("d_global", "n_layer_global", "n_head_global", "d_local", "n_layer_local",
-                                     "n_head_local", *LEARNS_FAST)})
+                                     "n_head_local", *CONDITIONED)})
     for field, value in [("init", "xavier"), ("local_shift", "global")]:
         with pytest.raises(ValueError, match=field):
             MegabyteConfig.from_name("debug", **{field: value})

@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmbytes.codecs import MODALITIES
 from mmbytes.model import flops, patching
-from mmbytes.model.layers import Transformer
+from mmbytes.model.layers import ModalityStart, Transformer
 from mmbytes.model.megabyte import MegabyteConfig, chunked_nll
 from mmbytes.model.protocol import Capabilities, ModelData
 
@@ -114,6 +114,13 @@ class BLTConfig:
     mixer) before it is reduced modulo ``hash_vocab``, so ids spread like a random hash at any table size. 1: reduced
     directly, which leaves most rows unused at table sizes related to ``HASH_BASE`` (500,002 rows: HASH_BASE = -1 mod
     the size); configs stored without this field have it (``LEGACY``), so their checkpoints keep their ids."""
+    modality_start: bool = False
+    """A learned start state per modality (``layers.ModalityStart``): both start vectors, the latent input before
+    the first patch and the decoder input of position 0, are the shared ones plus offsets chosen by the row's
+    modality (rows without one: the shared ones), so every latent position, and through the decoder's cross-attention
+    every byte, is conditioned on the modality, and the first bytes also directly through the local decoder. Off in
+    configs stored before the field existed (``LEGACY``); on in the named sizes. The entropy model stays
+    unconditioned."""
 
     def __post_init__(self) -> None:
         if self.hash_version not in (1, 2):
@@ -152,22 +159,23 @@ SIZES: dict[str, Any] = {
     "blt-entropy-small": _entropy_transformer(128, 4, 4, 512),
     # for tests: windows of 8 bytes, tiny hash tables
     "blt-debug": BLTConfig(entropy="blt-entropy-debug", d_local=32, n_layer_encoder=1, n_layer_decoder=1,
-                           n_head_local=2, window=8, d_global=64, n_layer_global=2, n_head_global=2, hash_vocab=64),
+                           n_head_local=2, window=8, d_global=64, n_layer_global=2, n_head_global=2, hash_vocab=64,
+                           modality_start=True),
     # the paper's ablation: no hash n-gram embeddings
     "blt-nohash-debug": BLTConfig(entropy="blt-entropy-debug", d_local=32, n_layer_encoder=1, n_layer_decoder=1,
                                   n_head_local=2, window=8, d_global=64, n_layer_global=2, n_head_global=2,
-                                  hash_vocab=0),
+                                  hash_vocab=0, modality_start=True),
     "blt-fixed-debug": BLTConfig(patching="fixed", patch_size=4, d_local=32, n_layer_encoder=1, n_layer_decoder=1,
                                  n_head_local=2, window=8, d_global=64, n_layer_global=2, n_head_global=2,
-                                 hash_vocab=64),
+                                 hash_vocab=64, modality_start=True),
     # ~10.9M parameters without the hash tables (7.1M latent + 2.4M local + 1.4M pooling and cross-attention); the
     # six hash tables add 6.3M
-    "blt-small": BLTConfig(),
-    "blt-fixed-small": BLTConfig(patching="fixed", patch_size=4),
+    "blt-small": BLTConfig(modality_start=True),
+    "blt-fixed-small": BLTConfig(patching="fixed", patch_size=4, modality_start=True),
 }
 
 
-LEGACY = {"hash_version": 1}
+LEGACY = {"hash_version": 1, "modality_start": False}
 """Values of fields that configs stored before the field existed were trained with."""
 
 
@@ -261,9 +269,11 @@ class BLT(nn.Module):
     """``BLT(config)(x, modality)`` maps bytes (B, T) to logits (B, T, 256); position t predicts byte t from bytes
     < t. ``modality`` (B,) ids (``mmbytes.codecs.MODALITIES``) pick each row's entropy threshold."""
 
-    capabilities = Capabilities(per_modality=True, independent_rows=False)
-    """The patching of a row depends on its modality (its calibrated threshold): callers pass ``modality``. Rows are
-    padded to the batch's most patches."""
+    @property
+    def capabilities(self) -> Capabilities:
+        """The patching of a row depends on its modality (its calibrated threshold; with ``modality_start`` its
+        latent start state too): callers pass ``modality``. Rows are padded to the batch's most patches."""
+        return Capabilities(per_modality=True, independent_rows=False, entropy_patches=self.config.uses_entropy)
 
     def __init__(self, config: BLTConfig) -> None:
         super().__init__()
@@ -288,10 +298,12 @@ class BLT(nn.Module):
         self.pool = PatchCrossAttention(DL, c.n_head_local)
         self.to_global = nn.Linear(k * DL, DG, bias=False)
         self.global_start = nn.Parameter(torch.empty(DG))  # the latent input before the first patch
+        self.modality_start = ModalityStart(DG, len(MODALITIES)) if c.modality_start else None
         self.global_model = Transformer(DG, c.n_layer_global, c.n_head_global, **block)
         self.from_global = nn.ModuleList(nn.Linear(DG, k * DL, bias=False) for _ in range(c.n_layer_decoder))
         self.cross = nn.ModuleList(PatchCrossAttention(DL, c.n_head_local) for _ in range(c.n_layer_decoder))
         self.start = nn.Parameter(torch.empty(DL))  # the decoder input of position 0: no in-band BOS byte
+        self.modality_byte_start = ModalityStart(DL, len(MODALITIES)) if c.modality_start else None
         self.decoder = Transformer(DL, c.n_layer_decoder, c.n_head_local, window=c.local_window, **block)
         self.head = nn.Linear(DL, c.vocab_size, bias=False)
         self.register_buffer("theta", torch.full((len(MODALITIES),), float(c.threshold)))
@@ -310,6 +322,9 @@ class BLT(nn.Module):
             nn.init.normal_(e.weight, std=self.config.embed_std)
         for p in (self.global_start, self.start):
             nn.init.normal_(p, std=self.config.embed_std)
+        if self.modality_start is not None:
+            self.modality_start.reset_parameters()
+            self.modality_byte_start.reset_parameters()
 
     def train(self, mode: bool = True) -> BLT:
         super().train(mode)
@@ -323,7 +338,7 @@ class BLT(nn.Module):
         def count(modules: list) -> int:
             return sum(p.numel() for m in modules if m is not None for p in m.parameters())
 
-        parts = {"global": count([self.global_model]) + self.global_start.numel(),
+        parts = {"global": count([self.global_model, self.modality_start]) + self.global_start.numel(),
                  "hash": count(self.hash_embed), "entropy": count([self.entropy_model])}
         parts["all"] = sum(p.numel() for p in self.parameters()) - parts["entropy"]
         parts["local"] = parts["all"] - parts["global"] - parts["hash"]
@@ -446,6 +461,20 @@ class BLT(nn.Module):
 
     # -- the pieces, shared by training, prefill and generation
 
+    def latent_start(self, batch: int, modality: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """The latent input before the first patch (B, 1, D): the shared one, plus the row's modality offset with
+        ``modality_start``."""
+        if self.modality_start is None:
+            return self.global_start.to(dtype).expand(batch, 1, -1)
+        return self.modality_start(self.global_start, batch, modality, dtype)
+
+    def byte_start(self, batch: int, modality: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """The decoder input of position 0 (B, 1, D_L): the shared one, plus the row's modality offset with
+        ``modality_start``."""
+        if self.modality_byte_start is None:
+            return self.start.to(dtype).expand(batch, 1, -1)
+        return self.modality_byte_start(self.start, batch, modality, dtype)
+
     def embed_bytes(self, x: Tensor) -> Tensor:
         """Byte embeddings plus the hash n-gram embeddings of the n-grams ending at each byte: (B, L, D_L)."""
         e = self.embed(x)
@@ -494,9 +523,9 @@ class BLT(nn.Module):
         K = int(pid[:, -1].max()) + 1
         h = self.encoder(self.embed_bytes(x))  # (B, T, D_L)
         p = self.patch_vectors(h, pid, K)  # (B, K, D)
-        g_in = torch.cat([self.global_start.to(p.dtype).expand(B, 1, -1), p[:, :-1]], dim=1)  # the one-patch shift
+        g_in = torch.cat([self.latent_start(B, modality, p.dtype), p[:, :-1]], dim=1)  # the one-patch shift
         g = self.global_model(g_in)  # (B, K, D): output j has seen patches < j
-        d = torch.cat([self.start.to(h.dtype).expand(B, 1, -1), h[:, :-1]], dim=1)  # position t reads byte t - 1
+        d = torch.cat([self.byte_start(B, modality, h.dtype), h[:, :-1]], dim=1)  # position t reads byte t - 1
         return self.decode(d, self.latent_keys(g), pid)
 
     def forward(self, x: Tensor, *, modality: Tensor | None = None) -> Tensor:
@@ -554,7 +583,9 @@ class BLT(nn.Module):
             glob=self.global_model.make_caches(batch, max_len + 2, device, dtype, rows=True),
             dec=self.decoder.make_caches(batch, max_len + 1, device, dtype),
             states=torch.zeros(batch, max_len, c.d_local, device=device, dtype=dtype),
-            theta=self.thresholds(None if modality is None else modality.to(self.theta.device), batch).clone())
+            theta=self.thresholds(None if modality is None else modality.to(self.theta.device), batch).clone(),
+            latent_start=self.latent_start(batch, modality, dtype or self.global_start.dtype),
+            byte_start=self.byte_start(batch, modality, dtype or self.start.dtype))
 
     def prefill(self, prompt: Tensor, cache: BLTCache) -> Tensor:
         """Positions 0..L0 (the prompt's bytes and the next one) in one parallel pass; the logits of byte L0."""
@@ -573,7 +604,7 @@ class BLT(nn.Module):
         p = h.new_zeros(B, 0, self.config.d_global)
         if L0:  # every patch the prompt touches is pooled; the latent model takes the finished ones
             p = self.patch_vectors(h, pid[:, :L0], int(pid[:, L0 - 1].max()) + 1)[:, : int(done.max())]
-        g_in = torch.cat([self.global_start.to(h.dtype).expand(B, 1, -1), p], dim=1)  # (B, max done + 1, D)
+        g_in = torch.cat([cache.latent_start.to(h.dtype), p], dim=1)  # (B, max done + 1, D)
         for c in cache.glob:
             c.set_lengths(done + 1)
         g = self.global_model(g_in, cache.glob)
@@ -582,7 +613,7 @@ class BLT(nn.Module):
         cache.kv = [(key[rows, done][:, None], val[rows, done][:, None]) for key, val in kv]  # byte L0's patch
         cache.count = done + 1
         cache.start = patching.latest_start(starts)[:, L0]
-        d = torch.cat([self.start.to(h.dtype).expand(B, 1, -1), h], dim=1)  # (B, L0 + 1, D_L)
+        d = torch.cat([cache.byte_start.to(h.dtype), h], dim=1)  # (B, L0 + 1, D_L)
         return self.head(self.decode(d, kv, pid, cache.dec)[:, -1])
 
     def step(self, byte: Tensor, cache: BLTCache) -> Tensor:
@@ -630,8 +661,9 @@ class BLT(nn.Module):
 class BLTCache:
     """Generation state: the bytes so far (``t`` known), the encoder's and decoder's sliding-window caches, the
     entropy model's cache and its latest entropy, the latent transformer's row caches, every byte's encoder state
-    (to pool a patch when it closes), and per row: its threshold, where its current patch started, its latent
-    positions so far, and the decoder's keys and values of the latent output its current patch reads."""
+    (to pool a patch when it closes), and per row: its threshold, its latent and decoder start vectors (its
+    modality's), where its current patch started, its latent positions so far, and the decoder's keys and values of
+    the latent output its current patch reads."""
 
     buf: Tensor
     t: int
@@ -641,6 +673,8 @@ class BLTCache:
     dec: list
     states: Tensor
     theta: Tensor
+    latent_start: Tensor
+    byte_start: Tensor
     start: Tensor = field(default=None)
     count: Tensor = field(default=None)
     kv: list = field(default=None)

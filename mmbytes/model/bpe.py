@@ -36,8 +36,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from mmbytes.codecs import MODALITIES
 from mmbytes.model import flops
-from mmbytes.model.layers import Transformer
+from mmbytes.model.layers import ModalityStart, Transformer
 from mmbytes.model.megabyte import chunked_nll
 from mmbytes.model.protocol import Capabilities, ModelData
 
@@ -175,6 +176,10 @@ class BPEConfig:
     """Initial standard deviation of the token embeddings."""
     checkpointing: bool = False
     """Recompute each block in the backward pass instead of storing its activations."""
+    modality_start: bool = False
+    """A learned start state per modality (``layers.ModalityStart``): the BOS input is the shared BOS embedding plus
+    an offset chosen by the row's modality (rows without one: the shared one). Off in configs stored before the field
+    existed (``LEGACY``); on in the named sizes."""
 
     def __post_init__(self) -> None:
         if self.vocab_size < 256:
@@ -184,22 +189,30 @@ class BPEConfig:
 
 
 SIZES: dict[str, BPEConfig] = {
-    "bpe-debug": BPEConfig(vocab_size=512, d_model=64, n_layer=2, n_head=2),
+    "bpe-debug": BPEConfig(vocab_size=512, d_model=64, n_layer=2, n_head=2, modality_start=True),
     # ~10M parameters in the blocks (as transformer-small) + 3.1M in the embedding and head of 4,096 tokens
-    "bpe-small": BPEConfig(),
+    "bpe-small": BPEConfig(modality_start=True),
 }
+
+LEGACY = {"modality_start": False}
+"""Values of fields that configs stored before the field existed were trained with."""
 
 
 class BPETransformer(nn.Module):
     """A causal token Transformer that reads and scores bytes: ``nll(x, mask)`` tokenizes each window itself (see
     the module docstring); ``forward(x)`` returns the token logits (B, N, V) of the windows' tokens."""
 
-    capabilities = Capabilities(byte_logits=False, cached=False, independent_rows=False, per_byte_nll=False)
+    @property
+    def capabilities(self) -> Capabilities:
+        """Token logits, sampled tokens; with ``modality_start`` conditioned on each row's modality."""
+        return Capabilities(byte_logits=False, cached=False, independent_rows=False, per_byte_nll=False,
+                            per_modality=self.config.modality_start)
 
     def __init__(self, config: BPEConfig) -> None:
         super().__init__()
         c = self.config = config
         self.embed = nn.Embedding(c.vocab_size + 1, c.d_model)  # the last id is BOS
+        self.modality_bos = ModalityStart(c.d_model, len(MODALITIES)) if c.modality_start else None
         self.transformer = Transformer(c.d_model, c.n_layer, c.n_head, c.mlp_ratio, c.dropout, c.rope_base,
                                        checkpointing=c.checkpointing)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
@@ -212,6 +225,8 @@ class BPETransformer(nn.Module):
         self.transformer.reset_parameters()
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.normal_(self.embed.weight, std=self.config.embed_std)
+        if self.modality_bos is not None:
+            self.modality_bos.reset_parameters()
 
     @property
     def bos(self) -> int:
@@ -267,14 +282,23 @@ class BPETransformer(nn.Module):
             self.stats["bytes_per_token"] = n_bytes / n_tokens
         return tokens.to(x.device), ends.to(x.device), real.to(x.device)
 
-    def hidden(self, tokens: Tensor) -> Tensor:
+    def embed_inputs(self, inputs: Tensor, modality: Tensor | None = None) -> Tensor:
+        """Embeddings (B, N, D) of input ids (B, N) whose first is BOS: with ``modality_start`` the BOS input is the
+        row's modality's start state."""
+        e = self.embed(inputs)
+        if self.modality_bos is None:
+            return e
+        first = self.modality_bos(self.embed.weight[self.bos], inputs.shape[0], modality, e.dtype)
+        return torch.cat([first, e[:, 1:]], dim=1)
+
+    def hidden(self, tokens: Tensor, modality: Tensor | None = None) -> Tensor:
         """Token ids (B, N) -> hidden states (B, N, D); position i has seen BOS and tokens < i."""
         inputs = torch.cat([torch.full_like(tokens[:, :1], self.bos), tokens[:, :-1]], dim=1)  # (B, N)
-        return self.transformer(self.embed(inputs))
+        return self.transformer(self.embed_inputs(inputs, modality))
 
     def forward(self, x: Tensor, mask: Tensor | None = None, *, modality: Tensor | None = None) -> Tensor:
         tokens, _, _ = self.tokenize(x, mask)
-        return self.head(self.hidden(tokens))  # (B, N, V)
+        return self.head(self.hidden(tokens, modality))  # (B, N, V)
 
     def nll(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768, *,
             modality: Tensor | None = None) -> Tensor:
@@ -284,7 +308,7 @@ class BPETransformer(nn.Module):
         tokens, ends, real = self.tokenize(x, mask)
         if self.training:
             self._memo = (x, mask, tokens, ends, real)
-        nats = chunked_nll(self.head.weight, self.hidden(tokens), tokens, real, chunk)  # (B, N)
+        nats = chunked_nll(self.head.weight, self.hidden(tokens, modality), tokens, real, chunk)  # (B, N)
         rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(ends)
         out = torch.zeros(x.shape, dtype=nats.dtype, device=x.device)
         return out.index_put((rows[real], ends[real]), nats[real])
@@ -379,7 +403,8 @@ class BPETransformer(nn.Module):
             ids = self.tokenizer.encode([bytes(prompt[i].to(torch.uint8).cpu().tolist())])[0]
             caches = self.transformer.make_caches(1, len(ids) + num_bytes + 1, device, dtype)
             inputs = torch.tensor([[self.bos, *ids]], dtype=torch.long, device=device)
-            h = self.transformer(self.embed(inputs), caches)
+            h = self.transformer(self.embed_inputs(inputs, None if modality is None else modality[i : i + 1]),
+                                 caches)
             made = bytearray()
             while len(made) < num_bytes:
                 token = sample(self.head(h[:, -1]))  # (1,)

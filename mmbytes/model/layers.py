@@ -327,3 +327,37 @@ class Transformer(nn.Module):
         if rows:
             return [RowKVCache(batch, self.n_head, max_len, hd, device, dtype) for _ in self.blocks]
         return [KVCache(batch, self.n_head, max_len, hd, device, dtype, self.window) for _ in self.blocks]
+
+
+class ModalityStart(nn.Module):
+    """A learned start state per modality (the ids of ``mmbytes.codecs.MODALITIES``): a model's shared start unit
+    (its trainable padding patch or start vector, ``base``) plus one offset per modality, chosen by each row's
+    modality; a row without a modality (``modality=None``) gets ``base`` alone. The offsets start at zero, so a
+    freshly built conditioned model computes what the same weights compute unconditioned, and a state dict without
+    them (a model trained before it was conditioned) loads with zero offsets and scores exactly as before. It reads
+    nothing but the modality, so it keeps every causal dependency of the unit it conditions. The offsets are kept as
+    one flat vector: like the padding units they condition, they take no weight decay (``mmbytes.lit.param_groups``
+    decays matrices only)."""
+
+    def __init__(self, width: int, n_modalities: int) -> None:
+        super().__init__()
+        self.n_modalities, self.width = n_modalities, width
+        self.offset = nn.Parameter(torch.zeros(n_modalities * width))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.offset)
+
+    def forward(self, base: Tensor, batch: int, modality: Tensor | None, dtype: torch.dtype | None = None) -> Tensor:
+        """Each row's start unit (batch, 1, width) in ``dtype`` (default: ``base``'s)."""
+        dtype = dtype or base.dtype
+        if modality is None:
+            return base.to(dtype).expand(batch, 1, -1)
+        table = self.offset.view(self.n_modalities, self.width)
+        return (base + table[modality.to(table.device).long()]).to(dtype).view(batch, 1, -1)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        if prefix + "offset" not in state_dict:  # saved unconditioned: zero offsets are exactly that model
+            state_dict[prefix + "offset"] = torch.zeros_like(self.offset)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

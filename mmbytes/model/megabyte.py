@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from mmbytes.codecs import MODALITIES
 from mmbytes.model import flops, patching
-from mmbytes.model.layers import Transformer, init_linear
+from mmbytes.model.layers import ModalityStart, Transformer, init_linear
 from mmbytes.model.protocol import Capabilities, ModelData
 
 
@@ -102,6 +103,12 @@ class MegabyteConfig:
     Off by default: a separate head matrix (256 x D_L more parameters)."""
     vocab_size: int = 256
     """Byte values. All 256 are data: none is reserved for padding."""
+    modality_start: bool = False
+    """A learned start state per modality (``layers.ModalityStart``): the padding patch that stands before the first
+    patch of the global model (the flat Transformer's start byte) is the shared one plus an offset chosen by the row's
+    modality, so a window is predicted knowing its modality from its first byte on, and generation of an image starts
+    from the image start state. Rows without a modality take the shared one. Off in the paper's form and in configs
+    stored before the field existed (``LEGACY``); on in the named sizes."""
 
     def __post_init__(self) -> None:
         for name in ("mid_patch_sizes", "d_mid", "n_layer_mid", "n_head_mid"):  # YAML and checkpoints give lists
@@ -161,7 +168,7 @@ class MegabyteConfig:
 
 def _transformer(d: int, n_layer: int, n_head: int) -> MegabyteConfig:
     return MegabyteConfig(arch="transformer", patch_size=1, d_global=d, n_layer_global=n_layer, n_head_global=n_head,
-                          d_local=d, n_layer_local=0, n_head_local=0)
+                          d_local=d, n_layer_local=0, n_head_local=0, modality_start=True)
 
 
 LEARNS_FAST = dict(embed_std=1.0, init="fan_in", local_shift="sequence", token_shift=True, patch_embed="project")
@@ -172,6 +179,9 @@ they learn faster than the paper's form, at equal steps and at equal time (``ben
 learning efficiency). The dataclass defaults stay the paper's exact form (``MegabyteConfig()``): give ``embed_std: 0.02,
 init: gpt2, local_shift: patch, token_shift: false, patch_embed: concat`` to a named size to train it that way."""
 
+CONDITIONED = dict(LEARNS_FAST, modality_start=True)
+"""The named MEGABYTE sizes: ``LEARNS_FAST`` with a learned start state per modality (``modality_start``)."""
+
 PAPER_FORM = {k: getattr(MegabyteConfig(), k) for k in LEARNS_FAST}
 """The same fields at the paper's values (the dataclass defaults): a named size with these overrides is the paper's
 exact form."""
@@ -179,23 +189,23 @@ exact form."""
 SIZES: dict[str, MegabyteConfig] = {
     # a training step in a few milliseconds on a CPU: for tests
     "debug": MegabyteConfig(patch_size=4, d_global=16, n_layer_global=2, n_head_global=2,
-                            d_local=32, n_layer_local=1, n_head_local=2, **LEARNS_FAST),
+                            d_local=32, n_layer_local=1, n_head_local=2, **CONDITIONED),
     # the same with a middle stage: 8-byte patches, 2-byte sub-patches, bytes
     "debug-long": MegabyteConfig(patch_size=8, d_global=8, n_layer_global=1, n_head_global=2,
                                  mid_patch_sizes=(2,), d_mid=(16,), n_layer_mid=(1,), n_head_mid=(2,),
-                                 d_local=16, n_layer_local=1, n_head_local=2, **LEARNS_FAST),
+                                 d_local=16, n_layer_local=1, n_head_local=2, **CONDITIONED),
     # ~10M parameters: 7.1M global (P*D_G = 384) + 3.2M local
     "small": MegabyteConfig(patch_size=8, d_global=48, n_layer_global=4, n_head_global=6,
-                            d_local=256, n_layer_local=4, n_head_local=4, **LEARNS_FAST),
+                            d_local=256, n_layer_local=4, n_head_local=4, **CONDITIONED),
     # ~100M parameters: 85M global (P*D_G = 768) + 12.6M local
     "base": MegabyteConfig(patch_size=8, d_global=96, n_layer_global=12, n_head_global=12,
-                           d_local=512, n_layer_local=4, n_head_local=8, **LEARNS_FAST),
+                           d_local=512, n_layer_local=4, n_head_local=8, **CONDITIONED),
     # three stages for million-byte sequences: 64-byte global patches (16,384 of them at T = 2**20), 8-byte middle
     # patches, bytes; 12.6M global + 1.6M middle + 0.5M local
     "long": MegabyteConfig(patch_size=64, d_global=8, n_layer_global=4, n_head_global=8,
                            mid_patch_sizes=(8,), d_mid=(32,), n_layer_mid=(2,), n_head_mid=(4,),
                            d_local=128, n_layer_local=2, n_head_local=4, checkpointing=True,
-                           **LEARNS_FAST),
+                           **CONDITIONED),
     # flat byte-level Transformers with the parameter count of the size they are named after
     "transformer-debug": _transformer(64, 2, 2),
     "transformer-small": _transformer(384, 6, 6),
@@ -204,7 +214,7 @@ SIZES: dict[str, MegabyteConfig] = {
 
 LEGACY = {"window": 0, "token_shift": False, "embed_std": 0.02, "patch_embed": "concat", "d_embed": 0,
           "global_to_local": "slice", "tied_head": False, "local_shift": "patch",
-          "init": "gpt2"}
+          "init": "gpt2", "modality_start": False}
 """Values of fields that configs stored before the field existed were trained with (the paper's form)."""
 
 
@@ -213,8 +223,9 @@ class Megabyte(nn.Module):
 
     @property
     def capabilities(self) -> Capabilities:
-        """Strided inference needs patches: MEGABYTE, not the flat byte Transformer."""
-        return Capabilities(strided=self.config.arch == "megabyte")
+        """Strided inference needs patches: MEGABYTE, not the flat byte Transformer. A model with
+        ``modality_start`` is conditioned on each row's modality: callers pass it."""
+        return Capabilities(strided=self.config.arch == "megabyte", per_modality=self.config.modality_start)
 
     def __init__(self, config: MegabyteConfig) -> None:
         super().__init__()
@@ -230,6 +241,7 @@ class Megabyte(nn.Module):
             self.global_embed = nn.Embedding(c.vocab_size, de)
             self.patch_proj = nn.Sequential(nn.LayerNorm(P * de), nn.Linear(P * de, P * DG), nn.LayerNorm(P * DG))
         self.global_pad = nn.Parameter(torch.empty(P * DG))  # the trainable padding patch
+        self.modality_pad = ModalityStart(P * DG, len(MODALITIES)) if c.modality_start else None
         self.global_model = Transformer(P * DG, c.n_layer_global, c.n_head_global, window=c.window, **block)
         # middle stages (none in the two-stage model of the paper): each sees its parent's output for its sub-patch,
         # projected, plus its own embeddings of the sub-patches before it inside the parent
@@ -276,6 +288,8 @@ class Megabyte(nn.Module):
             t.reset_parameters(c.init)
         for pad in (self.global_pad, *self.mid_pad, *([self.local_pad] if self.local_model is not None else [])):
             nn.init.normal_(pad, std=c.embed_std)
+        if self.modality_pad is not None:
+            self.modality_pad.reset_parameters()
 
     def num_params(self, part: str = "all") -> int:
         modules = {"all": self, "global": self.global_model, "mid": self.mid_models, "local": self.local_model}[part]
@@ -316,7 +330,14 @@ class Megabyte(nn.Module):
         e = s.embed(x).reshape(B, T // s.patch, -1)
         return torch.cat([s.pad.expand(B, 1, -1), e[:, :-1]], dim=1).reshape(N, n, -1)
 
-    def hidden(self, x: Tensor) -> Tensor:
+    def start_patch(self, batch: int, modality: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """The padding patch before the first patch of the global model (B, 1, P*D_G): the shared one, plus the
+        row's modality offset with ``modality_start``."""
+        if self.modality_pad is None:
+            return self.global_pad.to(dtype).expand(batch, 1, -1)
+        return self.modality_pad(self.global_pad, batch, modality, dtype)
+
+    def hidden(self, x: Tensor, modality: Tensor | None = None) -> Tensor:
         """Bytes (B, T) -> final hidden states (B, T, D) that the head turns into logits."""
         if x.dtype != torch.long:
             x = x.long()
@@ -326,7 +347,7 @@ class Megabyte(nn.Module):
         if pad:  # padded bytes come after every real byte, so causality keeps them out of real positions
             x = F.pad(x, (0, pad))
         h = self.patch_embed(x)  # (B, K, P*D_G)
-        h = torch.cat([self.global_pad.to(h.dtype).expand(B, 1, -1), h[:, :-1]], dim=1)  # shift by a padding patch
+        h = torch.cat([self.start_patch(B, modality, h.dtype), h[:, :-1]], dim=1)  # shift by a padding patch
         out = self.global_model(h)  # (B, K, P*D_G); patch k has seen patches < k
         for s in self.stages()[1:]:
             # fold every parent position into the batch; its output, cut into one slice per sub-patch, is projected
@@ -338,7 +359,7 @@ class Megabyte(nn.Module):
         return out.reshape(B, x.shape[1], -1)[:, :T]  # (B, T, D)
 
     def forward(self, x: Tensor, *, modality: Tensor | None = None) -> Tensor:
-        return self.head(self.hidden(x))
+        return self.head(self.hidden(x, modality))
 
     def nll(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768, *,
             modality: Tensor | None = None) -> Tensor:
@@ -347,10 +368,10 @@ class Megabyte(nn.Module):
         Logits are made ``chunk`` positions at a time (recomputed in the backward pass) so no (B*T, 256) float32
         tensor outlives its chunk: at T = 2**20 that tensor alone would be 1 GiB.
         """
-        return chunked_nll(self.head.weight, self.hidden(x), x, mask, chunk)
+        return chunked_nll(self.head.weight, self.hidden(x, modality), x, mask, chunk)
 
     def nll_strided(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768,
-                    rule: Literal["paper", "later"] = "paper") -> Tensor:
+                    rule: Literal["paper", "later"] = "paper", *, modality: Tensor | None = None) -> Tensor:
         """Strided inference (paper section 2.3.3): a second pass over the bytes from P/2 on, whose patches are
         offset by s = P/2, and each byte scored by one of the two passes. Twice the cost.
 
@@ -366,12 +387,13 @@ class Megabyte(nn.Module):
         if rule not in ("paper", "later"):
             raise ValueError(f"strided inference rule must be 'paper' or 'later', got {rule!r}")
         P = self.config.patch_size
-        first = self.nll(x, chunk=chunk)
+        first = self.nll(x, chunk=chunk, modality=modality)
         s = P // 2
         if s == 0 or x.shape[1] <= s:
             out = first
         else:
-            second = self.nll(x[:, s:], chunk=chunk)  # byte t sits at t - s, patch position (t - s) % P
+            # byte t sits at t - s, patch position (t - s) % P
+            second = self.nll(x[:, s:], chunk=chunk, modality=modality)
             pos = torch.arange(x.shape[1], device=x.device) % P  # position of byte t in its first-pass patch
             keep_first = pos < s if rule == "paper" else pos >= s
             keep_first[:s] = True  # the second pass never sees the first s bytes
@@ -432,7 +454,8 @@ class Megabyte(nn.Module):
         kv += [s.model.make_caches(batch, above.patch // s.patch, device, dtype)
                for above, s in zip(stages, stages[1:], strict=False)]
         buf = torch.zeros(batch, max_len, dtype=torch.long, device=device)
-        return MegabyteCache(buf, 0, kv, [None] * len(stages))
+        dtype = dtype or self.global_pad.dtype
+        return MegabyteCache(buf, 0, kv, [None] * len(stages), self.start_patch(batch, modality, dtype))
 
     def prefill(self, prompt: Tensor, cache: MegabyteCache) -> Tensor:
         """Take in the prompt (B, L0), in parallel at every stage: its whole patches in one global call, the whole
@@ -447,7 +470,7 @@ class Megabyte(nn.Module):
             up = None if i == 0 else s.up(h, stages[i - 1].patch)  # (B, units in the parent, width)
             cache.up[i] = up
             known = (L0 - start) // s.patch  # whole units of this stage already known
-            first = self.first_input(s, cache.buf, start, i)
+            first = cache.start if i == 0 else self.first_input(s, cache.buf, start, i)
             inputs = torch.cat([first, s.embed(cache.buf[:, start : start + known * s.patch])], 1)
             if up is not None:
                 inputs = inputs + up[:, : known + 1]
@@ -476,22 +499,25 @@ class Megabyte(nn.Module):
         return self.head(h)
 
     def first_input(self, s: Stage, buf: Tensor, start: int, level: int) -> Tensor:
-        """Own input (B, 1, width) of the first unit of stage ``s`` when it starts at byte ``start``: the padding unit,
-        or with ``local_shift: sequence`` below the global model the unit just before it, once there is one."""
-        if level == 0 or self.config.local_shift == "patch" or start == 0:
+        """Own input (B, 1, width) of the first unit of stage ``s`` (below the global model, whose first input is the
+        cache's ``start``) when it starts at byte ``start``: the padding unit, or with ``local_shift: sequence`` the
+        unit just before it, once there is one."""
+        if self.config.local_shift == "patch" or start == 0:
             return s.pad.expand(buf.shape[0], 1, -1)
         return s.embed(buf[:, start - s.patch : start])
 
 
 @dataclass
 class MegabyteCache:
-    """Generation state: the bytes so far (``buf``, ``t`` of them known), a KV cache per stage and, below the global
-    model, the projected output of the current parent unit (one slice per unit)."""
+    """Generation state: the bytes so far (``buf``, ``t`` of them known), a KV cache per stage, below the global
+    model the projected output of the current parent unit (one slice per unit), and each row's padding patch before
+    the first patch (``Megabyte.start_patch``: its modality's)."""
 
     buf: Tensor
     t: int
     kv: list
     up: list
+    start: Tensor
 
 
 class Stage(NamedTuple):

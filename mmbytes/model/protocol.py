@@ -29,7 +29,11 @@ class Capabilities:
     longest patch or token sequence, whose shapes change the floating-point sums): what arithmetic coding of several
     files in one batch needs."""
     per_modality: bool = False
-    """Patching (or conditioning) depends on each row's modality: callers pass ``modality``."""
+    """Patching (or conditioning) depends on each row's modality: callers pass ``modality``. Every architecture's
+    named sizes learn a start state per modality (their configs' ``modality_start``)."""
+    entropy_patches: bool = False
+    """Patches are cut where the model's own frozen byte model (``entropy_model``) is unsure of the next byte, at a
+    threshold per modality (``theta``): BLT with an entropy rule."""
     per_byte_nll: bool = True
     """``nll`` gives each byte its own nats (False: BPE puts a token's nats at its last byte, so per-position
     analyses are not meaningful; only sums over whole windows are)."""

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmbytes.codecs import MODALITIES
 from mmbytes.model import flops, patching
-from mmbytes.model.layers import Transformer, init_linear
+from mmbytes.model.layers import ModalityStart, Transformer, init_linear
 from mmbytes.model.megabyte import chunked_nll
 from mmbytes.model.protocol import Capabilities, ModelData
 
@@ -76,6 +77,10 @@ class SpaceByteConfig:
     """Recompute each block in the backward pass instead of storing its activations."""
     vocab_size: int = 256
     """Byte values. All 256 are data."""
+    modality_start: bool = False
+    """A learned start state per modality (``layers.ModalityStart``): the start vector, position 0's input, is the
+    shared one plus an offset chosen by the row's modality (rows without one: the shared one). Off in configs stored
+    before the field existed (``LEGACY``); on in the named sizes."""
 
     def __post_init__(self) -> None:
         if self.patching not in ("spacelike", "fixed"):
@@ -107,21 +112,27 @@ class SpaceByteConfig:
 SIZES: dict[str, SpaceByteConfig] = {
     # for tests: a window of 8 bytes and a cap of 11 global positions, both reached by short test sequences
     "spacebyte-debug": SpaceByteConfig(d_local=32, n_layer_local=2, n_head_local=2, window=8, d_global=64,
-                                       n_layer_global=2, n_head_global=2, context=64),
+                                       n_layer_global=2, n_head_global=2, context=64, modality_start=True),
     "spacebyte-fixed-debug": SpaceByteConfig(patching="fixed", patch_size=6, d_local=32, n_layer_local=2,
                                              n_head_local=2, window=8, d_global=64, n_layer_global=2,
-                                             n_head_global=2, context=64),
+                                             n_head_global=2, context=64, modality_start=True),
     # ~10M parameters: 7.1M global (D = 384, as MEGABYTE small's global model) + 3.2M local (D_L = 256, W = 256)
-    "spacebyte-small": SpaceByteConfig(),
-    "spacebyte-fixed-small": SpaceByteConfig(patching="fixed", patch_size=6),
+    "spacebyte-small": SpaceByteConfig(modality_start=True),
+    "spacebyte-fixed-small": SpaceByteConfig(patching="fixed", patch_size=6, modality_start=True),
 }
+
+LEGACY = {"modality_start": False}
+"""Values of fields that configs stored before the field existed were trained with."""
 
 
 class SpaceByte(nn.Module):
     """``SpaceByte(config)(x)`` maps bytes (B, T) to logits (B, T, 256); position t predicts byte t from bytes < t."""
 
-    capabilities = Capabilities(independent_rows=False)
-    """Rows are padded to the batch's most global positions."""
+    @property
+    def capabilities(self) -> Capabilities:
+        """Rows are padded to the batch's most global positions. With ``modality_start`` the model is conditioned
+        on each row's modality: callers pass it."""
+        return Capabilities(independent_rows=False, per_modality=self.config.modality_start)
 
     def __init__(self, config: SpaceByteConfig) -> None:
         super().__init__()
@@ -131,6 +142,7 @@ class SpaceByte(nn.Module):
         half = c.n_layer_local // 2
         self.embed = nn.Embedding(c.vocab_size, c.d_local)
         self.start = nn.Parameter(torch.empty(c.d_local))  # the input of position 0: no in-band BOS byte
+        self.modality_start = ModalityStart(c.d_local, len(MODALITIES)) if c.modality_start else None
         self.local_in = Transformer(c.d_local, half, c.n_head_local, window=c.local_window, final_norm=False, **block)
         self.global_model = Transformer(c.d_global, c.n_layer_global, c.n_head_global, final_norm=False, **block)
         self.local_out = Transformer(c.d_local, c.n_layer_local - half, c.n_head_local, window=c.local_window,
@@ -145,6 +157,8 @@ class SpaceByte(nn.Module):
         init_linear(self.head, self.config.init)
         nn.init.normal_(self.embed.weight, std=self.config.embed_std)
         nn.init.normal_(self.start, std=self.config.embed_std)
+        if self.modality_start is not None:
+            self.modality_start.reset_parameters()
 
     def num_params(self, part: str = "all") -> int:
         modules = {"all": self, "global": self.global_model, "local": [self.local_in, self.local_out]}[part]
@@ -188,15 +202,23 @@ class SpaceByte(nn.Module):
 
     # -- training and scoring
 
-    def inputs(self, x: Tensor) -> Tensor:
-        """Position t's input is byte t-1 (the start vector at t = 0): (B, T, D_L)."""
-        e = self.embed(x[:, :-1])
-        return torch.cat([self.start.to(e.dtype).expand(x.shape[0], 1, -1), e], dim=1)
+    def start_vector(self, batch: int, modality: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """Position 0's input (B, 1, D_L): the shared start vector, plus the row's modality offset with
+        ``modality_start``."""
+        if self.modality_start is None:
+            return self.start.to(dtype).expand(batch, 1, -1)
+        return self.modality_start(self.start, batch, modality, dtype)
 
-    def hidden(self, x: Tensor) -> Tensor:
+    def inputs(self, x: Tensor, start: Tensor | None = None, modality: Tensor | None = None) -> Tensor:
+        """Position t's input is byte t-1 (the start vector at t = 0, ``start`` if given): (B, T, D_L)."""
+        e = self.embed(x[:, :-1])
+        start = self.start_vector(x.shape[0], modality, e.dtype) if start is None else start.to(e.dtype)
+        return torch.cat([start, e], dim=1)
+
+    def hidden(self, x: Tensor, modality: Tensor | None = None) -> Tensor:
         if x.dtype != torch.long:
             x = x.long()
-        h = self.local_in(self.inputs(x))  # (B, T, D_L)
+        h = self.local_in(self.inputs(x, modality=modality))  # (B, T, D_L)
         return self.local_out(self.global_pass(h, x)[0])  # (B, T, D_L), final norm included
 
     def global_pass(self, h: Tensor, x: Tensor, caches: list | None = None) -> tuple[Tensor, Tensor]:
@@ -215,12 +237,12 @@ class SpaceByte(nn.Module):
         return h.scatter_add(1, idx[..., None].expand(-1, -1, h.shape[-1]), delta), counts
 
     def forward(self, x: Tensor, *, modality: Tensor | None = None) -> Tensor:
-        return self.head(self.hidden(x))
+        return self.head(self.hidden(x, modality))
 
     def nll(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768, *,
             modality: Tensor | None = None) -> Tensor:
         """Negative log-likelihood in nats of every byte, (B, T), zero where ``mask`` is False."""
-        return chunked_nll(self.head.weight, self.hidden(x), x, mask, chunk)
+        return chunked_nll(self.head.weight, self.hidden(x, modality), x, mask, chunk)
 
     def forward_flops(self, rows: int, seq_len: int, n_global: int) -> float:
         """Forward FLOPs of ``rows`` windows of ``seq_len`` bytes whose global blocks run over ``n_global`` positions
@@ -274,7 +296,8 @@ class SpaceByte(nn.Module):
             glob=self.global_model.make_caches(batch, min(self.config.max_global, max_len + 1) + 1, device, dtype,
                                                rows=True),
             local_out=self.local_out.make_caches(batch, max_len + 1, device, dtype),
-            count=torch.zeros(batch, dtype=torch.long, device=device))
+            count=torch.zeros(batch, dtype=torch.long, device=device),
+            start=self.start_vector(batch, modality, dtype or self.start.dtype))
 
     def prefill(self, prompt: Tensor, cache: SpaceByteCache) -> Tensor:
         """Positions 0..L0 (the start and the prompt's bytes) in one parallel pass; the logits of byte L0."""
@@ -282,7 +305,7 @@ class SpaceByte(nn.Module):
         cache.buf[:, :L0] = prompt
         cache.t = L0
         x = F.pad(cache.buf[:, :L0], (0, 1))  # the byte at L0 is not known yet; no position <= L0 depends on it
-        h = self.local_in(self.inputs(x), cache.local_in)
+        h = self.local_in(self.inputs(x, cache.start), cache.local_in)
         h, cache.count = self.global_pass(h, x, cache.glob)
         return self.head(self.local_out(h, cache.local_out)[:, -1])
 
@@ -312,7 +335,7 @@ class SpaceByte(nn.Module):
 @dataclass
 class SpaceByteCache:
     """Generation state: the bytes so far (``t`` known), sliding-window caches of the local blocks, row caches of
-    the global blocks and each row's number of global positions."""
+    the global blocks, each row's number of global positions and its start vector (its modality's)."""
 
     buf: Tensor
     t: int
@@ -320,3 +343,4 @@ class SpaceByteCache:
     glob: list
     local_out: list
     count: Tensor
+    start: Tensor
