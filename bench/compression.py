@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 
 import torch
-from stamp import stamp  # noqa: E402  (bench/stamp.py: commit, machine, versions, command)
 
 from mmbytes.compress import compress_files, decompress_files, load, machine_envelope, trained_codecs
 from mmbytes.shards import DEFAULT_CHUNK, chunks, split_hash
+from mmbytes.stamp import stamp
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-from stamp import stamp  # noqa: E402  (bench/stamp.py: commit, machine, versions, command)
 
 from datamodules import ByteDataModule
 from mmbytes.model import build
 from mmbytes.shards import write_shards
+from mmbytes.stamp import stamp
 
 SETS = {  # modality: (codec, sources under --data, codec options, files at most)
     "image": ("image", ["images/cifar10_train_subset"], {"size": 32, "order": "patch", "tile": 4}, 2000),

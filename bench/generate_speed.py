@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from stamp import stamp  # noqa: E402  (bench/stamp.py: commit, machine, versions, command)
 from torch import nn
 
 from mmbytes.codecs import MODALITIES
 from mmbytes.model import SIZES, build
 from mmbytes.model.generate import generate, generate_reference
 from mmbytes.model.protocol import ModelData
+from mmbytes.stamp import stamp
 
 
 def timed(fn) -> float:

@@ -24,8 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate_speed import cached_bytes_per_s  # noqa: E402
-from stamp import ROOT, stamp  # noqa: E402
 from train_throughput import matmul_peak_gflops, measure, real_bytes  # noqa: E402
+
+from mmbytes.stamp import ROOT, stamp
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
                "A10": 125.0, "RTX 4090": 165.0, "B200": 2250.0}

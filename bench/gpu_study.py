@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stamp import ROOT, stamp  # noqa: E402
+from mmbytes.stamp import ROOT, stamp
 
 MODELS = "small,transformer-small,spacebyte-small,spacebyte-fixed-small,blt-small,blt-fixed-small,bpe-small"
 

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-from stamp import stamp  # noqa: E402  (bench/stamp.py: commit, machine, versions, command)
 
 from mmbytes import MegabyteConfig
 from mmbytes.lit import param_groups, warmup_cosine
@@ -33,6 +32,7 @@ from mmbytes.model.megabyte import PAPER_FORM
 from mmbytes.model.protocol import ModelData
 from mmbytes.model.registry import build as build_model
 from mmbytes.model.registry import config_from_name
+from mmbytes.stamp import stamp
 
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from stamp import stamp  # noqa: E402  (bench/stamp.py: commit, machine, versions, command)
+from mmbytes.stamp import stamp
 
 GiB = 2**30
 

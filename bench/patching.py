@@ -15,10 +15,10 @@ import math
 from pathlib import Path
 
 import torch
-from stamp import stamp  # noqa: E402  (bench/stamp.py: commit, machine, versions, command)
 
 from mmbytes.codecs import get_codec
 from mmbytes.model import patching
+from mmbytes.stamp import stamp
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SOURCES = [["text/tinyshakespeare.txt", "text/wikitext2_valid.txt"],

@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-from stamp import stamp  # noqa: E402  (bench/stamp.py: commit, machine, versions, command)
 
 from mmbytes.codecs import MODALITIES
 from mmbytes.model import SIZES, build
 from mmbytes.model.protocol import ModelData
+from mmbytes.stamp import stamp
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

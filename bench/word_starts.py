@@ -21,11 +21,11 @@ import math
 from pathlib import Path
 
 import torch
-from stamp import stamp  # noqa: E402  (bench/stamp.py: commit, machine, versions, command)
 
 from datamodules import ByteDataModule
 from mmbytes.checkpoint import load_model
 from mmbytes.model import patching
+from mmbytes.stamp import stamp
 
 
 def word_initial(x: torch.Tensor) -> torch.Tensor:
