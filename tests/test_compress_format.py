@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from test_compress import cifar_pixels, saved  # the CIFAR-10 cat in uncompressed containers
 
 from mmbytes.compress import (
     CompressionError,
@@ -27,17 +27,6 @@ from mmbytes.model.registry import build
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"
 TEXT = (SAMPLES / "files" / "libpython3.11-stdlib_python3.11_this.py").read_bytes()[:600]
-
-
-def cifar_pixels() -> Image.Image:
-    with Image.open(SAMPLES / "images" / "cifar10_cat_0000.jpg") as im:
-        return im.convert("RGB")
-
-
-def saved(im: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

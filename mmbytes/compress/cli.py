@@ -59,6 +59,16 @@ def load(ckpt: Path, device: str) -> tuple[nn.Module, dict]:
     return model, data_hp
 
 
+def written(target: Path, data: bytes, out: Path, command: str) -> bool:
+    """Write ``data`` to ``target`` inside ``out`` atomically; a refusal is one line on stderr and False."""
+    try:
+        atomic_write(target, data, out)
+    except CompressionError as e:
+        print(f"mmbytes {command}: {e}", file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None, command: str = "compress") -> None:
     from mmbytes.argtypes import at_most
     from mmbytes.compress.container import MAX_CHUNK, MAX_ROWS
@@ -110,10 +120,7 @@ def main(argv: list[str] | None = None, command: str = "compress") -> None:
                 print(f"mmbytes decompress: {result}", file=sys.stderr)
                 failed += 1
                 continue
-            try:
-                atomic_write(target, result, args.out)
-            except CompressionError as e:
-                print(f"mmbytes decompress: {e}", file=sys.stderr)
+            if not written(target, result, args.out, command):
                 failed += 1
                 continue
             print(f"{p} -> {target} ({len(result):,} bytes)")
@@ -135,10 +142,7 @@ def main(argv: list[str] | None = None, command: str = "compress") -> None:
                       file=sys.stderr)
                 failed += 1
                 continue
-            try:
-                atomic_write(target, packed, args.out)
-            except CompressionError as e:
-                print(f"mmbytes compress: {e}", file=sys.stderr)
+            if not written(target, packed, args.out, command):
                 failed += 1
                 continue
             rate = f", {stats['compressed'] / stats['original']:.1%}" if stats["original"] else ""
