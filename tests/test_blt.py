@@ -405,3 +405,24 @@ def test_a_blt_run_resumes_from_its_checkpoint_with_its_entropy_model(blt_run):
                   "--ckpt_path", str(last), steps=5)
     assert resumed != version
     assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+
+
+def test_links_planted_in_the_out_folder_of_calibrate_and_patches_are_replaced_not_written_through(blt_run, tmp_path):
+    from mmbytes.cli import main
+
+    tmp, _, _ = blt_run
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a file outside --out\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    text = sorted((SAMPLES / "text").glob("*.txt"))[0]
+    planted = [out / "calibration.json", out / "entropy.ckpt", out / f"{text.name}.patches.png"]
+    for link in planted:
+        link.symlink_to(victim)
+    main(["calibrate", "--ckpt", str(tmp / "calibrated" / "entropy.ckpt"), "--data", str(tmp / "shards"),
+          "--windows", "4", "--seq-len", "256", "--patch-size", "3", "--out", str(out)])
+    main(["patches", "--ckpt", str(tmp / "calibrated" / "entropy.ckpt"), str(text), "--out", str(out)])
+    assert victim.read_text() == "a file outside --out\n"
+    written = [p for p in out.iterdir() if p.is_file()]
+    assert {p.name for p in planted} <= {p.name for p in written}
+    assert not any(p.is_symlink() for p in out.iterdir())
