@@ -6,7 +6,7 @@ from generation_check import FORMS, condition
 
 from mmbytes import Megabyte, MegabyteConfig
 from mmbytes.codecs import MODALITIES
-from mmbytes.model.megabyte import CONDITIONED
+from mmbytes.model.megabyte_config import CONDITIONED
 
 SIZES = ["debug", "debug-long", "transformer-debug"]  # two stages, three stages, flat
 MODALITY = torch.tensor([MODALITIES.index("image"), MODALITIES.index("text")])  # the two rows' start states

@@ -16,14 +16,15 @@ from typing import Any
 
 from torch import nn
 
-from mmbytes.model import blt, bpe, megabyte, spacebyte
+from mmbytes.model import blt, blt_config, bpe, megabyte, megabyte_config, spacebyte
 
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module], Any]] = {
     # arch -> (config class, model class, module holding SIZES and LEGACY)
-    "megabyte": (megabyte.MegabyteConfig, megabyte.Megabyte, megabyte),
-    "transformer": (megabyte.MegabyteConfig, megabyte.Megabyte, megabyte),  # the flat baseline: MEGABYTE with P = 1
+    "megabyte": (megabyte_config.MegabyteConfig, megabyte.Megabyte, megabyte_config),
+    # the flat baseline: MEGABYTE with P = 1
+    "transformer": (megabyte_config.MegabyteConfig, megabyte.Megabyte, megabyte_config),
     "spacebyte": (spacebyte.SpaceByteConfig, spacebyte.SpaceByte, spacebyte),
-    "blt": (blt.BLTConfig, blt.BLT, blt),
+    "blt": (blt_config.BLTConfig, blt.BLT, blt_config),
     "bpe": (bpe.BPEConfig, bpe.BPETransformer, bpe),  # the subword baseline: tokenizes each byte window itself
 }
 

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from mmbytes.codecs import MODALITIES
 from mmbytes.model import flops, patching
+from mmbytes.model.common import chunked_nll
 from mmbytes.model.layers import ModalityStart, Transformer, init_linear
-from mmbytes.model.megabyte import chunked_nll
 from mmbytes.model.protocol import Capabilities, ModelData
 
 
