@@ -417,9 +417,7 @@ class BLT(nn.Module):
             first = int(cache.start[opens].min())
             mine = torch.arange(first, t + 1, device=h.device) >= cache.start[:, None]  # (B, L) bytes of the patch
             p = self.patch_vectors(cache.states[:, first : t + 1], (~mine).long(), 2)[:, :1]  # patch 0: its bytes
-            g = self.global_model(p, cache.glob, positions=cache.count)  # each row at its own latent index
-            for c in cache.glob:
-                c.commit(opens)
+            g = self.global_model.row_step(p, cache.glob, cache.count, opens)  # each row at its own latent index
             now = opens.view(-1, 1, 1, 1, 1)  # the decoder's keys change only where a patch opened
             cache.kv = [(torch.where(now, key, old_key), torch.where(now, val, old_val))
                         for (key, val), (old_key, old_val) in zip(self.latent_keys(g), cache.kv, strict=True)]

@@ -319,15 +319,9 @@ class SpaceByte(nn.Module):
         opens = opens & (cache.count < self.config.max_global)
         h = self.local_in(self.embed(byte)[:, None], cache.local_in)  # (B, 1, D_L)
         if bool(opens.any()):
-            kept = [list(c.last) for c in cache.glob]
             g_in = self.widen(h)
-            g_out = self.global_model(g_in, cache.glob, positions=cache.count)  # each row at its own global index
+            g_out = self.global_model.row_step(g_in, cache.glob, cache.count, opens)  # each row at its global index
             h = h + self.narrow(g_out - g_in) * opens[:, None, None]
-            for c, old in zip(cache.glob, kept, strict=True):
-                c.commit(opens)
-                if c.last[0] is not None and old[0] is not None:  # token shift: only stepping rows move on
-                    c.last = [torch.where(opens[:, None, None], new, prev) for new, prev in zip(c.last, old,
-                                                                                               strict=True)]
             cache.count = cache.count + opens.long()
         return self.head(self.local_out(h, cache.local_out)[:, -1])
 
