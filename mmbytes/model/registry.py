@@ -32,7 +32,11 @@ SIZES: dict[str, Any] = {name: config for _, _, module in {id(a[2]): a for a in 
                          for name, config in module.SIZES.items()}
 """Every named size of every architecture: ``debug``/``small``/``base`` are MEGABYTE, ``transformer-*`` the flat
 byte Transformer, ``spacebyte-*`` SpaceByte, ``blt-*`` BLT (``blt-entropy-*``: its entropy models, flat windowed
-byte Transformers), ``bpe-*`` the subword (BPE) token Transformer baseline."""
+byte Transformers), ``bpe-*`` the subword (BPE) token Transformer baseline; and each of ``ALIASES``."""
+
+ALIASES: dict[str, str] = {f"megabyte-{size}": size for size in ("debug", "small", "base", "long")}
+"""MEGABYTE's named sizes under the architecture's name, each the same config as the short name it stands for."""
+SIZES.update({alias: SIZES[size] for alias, size in ALIASES.items()})
 
 
 def config_from_name(name: str, **overrides: Any):
