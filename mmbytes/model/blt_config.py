@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from mmbytes.model import patching
+from mmbytes.model.common import check_heads
 from mmbytes.model.megabyte_config import MegabyteConfig
 
 
@@ -86,10 +87,7 @@ class BLTConfig:
             raise ValueError("patch_size must be >= 1, max_patch_len >= 0, cross_k >= 1 and n_layer_decoder >= 1")
         if any(n < 1 for n in self.hash_ngrams):
             raise ValueError(f"hash n-gram sizes must be positive, got {self.hash_ngrams}")
-        for width, heads, what in ((self.d_local, self.n_head_local, "local"),
-                                   (self.d_global, self.n_head_global, "global")):
-            if width % heads:
-                raise ValueError(f"{what} width {width} is not divisible by its {heads} heads")
+        check_heads((self.d_local, self.n_head_local, "local"), (self.d_global, self.n_head_global, "global"))
 
     @property
     def local_window(self) -> int:

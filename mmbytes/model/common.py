@@ -1,4 +1,5 @@
-"""Helpers every architecture shares: the byte (or token) NLL of a head over hidden states, scored a chunk at a time."""
+"""Helpers every architecture shares: the byte (or token) NLL of a head over hidden states, scored a chunk at a time,
+and the config check that each attention stack's width splits evenly among its heads."""
 
 from __future__ import annotations
 
@@ -6,6 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+
+def check_heads(*stacks: tuple[int, int, str]) -> None:
+    """Each stack (width, heads, name): its width splits evenly among its heads, or a one-line error names it."""
+    for width, heads, what in stacks:
+        if width % heads:
+            raise ValueError(f"{what} width {width} is not divisible by its {heads} heads")
 
 
 def chunked_nll(weight: Tensor, h: Tensor, x: Tensor, mask: Tensor | None, chunk: int) -> Tensor:

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from mmbytes.model.common import check_heads
+
 
 @dataclass(frozen=True)
 class MegabyteConfig:
@@ -122,9 +124,7 @@ class MegabyteConfig:
         widths = [(self.d_global_model, self.n_head_global, "global"), (self.d_local, self.n_head_local, "local")]
         mid = zip(sizes[1:], self.d_mid, self.n_head_mid, strict=True)
         widths += [(p * d, h, f"middle {i}") for i, (p, d, h) in enumerate(mid)]
-        for width, heads, what in widths:
-            if heads and width % heads:
-                raise ValueError(f"{what} width {width} is not divisible by its {heads} heads")
+        check_heads(*(stack for stack in widths if stack[1]))  # 0 heads: a stack not built (the flat model's local)
 
     @property
     def d_global_model(self) -> int:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from mmbytes.codecs import MODALITIES
 from mmbytes.model import flops, patching
-from mmbytes.model.common import chunked_nll
+from mmbytes.model.common import check_heads, chunked_nll
 from mmbytes.model.layers import ModalityStart, Transformer, init_linear
 from mmbytes.model.protocol import Capabilities, ModelData
 
@@ -92,10 +92,7 @@ class SpaceByteConfig:
                              "blocks widen the local stream with zero channels")
         if self.n_layer_local < 2 or self.n_layer_global < 1:
             raise ValueError("SpaceByte needs at least 2 local blocks (half before, half after) and 1 global block")
-        for width, heads, what in ((self.d_local, self.n_head_local, "local"),
-                                   (self.d_global, self.n_head_global, "global")):
-            if width % heads:
-                raise ValueError(f"{what} width {width} is not divisible by its {heads} heads")
+        check_heads((self.d_local, self.n_head_local, "local"), (self.d_global, self.n_head_global, "global"))
         if self.patch_size < 1 or self.context < 1 or not 0 < self.global_ratio <= 1:
             raise ValueError("patch_size and context must be positive and global_ratio in (0, 1]")
 
