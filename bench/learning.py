@@ -28,7 +28,7 @@ import torch
 
 from mmbytes import MegabyteConfig
 from mmbytes.lit import param_groups, warmup_cosine
-from mmbytes.model.megabyte import PAPER_FORM
+from mmbytes.model.megabyte_config import PAPER_FORM
 from mmbytes.model.protocol import ModelData
 from mmbytes.model.registry import build as build_model
 from mmbytes.model.registry import config_from_name

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from mmbytes.codecs import MODALITIES
 from mmbytes.io import atomic_path, write_text
 from mmbytes.model import patching
-from mmbytes.model.blt import entropy_of
+from mmbytes.model.blt_layers import entropy_of
 
 
 @torch.no_grad()

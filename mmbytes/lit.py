@@ -65,8 +65,9 @@ class ByteLM(L.LightningModule):
                 patches carry no information). Thresholds not stored with it are calibrated at the start of ``fit``
                 on training windows drawn at random across the training split.
             tokenizer: BPE baseline (``bpe-*``): a Hugging Face tokenizer JSON file of a byte-level BPE tokenizer
-                (``mmbytes.model.bpe.train_tokenizer``). Without it, ``fit`` trains one of the size's ``vocab_size``
-                on the datamodule's training split before training. Either way it is stored in the checkpoint.
+                (``mmbytes.model.bpe_tokenizer.train_tokenizer``). Without it, ``fit`` trains one of the size's
+                ``vocab_size`` on the datamodule's training split before training. Either way it is stored in the
+                checkpoint.
             tokenizer_bytes: BPE baseline: train the tokenizer (and measure its bytes per token) on the first this
                 many bytes of the training split.
             prepare_dir: a folder where the model keeps what it prepares for its data, reused by later runs on the

@@ -39,13 +39,13 @@ import torch
 
 from mmbytes.argtypes import at_most, count, fraction, model_rate, positive_float
 from mmbytes.io import atomic_path, write_text
+from mmbytes.model.registry import ALIASES
 
 RECOMMENDED_LR = 1e-3
 """Peak learning rate of every architecture at the ``small`` sizes: the recipes' (``recipes/*.yaml``). ``debug``
 sizes take ``DEBUG_LR``; ``--lr MODEL=LR`` replaces either."""
 DEBUG_LR = 2e-3
 """The quickstart's learning rate, for the ``debug`` sizes."""
-ALIASES = {"megabyte-debug": "debug", "megabyte-small": "small", "megabyte-base": "base"}
 IDENTITY = ("data", "budget", "seq_len", "batch_size", "val_batches", "evals", "entropy_budget", "entropy_ckpt",
             "warmup", "precision")
 """Study settings that runs of one study must share (models and seeds may grow)."""

@@ -3,7 +3,7 @@
 import torch
 
 from mmbytes.model.generate import generate, generate_reference
-from mmbytes.model.megabyte import PAPER_FORM
+from mmbytes.model.megabyte_config import PAPER_FORM
 
 # MEGABYTE forms every causality and cache test runs: the paper's exact form and MEGABYTE-pytorch's choices
 FORMS = {"paper": PAPER_FORM,

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mmbytes.codecs import MODALITIES
 from mmbytes.model import build, patching
-from mmbytes.model.blt import entropy_of, ngram_ids
+from mmbytes.model.blt_layers import entropy_of, ngram_ids
 from mmbytes.model.generate import generate
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
@@ -144,7 +144,7 @@ def test_hash_ngram_ids_depend_only_on_the_bytes_ending_there():
 
 
 def test_hash_ngram_ids_are_the_same_in_another_process_with_another_hash_seed():
-    code = ("import torch; from mmbytes.model.blt import entropy_of, ngram_ids; "
+    code = ("import torch; from mmbytes.model.blt_layers import entropy_of, ngram_ids; "
             "x = torch.tensor([list(b'byte latent transformer')]); "
             "print([t.tolist() for t in ngram_ids(x, (3, 5, 8), 500)])")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}

@@ -21,11 +21,11 @@ from mmbytes.compress import (
     unpack,
 )
 from mmbytes.compress.container import pack
-from mmbytes.model.registry import SIZES, build
+from mmbytes.model.registry import ALIASES, SIZES, build
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 # every byte architecture's test size (a new one joins by name); token models have no next-byte distributions
-DEBUG_SIZES = [name for name in SIZES if "debug" in name and SIZES[name].arch != "bpe"]
+DEBUG_SIZES = [name for name in SIZES if "debug" in name and SIZES[name].arch != "bpe" and name not in ALIASES]
 ONE_PER_ARCH = list({SIZES[name].arch: name for name in reversed(DEBUG_SIZES)}.values())  # debug, transformer-debug..
 
 

@@ -20,7 +20,7 @@ from datamodules import ByteDataModule
 from datamodules.bytes import EpochLoader, rotated_shards, shard_samples
 from mmbytes.checkpoint import AtomicCheckpointIO, ConfigMismatchError, atomic_save, load_model
 from mmbytes.lit import ByteLM, NonFiniteLossError
-from mmbytes.model.megabyte import MegabyteConfig
+from mmbytes.model.megabyte_config import MegabyteConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"

@@ -6,7 +6,7 @@ from generation_check import FORMS, condition
 
 from mmbytes import Megabyte, MegabyteConfig
 from mmbytes.codecs import MODALITIES
-from mmbytes.model.megabyte import CONDITIONED
+from mmbytes.model.megabyte_config import CONDITIONED
 
 SIZES = ["debug", "debug-long", "transformer-debug"]  # two stages, three stages, flat
 MODALITY = torch.tensor([MODALITIES.index("image"), MODALITIES.index("text")])  # the two rows' start states
@@ -261,3 +261,15 @@ def test_gpt2_init_keeps_the_depth_scaled_residual_projections_and_fan_in_is_pyt
         assert m.weight.abs().max().item() <= bound * (1 + 1e-6)
         if m.weight.numel() > 1000:
             assert m.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+
+
+def test_megabyte_size_aliases_name_the_same_config_in_registry_and_study():
+    from mmbytes.model.registry import SIZES, config_from_name
+    from mmbytes.study import size_of
+
+    for size in ("debug", "small", "base", "long"):
+        alias = f"megabyte-{size}"
+        assert size in SIZES and alias in SIZES
+        assert config_from_name(alias) == config_from_name(size) == SIZES[size]
+        assert config_from_name(alias, dropout=0.1) == config_from_name(size, dropout=0.1)
+        assert size_of(alias) == size_of(size) == size

@@ -59,7 +59,7 @@ def test_strided_inference_is_a_capability_of_megabyte_only():
 
 
 def test_bpe_tokenizer_is_made_by_the_main_process_and_shared():
-    from mmbytes.model.bpe import train_tokenizer
+    from mmbytes.model.bpe_tokenizer import train_tokenizer
 
     made = train_tokenizer([TEXT[:50_000]], 300)
 
@@ -113,7 +113,7 @@ def test_blt_without_an_entropy_checkpoint_is_warned_about_at_construction():
 
 @pytest.mark.parametrize("rows", [4096, 100_000, 500_002, 1_000_002])
 def test_blt_hash_ids_of_real_text_spread_like_a_random_hash(rows):
-    from mmbytes.model.blt import ngram_ids
+    from mmbytes.model.blt_layers import ngram_ids
 
     x = torch.tensor(list(TEXT[:300_000]))[None]
     (ids,) = ngram_ids(x, (3,), rows)
@@ -127,7 +127,7 @@ def test_blt_hash_ids_of_real_text_spread_like_a_random_hash(rows):
 
 
 def test_a_blt_config_stored_without_a_hash_version_keeps_its_old_ids():
-    from mmbytes.model.blt import ngram_ids
+    from mmbytes.model.blt_layers import ngram_ids
     from mmbytes.model.registry import config_from_dict, config_to_dict
 
     stored = config_to_dict(build("blt-debug").config)

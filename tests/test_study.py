@@ -66,7 +66,7 @@ def test_flop_budget_without_budget_only_counts(shards, tmp_path):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from mmbytes.model.bpe import train_tokenizer
+    from mmbytes.model.bpe_tokenizer import train_tokenizer
 
     text = (ROOT / "samples" / "text" / "tinyshakespeare.txt").read_bytes()[:100_000]
     return train_tokenizer([text], 512)
@@ -75,7 +75,7 @@ def tokenizer():
 def test_bpe_bits_per_byte_equal_a_hand_computation_on_a_short_text(tokenizer):
     from tokenizers import Tokenizer
 
-    from mmbytes.model.bpe import to_chars
+    from mmbytes.model.bpe_tokenizer import to_chars
 
     lm = ByteLM(size="bpe-debug")
     model = lm.model

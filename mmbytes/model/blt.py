@@ -31,8 +31,6 @@ vectors per patch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +39,11 @@ from torch.utils.checkpoint import checkpoint
 
 from mmbytes.codecs import MODALITIES
 from mmbytes.model import flops, patching
+from mmbytes.model.blt_config import BLTConfig
+from mmbytes.model.blt_layers import BLTCache, PatchCrossAttention, entropy_of, ngram_ids, patch_stats
+from mmbytes.model.common import chunked_nll
 from mmbytes.model.layers import ModalityStart, Transformer
-from mmbytes.model.megabyte import MegabyteConfig, chunked_nll
 from mmbytes.model.protocol import Capabilities, ModelData
-
-HASH_BASE, HASH_MOD = 1_000_003, 2**31 - 1
-"""The rolling hash of the n-gram ids: sum over the n bytes ending at t of (byte + 1) * HASH_BASE^age mod HASH_MOD
-(a byte before the start of the sequence counts 0). Integer arithmetic: the same ids in every process and run."""
 
 CALIBRATION_WINDOWS = 256
 """Training windows per modality, drawn at random across the training split, that ``prepare`` calibrates the
@@ -55,214 +51,6 @@ thresholds on."""
 
 DEFAULT_MODALITY = "raw"
 """Whose threshold a row without a modality gets."""
-
-
-@dataclass(frozen=True)
-class BLTConfig:
-    arch: Literal["blt"] = "blt"
-    """Architecture name in checkpoints and the registry."""
-    patching: Literal["entropy", "monotonic", "fixed", "space"] = "entropy"
-    """Where patches start: ``entropy`` (the paper's global threshold: the entropy model's next-byte entropy above
-    theta), ``monotonic`` (its rise over the previous byte's above theta), ``fixed`` (every ``patch_size`` bytes:
-    the paper's static baseline) or ``space`` (SpaceByte's word boundaries)."""
-    threshold: float = 2.0
-    """theta in nats, for every modality until calibrated (``mmbytes calibrate`` stores one per modality)."""
-    patch_size: float = 4.5
-    """``fixed``: bytes per patch (a whole number). Entropy rules: the mean patch size aimed at, used by the
-    calibration and by ``flops_per_byte``."""
-    max_patch_len: int = 0
-    """A patch that reaches this many bytes is cut (0: no limit)."""
-    entropy: Any = "blt-entropy-small"
-    """The entropy model: a named size of any architecture, or a stored config (set from an entropy checkpoint).
-    Frozen inside the BLT model; not built for ``fixed`` and ``space``."""
-    d_local: int = 256
-    """D_L, width of the byte-level encoder and decoder."""
-    n_layer_encoder: int = 1
-    """Byte blocks of the local encoder (the paper keeps it light)."""
-    n_layer_decoder: int = 2
-    """Byte blocks of the local decoder, each after a cross-attention to the latent output."""
-    n_head_local: int = 4
-    """Attention heads of the local blocks and the cross-attentions."""
-    window: int = 0
-    """How many bytes a local attention query sees (itself included); 0: D_L."""
-    d_global: int = 384
-    """D, width of the latent transformer."""
-    n_layer_global: int = 4
-    """Blocks of the latent transformer."""
-    n_head_global: int = 6
-    """Attention heads of the latent transformer."""
-    cross_k: int = 2
-    """k: query vectors per patch in the encoder's pooling, key vectors per patch in the decoder's cross-attention."""
-    hash_ngrams: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
-    """Sizes n of the hash n-gram embeddings (one table per n), summed with the byte embedding."""
-    hash_vocab: int = 4096
-    """Rows of each hash n-gram table; 0 turns the hash embeddings off (the paper's ablation)."""
-    mlp_ratio: float = 4.0
-    """MLP hidden width as a multiple of the block width."""
-    dropout: float = 0.0
-    """Dropout on attention and MLP outputs in training."""
-    rope_base: float = 10000.0
-    """Base of the rotary position embeddings (byte index locally, patch index in the latent transformer)."""
-    embed_std: float = 0.02
-    """Initial standard deviation of the byte and hash embeddings and the start vectors."""
-    checkpointing: bool = False
-    """Recompute each block in the backward pass instead of storing its activations."""
-    vocab_size: int = 256
-    """Byte values. All 256 are data."""
-    hash_version: int = 2
-    """How an n-gram's rolling hash becomes a table row (``ngram_ids``). 2: the hash is mixed (a 32-bit integer
-    mixer) before it is reduced modulo ``hash_vocab``, so ids spread like a random hash at any table size. 1: reduced
-    directly, which leaves most rows unused at table sizes related to ``HASH_BASE`` (500,002 rows: HASH_BASE = -1 mod
-    the size); configs stored without this field have it (``LEGACY``), so their checkpoints keep their ids."""
-    modality_start: bool = False
-    """A learned start state per modality (``layers.ModalityStart``): both start vectors, the latent input before
-    the first patch and the decoder input of position 0, are the shared ones plus offsets chosen by the row's
-    modality (rows without one: the shared ones), so every latent position, and through the decoder's cross-attention
-    every byte, is conditioned on the modality, and the first bytes also directly through the local decoder. Off in
-    configs stored before the field existed (``LEGACY``); on in the named sizes. The entropy model stays
-    unconditioned."""
-
-    def __post_init__(self) -> None:
-        if self.hash_version not in (1, 2):
-            raise ValueError(f"hash_version must be 1 or 2, got {self.hash_version}")
-        object.__setattr__(self, "hash_ngrams", tuple(int(n) for n in self.hash_ngrams))
-        if self.patching not in ("entropy", "monotonic", "fixed", "space"):
-            raise ValueError(f"patching must be entropy, monotonic, fixed or space, got {self.patching!r}")
-        if self.patching == "fixed" and (self.patch_size < 1 or self.patch_size != int(self.patch_size)):
-            raise ValueError(f"fixed patching needs a whole patch_size >= 1, got {self.patch_size}")
-        if self.patch_size < 1 or self.max_patch_len < 0 or self.cross_k < 1 or self.n_layer_decoder < 1:
-            raise ValueError("patch_size must be >= 1, max_patch_len >= 0, cross_k >= 1 and n_layer_decoder >= 1")
-        if any(n < 1 for n in self.hash_ngrams):
-            raise ValueError(f"hash n-gram sizes must be positive, got {self.hash_ngrams}")
-        for width, heads, what in ((self.d_local, self.n_head_local, "local"),
-                                   (self.d_global, self.n_head_global, "global")):
-            if width % heads:
-                raise ValueError(f"{what} width {width} is not divisible by its {heads} heads")
-
-    @property
-    def local_window(self) -> int:
-        return self.window or self.d_local
-
-    @property
-    def uses_entropy(self) -> bool:
-        return self.patching in patching.ENTROPY_RULES
-
-
-def _entropy_transformer(d: int, n_layer: int, n_head: int, window: int) -> MegabyteConfig:
-    return MegabyteConfig(arch="transformer", patch_size=1, d_global=d, n_layer_global=n_layer, n_head_global=n_head,
-                          d_local=d, n_layer_local=0, n_head_local=0, window=window)
-
-
-SIZES: dict[str, Any] = {
-    # entropy models: small windowed byte transformers (the paper's is ~100M parameters with a 512-byte window)
-    "blt-entropy-debug": _entropy_transformer(32, 1, 2, 16),
-    "blt-entropy-small": _entropy_transformer(128, 4, 4, 512),
-    # for tests: windows of 8 bytes, tiny hash tables
-    "blt-debug": BLTConfig(entropy="blt-entropy-debug", d_local=32, n_layer_encoder=1, n_layer_decoder=1,
-                           n_head_local=2, window=8, d_global=64, n_layer_global=2, n_head_global=2, hash_vocab=64,
-                           modality_start=True),
-    # the paper's ablation: no hash n-gram embeddings
-    "blt-nohash-debug": BLTConfig(entropy="blt-entropy-debug", d_local=32, n_layer_encoder=1, n_layer_decoder=1,
-                                  n_head_local=2, window=8, d_global=64, n_layer_global=2, n_head_global=2,
-                                  hash_vocab=0, modality_start=True),
-    "blt-fixed-debug": BLTConfig(patching="fixed", patch_size=4, d_local=32, n_layer_encoder=1, n_layer_decoder=1,
-                                 n_head_local=2, window=8, d_global=64, n_layer_global=2, n_head_global=2,
-                                 hash_vocab=64, modality_start=True),
-    # ~10.9M parameters without the hash tables (7.1M latent + 2.4M local + 1.4M pooling and cross-attention); the
-    # six hash tables add 6.3M
-    "blt-small": BLTConfig(modality_start=True),
-    "blt-fixed-small": BLTConfig(patching="fixed", patch_size=4, modality_start=True),
-}
-
-
-LEGACY = {"hash_version": 1, "modality_start": False}
-"""Values of fields that configs stored before the field existed were trained with."""
-
-
-def mix32(h: Tensor) -> Tensor:
-    """A bijective 32-bit integer mixer (int64 tensors of values below 2**32): every input bit moves every output
-    bit, so a reduction modulo any table size spreads the ids like a random hash."""
-    mask = 0xFFFFFFFF
-    h = ((h ^ (h >> 16)) * 0x45D9F3B) & mask
-    h = ((h ^ (h >> 16)) * 0x45D9F3B) & mask
-    return h ^ (h >> 16)
-
-
-def ngram_ids(x: Tensor, ngrams: tuple[int, ...], vocab: int, version: int = 2) -> list[Tensor]:
-    """Hash ids (B, T) of the n-gram ending at each byte, one tensor per n in ``ngrams``; position t depends on bytes
-    t-n+1..t only (fewer near the start, where the missing bytes count 0). ``version``: see
-    ``BLTConfig.hash_version``."""
-    x = x.long() + 1
-    T = x.shape[-1]
-    acc = torch.zeros_like(x)
-    out = {}
-    for age in range(max(ngrams)):
-        older = F.pad(x[..., : T - age], (age, 0)) if age < T else torch.zeros_like(x)
-        acc = (acc + older * pow(HASH_BASE, age, HASH_MOD)) % HASH_MOD
-        if age + 1 in ngrams:
-            out[age + 1] = (mix32(acc) if version >= 2 else acc) % vocab
-    return [out[n] for n in ngrams]
-
-
-def entropy_of(logits: Tensor) -> Tensor:
-    """Entropy in nats of the distributions given by logits (..., 256), in float32 at least."""
-    logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-class PatchCrossAttention(nn.Module):
-    """Pre-norm multi-head cross-attention in BLT's two forms, both over one patch at a time:
-
-    - ``pool``: each patch's k query vectors attend to the bytes of that patch only (the encoder);
-    - ``attend``: each byte attends to the k key vectors of one patch (the decoder).
-    """
-
-    def __init__(self, d: int, n_head: int) -> None:
-        super().__init__()
-        self.n_head, self.head_dim = n_head, d // n_head
-        self.norm_q, self.norm_kv = nn.RMSNorm(d, eps=1e-6), nn.RMSNorm(d, eps=1e-6)
-        self.q = nn.Linear(d, d, bias=False)
-        self.kv = nn.Linear(d, 2 * d, bias=False)
-        self.proj = nn.Linear(d, d, bias=False)
-
-    def _kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        k, v = self.kv(self.norm_kv(x)).view(*x.shape[:-1], 2, self.n_head, self.head_dim).unbind(-3)
-        return k, v  # (..., H, hd)
-
-    def pool(self, queries: Tensor, states: Tensor, pid: Tensor) -> Tensor:
-        """queries (B, K, k, D) of K patches, byte states (B, T, D), each byte's patch index pid (B, T) -> queries
-        plus what they read from their own patch's bytes (B, K, k, D). A softmax over the bytes of each patch (a
-        segment softmax); a patch without bytes reads nothing."""
-        B, K, k, D = queries.shape
-        H, hd = self.n_head, self.head_dim
-        q = self.q(self.norm_q(queries)).view(B, K, k, H, hd)
-        key, val = self._kv(states)  # (B, T, H, hd)
-        idx = pid[:, :, None, None].expand(-1, -1, k, H)  # (B, T, k, H)
-        qt = q.gather(1, idx[..., None].expand(-1, -1, -1, -1, hd))  # (B, T, k, H, hd): each byte's patch queries
-        score = torch.einsum("btkhd,bthd->btkh", qt, key) / math.sqrt(hd)
-        top = torch.full((B, K, k, H), -torch.inf, device=score.device, dtype=score.dtype)
-        top = top.scatter_reduce(1, idx, score.detach(), "amax")  # per patch: only for stability, no gradient
-        w = (score - top.gather(1, idx)).exp()
-        total = torch.zeros_like(top).scatter_add(1, idx, w)
-        w = w / total.gather(1, idx)  # softmax weights within each patch; every byte is in a patch with total >= 1
-        out = torch.zeros(B, K, k, H, hd, device=val.device, dtype=val.dtype)
-        out = out.scatter_add(1, idx[..., None].expand(-1, -1, -1, -1, hd), w[..., None] * val[:, :, None])
-        return queries + self.proj(out.reshape(B, K, k, D))
-
-    def keys(self, vectors: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values (B, K, k, H, hd) of k vectors per patch (B, K, k, D)."""
-        return self._kv(vectors)
-
-    def attend(self, x: Tensor, key: Tensor, val: Tensor, pid: Tensor) -> Tensor:
-        """Bytes x (B, T, D), each reading the k keys and values of patch pid[b, t] (keys from ``keys``); returns
-        what they read (B, T, D), to be added to x."""
-        B, T, D = x.shape
-        H, hd = self.n_head, self.head_dim
-        q = self.q(self.norm_q(x)).view(B, T, H, hd)
-        idx = pid[:, :, None, None, None].expand(-1, -1, *key.shape[2:])
-        key, val = key.gather(1, idx), val.gather(1, idx)  # (B, T, k, H, hd)
-        w = (torch.einsum("bthd,btkhd->bthk", q, key) / math.sqrt(hd)).softmax(-1)
-        return self.proj(torch.einsum("bthk,btkhd->bthd", w, val).reshape(B, T, D))
 
 
 class BLT(nn.Module):
@@ -629,9 +417,7 @@ class BLT(nn.Module):
             first = int(cache.start[opens].min())
             mine = torch.arange(first, t + 1, device=h.device) >= cache.start[:, None]  # (B, L) bytes of the patch
             p = self.patch_vectors(cache.states[:, first : t + 1], (~mine).long(), 2)[:, :1]  # patch 0: its bytes
-            g = self.global_model(p, cache.glob, positions=cache.count)  # each row at its own latent index
-            for c in cache.glob:
-                c.commit(opens)
+            g = self.global_model.row_step(p, cache.glob, cache.count, opens)  # each row at its own latent index
             now = opens.view(-1, 1, 1, 1, 1)  # the decoder's keys change only where a patch opened
             cache.kv = [(torch.where(now, key, old_key), torch.where(now, val, old_val))
                         for (key, val), (old_key, old_val) in zip(self.latent_keys(g), cache.kv, strict=True)]
@@ -655,39 +441,3 @@ class BLT(nn.Module):
         if c.max_patch_len:
             opens = opens | (t + 1 - cache.start >= c.max_patch_len)
         return opens
-
-
-@dataclass
-class BLTCache:
-    """Generation state: the bytes so far (``t`` known), the encoder's and decoder's sliding-window caches, the
-    entropy model's cache and its latest entropy, the latent transformer's row caches, every byte's encoder state
-    (to pool a patch when it closes), and per row: its threshold, its latent and decoder start vectors (its
-    modality's), where its current patch started, its latent positions so far, and the decoder's keys and values of
-    the latent output its current patch reads."""
-
-    buf: Tensor
-    t: int
-    enc: list
-    ent: Any
-    glob: list
-    dec: list
-    states: Tensor
-    theta: Tensor
-    latent_start: Tensor
-    byte_start: Tensor
-    start: Tensor = field(default=None)
-    count: Tensor = field(default=None)
-    kv: list = field(default=None)
-    entropy: Tensor = field(default=None)
-
-
-def patch_stats(starts: Tensor, mask: Tensor | None, modality: Tensor | None) -> dict[str, Tensor]:
-    """Mean patch size (real bytes / patch starts among them), overall and per modality present."""
-    real = torch.ones_like(starts) if mask is None else mask.bool()
-    count, cut = real.sum(1).float(), (starts & real).sum(1).float()
-    out = {"patch_size": (count.sum() / cut.sum().clamp(min=1)).detach()}
-    if modality is not None:
-        for m in modality.unique().tolist():
-            rows = modality == m
-            out[f"patch_size_{MODALITIES[m]}"] = (count[rows].sum() / cut[rows].sum().clamp(min=1)).detach()
-    return out

@@ -321,6 +321,18 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, caches[i] if caches else None)
         return self.norm(x)
 
+    def row_step(self, x: Tensor, caches: list[RowKVCache], positions: Tensor, rows: Tensor) -> Tensor:
+        """One cached position per row (x (B, 1, d)), each row at its own index ``positions`` (B,), taken only by the
+        rows where ``rows`` (B,) is true: the others' caches keep their length and their token-shift state, so their
+        output here is to be discarded (SpaceByte's and BLT's global models step only where a patch opens)."""
+        kept = [list(c.last) for c in caches]
+        out = self(x, caches, positions=positions)
+        for c, old in zip(caches, kept, strict=True):
+            c.commit(rows)
+            if c.last[0] is not None and old[0] is not None:  # token shift: only stepping rows move on
+                c.last = [torch.where(rows[:, None, None], new, prev) for new, prev in zip(c.last, old, strict=True)]
+        return out
+
     def make_caches(self, batch: int, max_len: int, device=None, dtype=None, rows: bool = False) -> list[KVCache]:
         """One cache per block; ``rows``: caches whose rows advance separately (``RowKVCache``)."""
         hd = self.d // self.n_head

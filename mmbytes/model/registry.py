@@ -16,14 +16,15 @@ from typing import Any
 
 from torch import nn
 
-from mmbytes.model import blt, bpe, megabyte, spacebyte
+from mmbytes.model import blt, blt_config, bpe, megabyte, megabyte_config, spacebyte
 
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module], Any]] = {
     # arch -> (config class, model class, module holding SIZES and LEGACY)
-    "megabyte": (megabyte.MegabyteConfig, megabyte.Megabyte, megabyte),
-    "transformer": (megabyte.MegabyteConfig, megabyte.Megabyte, megabyte),  # the flat baseline: MEGABYTE with P = 1
+    "megabyte": (megabyte_config.MegabyteConfig, megabyte.Megabyte, megabyte_config),
+    # the flat baseline: MEGABYTE with P = 1
+    "transformer": (megabyte_config.MegabyteConfig, megabyte.Megabyte, megabyte_config),
     "spacebyte": (spacebyte.SpaceByteConfig, spacebyte.SpaceByte, spacebyte),
-    "blt": (blt.BLTConfig, blt.BLT, blt),
+    "blt": (blt_config.BLTConfig, blt.BLT, blt_config),
     "bpe": (bpe.BPEConfig, bpe.BPETransformer, bpe),  # the subword baseline: tokenizes each byte window itself
 }
 
@@ -31,7 +32,11 @@ SIZES: dict[str, Any] = {name: config for _, _, module in {id(a[2]): a for a in 
                          for name, config in module.SIZES.items()}
 """Every named size of every architecture: ``debug``/``small``/``base`` are MEGABYTE, ``transformer-*`` the flat
 byte Transformer, ``spacebyte-*`` SpaceByte, ``blt-*`` BLT (``blt-entropy-*``: its entropy models, flat windowed
-byte Transformers), ``bpe-*`` the subword (BPE) token Transformer baseline."""
+byte Transformers), ``bpe-*`` the subword (BPE) token Transformer baseline; and each of ``ALIASES``."""
+
+ALIASES: dict[str, str] = {f"megabyte-{size}": size for size in ("debug", "small", "base", "long")}
+"""MEGABYTE's named sizes under the architecture's name, each the same config as the short name it stands for."""
+SIZES.update({alias: SIZES[size] for alias, size in ALIASES.items()})
 
 
 def config_from_name(name: str, **overrides: Any):

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from mmbytes.codecs import MODALITIES
 from mmbytes.model import flops, patching
+from mmbytes.model.common import check_heads, chunked_nll
 from mmbytes.model.layers import ModalityStart, Transformer, init_linear
-from mmbytes.model.megabyte import chunked_nll
 from mmbytes.model.protocol import Capabilities, ModelData
 
 
@@ -92,10 +92,7 @@ class SpaceByteConfig:
                              "blocks widen the local stream with zero channels")
         if self.n_layer_local < 2 or self.n_layer_global < 1:
             raise ValueError("SpaceByte needs at least 2 local blocks (half before, half after) and 1 global block")
-        for width, heads, what in ((self.d_local, self.n_head_local, "local"),
-                                   (self.d_global, self.n_head_global, "global")):
-            if width % heads:
-                raise ValueError(f"{what} width {width} is not divisible by its {heads} heads")
+        check_heads((self.d_local, self.n_head_local, "local"), (self.d_global, self.n_head_global, "global"))
         if self.patch_size < 1 or self.context < 1 or not 0 < self.global_ratio <= 1:
             raise ValueError("patch_size and context must be positive and global_ratio in (0, 1]")
 
@@ -319,15 +316,9 @@ class SpaceByte(nn.Module):
         opens = opens & (cache.count < self.config.max_global)
         h = self.local_in(self.embed(byte)[:, None], cache.local_in)  # (B, 1, D_L)
         if bool(opens.any()):
-            kept = [list(c.last) for c in cache.glob]
             g_in = self.widen(h)
-            g_out = self.global_model(g_in, cache.glob, positions=cache.count)  # each row at its own global index
+            g_out = self.global_model.row_step(g_in, cache.glob, cache.count, opens)  # each row at its global index
             h = h + self.narrow(g_out - g_in) * opens[:, None, None]
-            for c, old in zip(cache.glob, kept, strict=True):
-                c.commit(opens)
-                if c.last[0] is not None and old[0] is not None:  # token shift: only stepping rows move on
-                    c.last = [torch.where(opens[:, None, None], new, prev) for new, prev in zip(c.last, old,
-                                                                                               strict=True)]
             cache.count = cache.count + opens.long()
         return self.head(self.local_out(h, cache.local_out)[:, -1])
 

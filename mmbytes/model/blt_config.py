@@ -1,0 +1,130 @@
+"""BLT's config (Pagnoni et al., 2024) and its named sizes, entropy models included; see ``mmbytes.model.blt``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from mmbytes.model import patching
+from mmbytes.model.common import check_heads
+from mmbytes.model.megabyte_config import MegabyteConfig
+
+
+@dataclass(frozen=True)
+class BLTConfig:
+    arch: Literal["blt"] = "blt"
+    """Architecture name in checkpoints and the registry."""
+    patching: Literal["entropy", "monotonic", "fixed", "space"] = "entropy"
+    """Where patches start: ``entropy`` (the paper's global threshold: the entropy model's next-byte entropy above
+    theta), ``monotonic`` (its rise over the previous byte's above theta), ``fixed`` (every ``patch_size`` bytes:
+    the paper's static baseline) or ``space`` (SpaceByte's word boundaries)."""
+    threshold: float = 2.0
+    """theta in nats, for every modality until calibrated (``mmbytes calibrate`` stores one per modality)."""
+    patch_size: float = 4.5
+    """``fixed``: bytes per patch (a whole number). Entropy rules: the mean patch size aimed at, used by the
+    calibration and by ``flops_per_byte``."""
+    max_patch_len: int = 0
+    """A patch that reaches this many bytes is cut (0: no limit)."""
+    entropy: Any = "blt-entropy-small"
+    """The entropy model: a named size of any architecture, or a stored config (set from an entropy checkpoint).
+    Frozen inside the BLT model; not built for ``fixed`` and ``space``."""
+    d_local: int = 256
+    """D_L, width of the byte-level encoder and decoder."""
+    n_layer_encoder: int = 1
+    """Byte blocks of the local encoder (the paper keeps it light)."""
+    n_layer_decoder: int = 2
+    """Byte blocks of the local decoder, each after a cross-attention to the latent output."""
+    n_head_local: int = 4
+    """Attention heads of the local blocks and the cross-attentions."""
+    window: int = 0
+    """How many bytes a local attention query sees (itself included); 0: D_L."""
+    d_global: int = 384
+    """D, width of the latent transformer."""
+    n_layer_global: int = 4
+    """Blocks of the latent transformer."""
+    n_head_global: int = 6
+    """Attention heads of the latent transformer."""
+    cross_k: int = 2
+    """k: query vectors per patch in the encoder's pooling, key vectors per patch in the decoder's cross-attention."""
+    hash_ngrams: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
+    """Sizes n of the hash n-gram embeddings (one table per n), summed with the byte embedding."""
+    hash_vocab: int = 4096
+    """Rows of each hash n-gram table; 0 turns the hash embeddings off (the paper's ablation)."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of the block width."""
+    dropout: float = 0.0
+    """Dropout on attention and MLP outputs in training."""
+    rope_base: float = 10000.0
+    """Base of the rotary position embeddings (byte index locally, patch index in the latent transformer)."""
+    embed_std: float = 0.02
+    """Initial standard deviation of the byte and hash embeddings and the start vectors."""
+    checkpointing: bool = False
+    """Recompute each block in the backward pass instead of storing its activations."""
+    vocab_size: int = 256
+    """Byte values. All 256 are data."""
+    hash_version: int = 2
+    """How an n-gram's rolling hash becomes a table row (``ngram_ids``). 2: the hash is mixed (a 32-bit integer
+    mixer) before it is reduced modulo ``hash_vocab``, so ids spread like a random hash at any table size. 1: reduced
+    directly, which leaves most rows unused at table sizes related to ``HASH_BASE`` (500,002 rows: HASH_BASE = -1 mod
+    the size); configs stored without this field have it (``LEGACY``), so their checkpoints keep their ids."""
+    modality_start: bool = False
+    """A learned start state per modality (``layers.ModalityStart``): both start vectors, the latent input before
+    the first patch and the decoder input of position 0, are the shared ones plus offsets chosen by the row's
+    modality (rows without one: the shared ones), so every latent position, and through the decoder's cross-attention
+    every byte, is conditioned on the modality, and the first bytes also directly through the local decoder. Off in
+    configs stored before the field existed (``LEGACY``); on in the named sizes. The entropy model stays
+    unconditioned."""
+
+    def __post_init__(self) -> None:
+        if self.hash_version not in (1, 2):
+            raise ValueError(f"hash_version must be 1 or 2, got {self.hash_version}")
+        object.__setattr__(self, "hash_ngrams", tuple(int(n) for n in self.hash_ngrams))
+        if self.patching not in ("entropy", "monotonic", "fixed", "space"):
+            raise ValueError(f"patching must be entropy, monotonic, fixed or space, got {self.patching!r}")
+        if self.patching == "fixed" and (self.patch_size < 1 or self.patch_size != int(self.patch_size)):
+            raise ValueError(f"fixed patching needs a whole patch_size >= 1, got {self.patch_size}")
+        if self.patch_size < 1 or self.max_patch_len < 0 or self.cross_k < 1 or self.n_layer_decoder < 1:
+            raise ValueError("patch_size must be >= 1, max_patch_len >= 0, cross_k >= 1 and n_layer_decoder >= 1")
+        if any(n < 1 for n in self.hash_ngrams):
+            raise ValueError(f"hash n-gram sizes must be positive, got {self.hash_ngrams}")
+        check_heads((self.d_local, self.n_head_local, "local"), (self.d_global, self.n_head_global, "global"))
+
+    @property
+    def local_window(self) -> int:
+        return self.window or self.d_local
+
+    @property
+    def uses_entropy(self) -> bool:
+        return self.patching in patching.ENTROPY_RULES
+
+
+def _entropy_transformer(d: int, n_layer: int, n_head: int, window: int) -> MegabyteConfig:
+    return MegabyteConfig(arch="transformer", patch_size=1, d_global=d, n_layer_global=n_layer, n_head_global=n_head,
+                          d_local=d, n_layer_local=0, n_head_local=0, window=window)
+
+
+SIZES: dict[str, Any] = {
+    # entropy models: small windowed byte transformers (the paper's is ~100M parameters with a 512-byte window)
+    "blt-entropy-debug": _entropy_transformer(32, 1, 2, 16),
+    "blt-entropy-small": _entropy_transformer(128, 4, 4, 512),
+    # for tests: windows of 8 bytes, tiny hash tables
+    "blt-debug": BLTConfig(entropy="blt-entropy-debug", d_local=32, n_layer_encoder=1, n_layer_decoder=1,
+                           n_head_local=2, window=8, d_global=64, n_layer_global=2, n_head_global=2, hash_vocab=64,
+                           modality_start=True),
+    # the paper's ablation: no hash n-gram embeddings
+    "blt-nohash-debug": BLTConfig(entropy="blt-entropy-debug", d_local=32, n_layer_encoder=1, n_layer_decoder=1,
+                                  n_head_local=2, window=8, d_global=64, n_layer_global=2, n_head_global=2,
+                                  hash_vocab=0, modality_start=True),
+    "blt-fixed-debug": BLTConfig(patching="fixed", patch_size=4, d_local=32, n_layer_encoder=1, n_layer_decoder=1,
+                                 n_head_local=2, window=8, d_global=64, n_layer_global=2, n_head_global=2,
+                                 hash_vocab=64, modality_start=True),
+    # ~10.9M parameters without the hash tables (7.1M latent + 2.4M local + 1.4M pooling and cross-attention); the
+    # six hash tables add 6.3M
+    "blt-small": BLTConfig(modality_start=True),
+    "blt-fixed-small": BLTConfig(patching="fixed", patch_size=4, modality_start=True),
+}
+
+
+LEGACY = {"hash_version": 1, "modality_start": False}
+"""Values of fields that configs stored before the field existed were trained with."""
+
