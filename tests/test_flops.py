@@ -18,7 +18,7 @@ from mmbytes.model import build
 from mmbytes.model.bpe_tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data"  # real files shipped for the tests (tests/data/MANIFEST.md)
 TEXT = (ROOT / "samples" / "text" / "tinyshakespeare.txt").read_bytes()
 ELF = (DATA / "files" / "alsa-utils_aconnect").read_bytes()
 PNG = (ROOT / "samples" / "images" / "icon_places_user-home.png").read_bytes()

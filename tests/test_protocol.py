@@ -16,7 +16,7 @@ from mmbytes.model import build
 from mmbytes.model.protocol import ByteModel, Capabilities, ModelData
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data"  # real files shipped for the tests (tests/data/MANIFEST.md)
 TEXT = (ROOT / "samples" / "text" / "tinyshakespeare.txt").read_bytes()
 EVERY = ["debug", "debug-long", "transformer-debug", "spacebyte-debug", "spacebyte-fixed-debug", "blt-debug",
          "blt-fixed-debug", "blt-nohash-debug", "blt-entropy-debug", "bpe-debug"]
