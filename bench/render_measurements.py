@@ -140,15 +140,19 @@ def study_section(folder: Path) -> list[str]:
         lines += ["- settings: " + budget.split(", ", 1)[-1].rstrip(".")]
     strided = any(r.get("val/bpb_strided") for r in rows)
     modalities = [(k, name) for k, name in MODALITY_COLUMNS if any(r.get(k) for r in rows)]
-    columns = ["model", "parameters", "FLOPs/byte", "steps", "bytes seen", "val bpb"]
+    counted = any(r.get("flops_per_byte_counted") for r in rows)  # studies that count FLOPs as each batch runs
+    columns = ["model", "parameters", "FLOPs/byte planned" if counted else "FLOPs/byte"]
+    columns += ["FLOPs/byte counted"] if counted else []
+    columns += ["steps", "bytes seen", "val bpb"]
     columns += ["val bpb, strided"] if strided else []
     columns += [name for _, name in modalities] if len(modalities) > 1 else []
     columns += ["mean patch (bytes)", "bytes per token"]
     body = []
     for r in rows:
         line = [f"{arch_label(r['model'])} `{r['model']}`", f"{float(r['params']) / 1e6:.2f}M",
-                f"{float(r['flops_per_byte']) / 1e6:.3f}M", f"{float(r['steps']):.0f}",
-                f"{float(r['bytes']) / 1e6:.2f}M", mean_std(r, "val/bpb")]
+                f"{float(r['flops_per_byte']) / 1e6:.3f}M"]
+        line += [f"{float(r['flops_per_byte_counted']) / 1e6:.3f}M"] if counted else []
+        line += [f"{float(r['steps']):.0f}", f"{float(r['bytes']) / 1e6:.2f}M", mean_std(r, "val/bpb")]
         line += [mean_std(r, "val/bpb_strided")] if strided else []
         line += [mean_std(r, k) for k, _ in modalities] if len(modalities) > 1 else []
         line += [f"{float(r['patch_size']):.2f}" if r.get("patch_size") else "",
