@@ -30,6 +30,7 @@ decoder warnings (e.g. Pillow's) are counted in the manifest, not printed.
 from __future__ import annotations
 
 import argparse
+import codecs
 import errno
 import hashlib
 import json
@@ -571,6 +572,28 @@ def official_pairs(files: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
     return [(p, n) for p, n in files if (m := OFFICIAL.fullmatch(p.name)) and f"train-{m.group(2)}" in names]
 
 
+def planned_modality(coder, path: Path) -> str | None:
+    """The modality ``coder`` will most likely give ``path``, from its first bytes (64 KiB at most): what the split
+    plans with before anything is encoded; encoding decides, and a wrong guess only changes where a file is written."""
+    if coder.name != "auto":
+        return coder.modality
+    from mmbytes.codecs.auto import sniff
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(65536)
+    except OSError:
+        return None
+    kind = sniff(head[:16])
+    if kind != "text_or_raw":
+        return coder.codecs[kind].modality
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return "raw"
+    return "raw" if b"\x00" in head else "text"
+
+
 class Splitter:
     """Puts each encoded file in a split and writes its samples (rules in the module docstring).
 
@@ -579,9 +602,10 @@ class Splitter:
     while the modality has no validation sample (the one held out if none comes)."""
 
     def __init__(self, writers: dict, codec: str, val_fraction: float | dict[str, float], split: str,
-                 chunk_bytes: int | None) -> None:
+                 chunk_bytes: int | None, expected: Counter | None = None) -> None:
         self.writers, self.codec, self.val_fraction, self.split, self.chunk_bytes = (writers, codec, val_fraction,
                                                                                      split, chunk_bytes)
+        self.expected = expected or Counter()  # files per modality as predicted before encoding (``planned_modality``)
         self.files: Counter = Counter()
         self.held: dict[str, File] = {}
         self.has_val: set[str] = set()
@@ -675,6 +699,11 @@ class Splitter:
             return
         pending = [f, *([self.held.pop(m)] if m in self.held else [])]
         if self.split == "auto" and self.files[m] == 1:
+            if self.expected[m] == 1 and self.samples(f) >= 2:
+                # predicted to be the modality's only file: split at its tail now, in its place in the shuffled
+                # order (held to the end, a corpus would close the training shard, out of reach of a short run)
+                self.rule[m] = "contiguous: the modality's only file, its last val_fraction is validation"
+                return self.emit_contiguous(f, fraction)
             self.held[m] = f  # the modality's only file so far: split contiguously if it stays the only one
             return
         self.rule.setdefault(m, "files: each file whole, by a hash of its content")
@@ -744,7 +773,8 @@ def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw",
     files.sort(key=lambda f: not f.given)  # validation sources first: their modalities are known before the others
     journal = Journal(out)
     writers = {s: ShardWriter(out, s, max_shard_bytes, journal) for s in ("train", "val")}
-    splitter = Splitter(writers, codec, val_fraction, split, chunk_bytes)
+    expected = Counter(planned_modality(coder, f.path) for f in files if not f.given)
+    splitter = Splitter(writers, codec, val_fraction, split, chunk_bytes, expected)
     chosen, warned, warning_count, encoded_files = Counter(), [], 0, 0
     results = encoded([(f.path, f.name, coder, max_file_bytes) for f in files], workers)
     try:

@@ -301,3 +301,24 @@ def test_pillow_warnings_are_counted_in_the_manifest_not_printed(tmp_path, capfd
     assert m["warnings"]["count"] == 3 and sorted(Path(f["path"]).name for f in m["warnings"]["files"]) == palettes
     assert all(f["warnings"][0].startswith("UserWarning: Palette images with Transparency expressed in bytes")
                for f in m["warnings"]["files"])
+
+
+def test_a_modalitys_only_file_is_written_in_its_shuffled_place_not_after_every_other_file(tmp_path):
+    """A corpus beside many images: its training chunks are not the end of the training shard (training reads shards
+    in order, so a corpus written last is out of reach of a run shorter than an epoch), and its tail is validation."""
+    import tarfile
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "tests" / "data" / "images" / "icons_gnome48", src / "image")
+    shutil.copytree(ROOT / "tests" / "data" / "images" / "photos", src / "photos")
+    (src / "text").mkdir()
+    shutil.copy(ROOT / "samples" / "text" / "tinyshakespeare.txt", src / "text")
+    m = write_shards([src], tmp_path / "out", codec="auto", progress=False)
+    assert m["modalities"]["text"]["split"].startswith("contiguous")
+    order = []
+    with tarfile.open(tmp_path / "out" / "train-000000.tar") as tar:
+        for member in tar.getmembers():
+            if member.name.endswith(".json"):
+                order.append(json.load(tar.extractfile(member))["modality"])
+    last_text = max(i for i, mod in enumerate(order) if mod == "text")
+    assert last_text < len(order) - 1, "every training sample of the corpus came after every other file's"
