@@ -18,12 +18,10 @@ from mmbytes.shards import main, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"
-SHARED = ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data"  # real files shipped for the tests (tests/data/MANIFEST.md)
 SHAKESPEARE = SAMPLES / "text" / "tinyshakespeare.txt"
-WIKITEXT = SHARED / "text" / "wikitext2_valid.txt"
-MNIST = SHARED / "images" / "mnist" / "t10k-images-idx3-ubyte.gz"
-ICONS = SHARED / "images" / "icons_gnome48"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared data not present")
+MNIST = DATA / "images" / "mnist" / "t10k-images-idx3-ubyte-first1000.gz"
+ICONS = DATA / "images" / "icons_palette"  # palette PNGs with transparency in bytes, and one without
 
 
 def samples(out: Path, split: str) -> list[tuple[str, bytes, dict]]:
@@ -67,13 +65,12 @@ def test_a_single_file_asked_to_be_all_validation_goes_there_whole(tmp_path):
     assert m["splits"]["train"]["samples"] == 0 and joined(tmp_path / "s", "val") == SHAKESPEARE.read_bytes()
 
 
-@needs_shared
 def test_one_text_file_gives_a_validation_split_the_datamodule_reads(tmp_path, capsys):
     from datamodules import ByteDataModule
 
-    main([str(WIKITEXT), "--out", str(tmp_path / "x"), "--codec", "text", "--workers", "0"])
+    main([str(SHAKESPEARE), "--out", str(tmp_path / "x"), "--codec", "text", "--workers", "0"])
     assert "no validation sample" not in capsys.readouterr().err
-    assert joined(tmp_path / "x", "val") == WIKITEXT.read_bytes()[-len(joined(tmp_path / "x", "val")):]
+    assert joined(tmp_path / "x", "val") == SHAKESPEARE.read_bytes()[-len(joined(tmp_path / "x", "val")):]
     dm = ByteDataModule(data_dir=str(tmp_path / "x"), seq_len=256, batch_size=4, shuffle_buffer=4,
                         train_batches_per_epoch=1)
     read = b"".join(bytes(b["x"][b["mask"]].numpy()) for b in dm.val_dataloader())
@@ -197,7 +194,6 @@ def idx_pair(folder: Path, train: int, total: int = 1000) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-@needs_shared
 @pytest.mark.parametrize("how", ["pair_by_name", "val_option"])
 def test_an_official_train_test_pair_keeps_its_split(tmp_path, how):
     train, test = idx_pair(tmp_path / "mnist", 900)
@@ -219,7 +215,6 @@ def test_an_official_train_test_pair_keeps_its_split(tmp_path, how):
     assert val[0][1] == to_order(first, "patch", 4).tobytes()
 
 
-@needs_shared
 def test_the_mnist_recipe_uses_the_official_split_when_both_files_are_there(tmp_path):
     from datamodules import ByteDataModule
 
@@ -285,7 +280,6 @@ def test_the_manifest_records_writer_and_checksums_of_its_shards(tmp_path):
 # ---- decoder warnings: counted, not printed
 
 
-@needs_shared
 @pytest.mark.parametrize("workers", [0, 2])
 def test_pillow_warnings_are_counted_in_the_manifest_not_printed(tmp_path, capfd, workers):
     src = tmp_path / "icons"
