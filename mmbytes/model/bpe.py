@@ -46,7 +46,7 @@ from mmbytes.model.bpe_tokenizer import (
 )
 from mmbytes.model.common import chunked_nll
 from mmbytes.model.layers import ModalityStart, Transformer
-from mmbytes.model.protocol import Capabilities, ModelData
+from mmbytes.model.protocol import Capabilities, Complete, ModelData
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ LEGACY = {"modality_start": False}
 """Values of fields that configs stored before the field existed were trained with."""
 
 
-class BPETransformer(nn.Module):
+class BPETransformer(Complete, nn.Module):
     """A causal token Transformer that reads and scores bytes: ``nll(x, mask)`` tokenizes each window itself (see
     the module docstring); ``forward(x)`` returns the token logits (B, N, V) of the windows' tokens."""
 
@@ -275,12 +275,6 @@ class BPETransformer(nn.Module):
                     cached.write_text(made[0])
                     meta.write_text(json.dumps({"vocab_size": self.config.vocab_size, "bytes_per_token": made[1]}))
         self.set_tokenizer(*data.share(made))
-
-    def requires(self) -> dict[str, str]:
-        return {}
-
-    def caveats(self) -> list[str]:
-        return []
 
     # -- generation: tokens are sampled and decoded to bytes (``mmbytes.model.generate.generate`` calls this)
 

@@ -25,10 +25,10 @@ from mmbytes.model import flops, patching
 from mmbytes.model.common import chunked_nll
 from mmbytes.model.layers import ModalityStart, Transformer, init_linear
 from mmbytes.model.megabyte_config import MegabyteConfig
-from mmbytes.model.protocol import Capabilities, ModelData
+from mmbytes.model.protocol import Capabilities, Complete, ModelData
 
 
-class Megabyte(nn.Module):
+class Megabyte(Complete, nn.Module):
     """``Megabyte(config)(x)`` maps bytes (B, T) to logits (B, T, 256); position t predicts byte t from bytes < t."""
 
     @property
@@ -247,12 +247,6 @@ class Megabyte(nn.Module):
 
     def prepare(self, data: ModelData) -> None:
         """Nothing to ready: fixed patches, no tokenizer."""
-
-    def requires(self) -> dict[str, str]:
-        return {}
-
-    def caveats(self) -> list[str]:
-        return []
 
     # -- cached generation (mmbytes.model.generate): the global model advances one patch at a time with its own cache;
     # a stage below it decodes the units of one parent unit with a cache cleared whenever the parent advances

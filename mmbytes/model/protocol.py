@@ -69,6 +69,16 @@ class ModelData:
     ``tokenizer_bytes``, how many training bytes it is trained on)."""
 
 
+class Complete:
+    """``ByteModel.requires`` and ``caveats`` of a model that is what its config says as soon as it is built."""
+
+    def requires(self) -> dict[str, str]:
+        return {}
+
+    def caveats(self) -> list[str]:
+        return []
+
+
 @runtime_checkable
 class ByteModel(Protocol):
     """Every architecture, the BPE baseline included. Modality ids are ``mmbytes.codecs.MODALITIES`` indices."""

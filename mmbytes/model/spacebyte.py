@@ -29,7 +29,7 @@ from mmbytes.codecs import MODALITIES
 from mmbytes.model import flops, patching
 from mmbytes.model.common import check_heads, chunked_nll
 from mmbytes.model.layers import ModalityStart, Transformer, init_linear
-from mmbytes.model.protocol import Capabilities, ModelData
+from mmbytes.model.protocol import Capabilities, Complete, ModelData
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ LEGACY = {"modality_start": False}
 """Values of fields that configs stored before the field existed were trained with."""
 
 
-class SpaceByte(nn.Module):
+class SpaceByte(Complete, nn.Module):
     """``SpaceByte(config)(x)`` maps bytes (B, T) to logits (B, T, 256); position t predicts byte t from bytes < t."""
 
     @property
@@ -274,12 +274,6 @@ class SpaceByte(nn.Module):
         the data does not say its window)."""
         if data.seq_len is not None and self.config.context != data.seq_len:
             self.config = replace(self.config, context=data.seq_len)
-
-    def requires(self) -> dict[str, str]:
-        return {}
-
-    def caveats(self) -> list[str]:
-        return []
 
     # -- cached generation: local blocks keep a sliding-window cache; a row whose new byte opens a word takes one
     # cached step of the global blocks (rows advance separately)
