@@ -182,7 +182,7 @@ def model_data(T: int, train: torch.Tensor, cache_dir: Path | None) -> ModelData
 def build(name: str, args, train: torch.Tensor) -> tuple[torch.nn.Module, list[dict] | None]:
     size, T = args.size, args.seq_len
     if name == "reference":
-        return Reference(MegabyteConfig.from_name(size), T), None
+        return Reference(MegabyteConfig.from_name(size), T).to(args.device), None
     overrides, decay_embeddings = variant(name, size)
     entropy = load_entropy(str(args.entropy_ckpt)) if args.entropy_ckpt else None
     model = build_model(model_config(size, overrides, entropy))
@@ -190,6 +190,7 @@ def build(name: str, args, train: torch.Tensor) -> tuple[torch.nn.Module, list[d
         model.set_entropy(entropy["state"], entropy["calibration"], str(args.entropy_ckpt))
     # any size of the registry, readied for its data (SpaceByte: its global cap; BPE: its tokenizer; BLT: thresholds)
     model.prepare(model_data(T, train, args.cache_dir))
+    model.to(args.device)
     return model, param_groups(model, 0.1, decay_embeddings)
 
 
@@ -197,9 +198,17 @@ def build(name: str, args, train: torch.Tensor) -> tuple[torch.nn.Module, list[d
 def evaluate(model: torch.nn.Module, val: torch.Tensor, T: int, batch: int) -> float:
     model.eval()
     windows = val[: len(val) // T * T].view(-1, T)
-    nats = sum(model.nll(w.long()).sum().item() for w in windows.split(batch))
+    device = next(model.parameters()).device
+    nats = sum(model.nll(w.to(device).long()).sum().item() for w in windows.split(batch))
     model.train()
     return nats / windows.numel() / math.log(2)
+
+
+def clock(device: str) -> float:
+    """Seconds, after the device's queued work is done (GPU steps run asynchronously)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def seconds_per_step(name: str, args, batches: torch.Tensor, train: torch.Tensor, probe: int = 10) -> float:
@@ -208,11 +217,11 @@ def seconds_per_step(name: str, args, batches: torch.Tensor, train: torch.Tensor
     opt = torch.optim.AdamW(groups if groups is not None else model.parameters(), lr=args.lr)
     for i, x in enumerate(batches[: probe + 2]):
         if i == 2:
-            start = time.perf_counter()
-        model.nll(x).mean().backward()
+            start = clock(args.device)
+        model.nll(x.to(args.device)).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return (time.perf_counter() - start) / probe
+    return (clock(args.device) - start) / probe
 
 
 def run(name: str, args, batches: torch.Tensor, val: torch.Tensor, seed: int, train: torch.Tensor) -> dict:
@@ -226,14 +235,14 @@ def run(name: str, args, batches: torch.Tensor, val: torch.Tensor, seed: int, tr
     curve, train_s = {}, 0.0
     model.train()
     for step, x in enumerate(batches, start=1):
-        start = time.perf_counter()
-        loss = model.nll(x).mean()
+        start = clock(args.device)
+        loss = model.nll(x.to(args.device)).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        train_s += time.perf_counter() - start
+        train_s += clock(args.device) - start
         if step % args.eval_every == 0 or step == len(batches):
             curve[step] = evaluate(model, val, args.seq_len, args.batch)
             print(f"  {name:24s} seed {seed} step {step:5d}  val bpb {curve[step]:.3f}  ({train_s / step:.2f} s/step)",
@@ -265,6 +274,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                     "initialisation); the table gives each seed and the mean")
     ap.add_argument("--equal-wall", action="store_true",
                     help="every variant after the first trains for the first one's training time")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the models train (default: cuda when there is one)")
     ap.add_argument("--json", type=Path)
     return ap.parse_args(argv)
 
@@ -294,7 +305,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     source = f"shards {args.shards}" if args.shards else args.text.name
     print(f"{source}: {len(train)} training bytes, {len(val) // args.seq_len * args.seq_len} held-out bytes; "
           f"size {args.size}, T={args.seq_len}, batch {args.batch}, lr {args.lr}, {args.steps} steps, "
-          f"seeds {','.join(map(str, seeds))}")
+          f"seeds {','.join(map(str, seeds))}, on {args.device}")
     for n, (overrides, decay) in forms.items():
         print(f"  {n}: {overrides or 'the named size'}" + ("" if decay else ", embeddings not decayed"))
     with tempfile.TemporaryDirectory(prefix="mmbytes-learning-") as cache:  # a BPE tokenizer, trained once
