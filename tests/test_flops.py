@@ -98,3 +98,14 @@ def test_bpe_train_flops_count_the_tokens_each_batch_has(mlp):
     m.set_tokenizer(*train_tokenizer([TEXT[:100_000]], 512))
     x = rows([TEXT[200_000:], ELF], 512)
     assert m.train_flops(x) == pytest.approx(counted(m, x), rel=0.05)
+
+
+def test_blt_without_an_entropy_checkpoint_counts_the_one_byte_patches_it_runs_not_the_planned_ones():
+    m = build("blt-debug")  # the entropy model as initialised, the default threshold of 2 nats
+    assert m.requires() == {"entropy_ckpt": "blt-entropy-debug"} and m.caveats()
+    x = rows([TEXT, ELF], 256, 100)
+    starts = m.patch_starts(x)
+    assert starts.float().mean() > 0.9  # an untrained model is unsure of every byte: a patch nearly every byte
+    flops = m.train_flops(x)
+    assert flops == pytest.approx(counted(m, x), rel=0.05)
+    assert flops > 1.5 * m.flops_per_byte(256) * x.numel()  # the plan assumes patches of 4.5 bytes
