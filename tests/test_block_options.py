@@ -18,10 +18,13 @@ SMALL = ["small", "transformer-small", "spacebyte-small", "blt-small", "bpe-smal
 NEW = {"mlp": "gelu", "token_shift": False, "init": "gpt2"}  # fields every architecture has now, at their defaults
 
 
+def trained(m, kind: type) -> list[nn.Module]:
+    """The model's modules of a kind that train (BLT's frozen entropy model left out)."""
+    return [x for x in m.modules() if isinstance(x, kind) and all(p.requires_grad for p in x.parameters())]
+
+
 def stacks(m) -> list[Transformer]:
-    """The model's own transformer stacks (BLT's frozen entropy model left out)."""
-    skip = {id(t) for t in getattr(m, "entropy_model", None).modules()} if getattr(m, "entropy_model", None) else set()
-    return [t for t in m.modules() if isinstance(t, Transformer) and id(t) not in skip]
+    return trained(m, Transformer)
 
 
 def test_swiglu_hidden_width_is_two_thirds_of_gelu_s_rounded_to_a_multiple_of_eight():
@@ -63,8 +66,7 @@ def test_gpt2_init_depth_scales_the_output_projection_of_a_swiglu_mlp(name):
 @pytest.mark.parametrize("name", ["blt-small", "bpe-small"])
 def test_fan_in_init_of_blt_and_bpe_is_pytorch_s_default_for_every_linear_layer_head_included(name):
     m = build(name, init="fan_in")
-    skip = {id(p) for p in m.entropy_model.parameters()} if getattr(m, "entropy_model", None) else set()
-    linears = [x for x in m.modules() if isinstance(x, nn.Linear) and id(x.weight) not in skip]
+    linears = trained(m, nn.Linear)
     assert m.head in linears
     for x in linears:  # U(-1/sqrt(fan_in), 1/sqrt(fan_in)): std 1/sqrt(3 fan_in)
         assert x.weight.std().item() == pytest.approx(1 / math.sqrt(3 * x.in_features), rel=0.1)
@@ -79,8 +81,7 @@ def test_token_shift_reaches_every_block_of_every_stack(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_embed_std_sets_the_byte_or_token_embeddings(name):
     m = build(name, embed_std=1.0)
-    skip = {id(p) for p in m.entropy_model.parameters()} if getattr(m, "entropy_model", None) else set()
-    tables = [e for e in m.modules() if isinstance(e, nn.Embedding) and id(e.weight) not in skip]
+    tables = trained(m, nn.Embedding)
     assert tables and all(e.weight.std().item() == pytest.approx(1.0, rel=0.15) for e in tables)
 
 
