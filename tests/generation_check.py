@@ -9,7 +9,9 @@ from mmbytes.model.megabyte_config import PAPER_FORM
 FORMS = {"paper": PAPER_FORM,
          "shift-project-full": dict(token_shift=True, embed_std=1.0, patch_embed="project", global_to_local="full"),
          "sequence-shift": dict(token_shift=False, embed_std=1.0, patch_embed="concat", global_to_local="slice",
-                                local_shift="sequence")}
+                                local_shift="sequence"),
+         # the block options every architecture has: a SwiGLU MLP, token shift, fan-in initialisation
+         "swiglu-shift-fanin": dict(mlp="swiglu", token_shift=True, init="fan_in")}
 
 
 def cached_equals_reference(m, prompt: torch.Tensor, n: int, atol: float = 1e-10, **kw) -> torch.Tensor:

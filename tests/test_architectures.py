@@ -60,9 +60,10 @@ def test_every_size_answers_the_model_interface(name):
     assert out.shape == (2, 12) and torch.equal(out[:, :5], x[:, :5])
 
 
-@pytest.mark.parametrize("name", DEBUG)
-def test_flops_per_byte_matches_the_flop_counter_at_two_lengths(name):
-    m = build(name).train()
+@pytest.mark.parametrize("name,kw", [*((n, {}) for n in DEBUG), ("debug", {"mlp": "swiglu"}),
+                                     ("spacebyte-debug", {"mlp": "swiglu"}), ("blt-fixed-debug", {"mlp": "swiglu"})])
+def test_flops_per_byte_matches_the_flop_counter_at_two_lengths(name, kw):
+    m = build(name, **kw).train()
     for T in (256, 1024):
         x = torch.randint(0, 256, (1, T))  # random bytes open more words than the cap: SpaceByte runs T_G slots
         # the counter sees no FLOPs in the fused CPU attention kernels; the math backend runs attention as matmuls
@@ -173,8 +174,9 @@ def flip(b: torch.Tensor, t: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", SPACEBYTE)
-def test_spacebyte_is_strictly_causal_also_where_boundaries_move_and_at_the_cap(name):
-    m = sb(name)
+@pytest.mark.parametrize("kw", [{}, {"mlp": "swiglu", "token_shift": True}])
+def test_spacebyte_is_strictly_causal_also_where_boundaries_move_and_at_the_cap(name, kw):
+    m = sb(name, **kw)
     assert m.config.max_global == 11 and m.config.local_window == 8
     for x in (torch.randint(0, 256, (2, 70)), real_text(140).view(2, 70)):  # random bytes pass the cap
         assert leaks(m, x, flip) == []
@@ -206,10 +208,10 @@ def test_spacebyte_init_gpt2_depth_scales_residual_projections_and_fan_in_is_pyt
 
 
 @pytest.mark.parametrize("name", SPACEBYTE)
-@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("kw", [{}, {"token_shift": True}, {"token_shift": True, "mlp": "swiglu", "init": "fan_in"}])
 @pytest.mark.parametrize("prompt_len", [0, 1, 5, 30])
-def test_spacebyte_cached_logits_equal_the_reference_at_every_step(name, shift, prompt_len):
-    m = sb(name, token_shift=shift)
+def test_spacebyte_cached_logits_equal_the_reference_at_every_step(name, kw, prompt_len):
+    m = sb(name, **kw)
     x = real_text(2 * prompt_len + 2)[: 2 * prompt_len].view(2, prompt_len)
     cached_equals_reference(m, x, 40, modality=MODALITY)
 

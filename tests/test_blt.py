@@ -165,7 +165,9 @@ def test_hash_embeddings_can_be_turned_off():
 
 @pytest.mark.parametrize("name,kw", [("blt-debug", {}), ("blt-debug", {"patching": "monotonic"}),
                                      ("blt-debug", {"max_patch_len": 4}), ("blt-fixed-debug", {}),
-                                     ("blt-fixed-debug", {"patching": "space"})])
+                                     ("blt-fixed-debug", {"patching": "space"}),
+                                     ("blt-debug", {"mlp": "swiglu", "token_shift": True}),
+                                     ("blt-fixed-debug", {"mlp": "swiglu", "token_shift": True, "init": "fan_in"})])
 def test_blt_is_strictly_causal_also_where_patch_boundaries_move(name, kw):
     m = blt(name, **kw)
     x = real_bytes(120).view(2, 60)
@@ -185,14 +187,17 @@ def test_causality_check_catches_a_decoder_that_reads_its_own_patch(monkeypatch)
 
 
 @pytest.mark.parametrize("kw,prompt_len", [({}, 0), ({}, 1), ({}, 30), ({"patching": "monotonic"}, 5),
-                                           ({"max_patch_len": 4}, 5), ({"hash_vocab": 0}, 5)])
+                                           ({"max_patch_len": 4}, 5), ({"hash_vocab": 0}, 5),
+                                           ({"token_shift": True}, 0), ({"token_shift": True, "mlp": "swiglu"}, 5),
+                                           ({"token_shift": True, "mlp": "swiglu", "init": "fan_in"}, 30)])
 def test_blt_cached_logits_equal_the_reference_at_every_step(kw, prompt_len):
     m = blt(**kw)
     x = real_bytes(2 * prompt_len + 2)[: 2 * prompt_len].view(2, prompt_len)
     cached_equals_reference(m, x, 40, modality=MODALITY)
 
 
-@pytest.mark.parametrize("name,kw", [("blt-fixed-debug", {}), ("blt-fixed-debug", {"patching": "space"})])
+@pytest.mark.parametrize("name,kw", [("blt-fixed-debug", {}), ("blt-fixed-debug", {"patching": "space"}),
+                                     ("blt-fixed-debug", {"token_shift": True, "mlp": "swiglu"})])
 def test_static_patch_blt_cached_logits_equal_the_reference(name, kw):
     m = blt(name, **kw)
     cached_equals_reference(m, real_bytes(40).view(2, 20), 30, modality=MODALITY)
@@ -253,8 +258,9 @@ def test_the_entropy_model_is_frozen_and_stays_in_eval_mode():
     assert m.num_params() == sum(p.numel() for p in m.parameters() if p.requires_grad)
 
 
-def test_flops_per_byte_matches_the_flop_counter_with_entropy_patches():
-    m = build("blt-debug").train()
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_flops_per_byte_matches_the_flop_counter_with_entropy_patches(mlp):
+    m = build("blt-debug", mlp=mlp).train()
     for T in (256, 1024):
         x = torch.randint(0, 256, (1, T))
         theta, size = patching.calibrate_threshold(list(m.entropies(x)), m.config.patch_size)

@@ -37,11 +37,12 @@ def counted(m, x: torch.Tensor, **kw) -> float:
 
 
 FIXED = ["debug", "debug-long", "transformer-debug", "blt-fixed-debug", "spacebyte-fixed-debug", "blt-entropy-debug"]
+SWIGLU = {"mlp": "swiglu"}  # the gated MLP (three matrices) of every architecture
 
 
-@pytest.mark.parametrize("name", FIXED)
-def test_train_flops_of_fixed_patch_models_match_the_flop_counter_and_flops_per_byte(name):
-    m = build(name)
+@pytest.mark.parametrize("name,kw", [*((n, {}) for n in FIXED), *((n, SWIGLU) for n in FIXED)])
+def test_train_flops_of_fixed_patch_models_match_the_flop_counter_and_flops_per_byte(name, kw):
+    m = build(name, **kw)
     x = rows([TEXT, ELF], 300)
     assert m.train_flops(x) == pytest.approx(counted(m, x), rel=0.05)
     if "spacebyte" not in name:  # fixed patches: the planned figure is exact
@@ -50,9 +51,10 @@ def test_train_flops_of_fixed_patch_models_match_the_flop_counter_and_flops_per_
 
 @pytest.mark.parametrize("name", ["spacebyte-debug", "blt-debug"])
 @pytest.mark.parametrize("data", ["text", "binary", "text+binary"])
-def test_train_flops_of_variable_patches_match_the_flop_counter_on_real_bytes(name, data):
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_train_flops_of_variable_patches_match_the_flop_counter_on_real_bytes(name, data, mlp):
     overrides = {"patching": "space"} if name == "blt-debug" else {}
-    m = build(name, **overrides)
+    m = build(name, mlp=mlp, **overrides)
     blobs = {"text": [TEXT, TEXT[5000:]], "binary": [ELF, PNG], "text+binary": [TEXT, ELF]}[data]
     x = rows(blobs, 256, 100)
     assert m.train_flops(x) == pytest.approx(counted(m, x), rel=0.05)
@@ -90,8 +92,20 @@ def test_spacebyte_train_flops_use_the_cap_of_its_context_also_when_the_window_d
     assert flops > 1.05 * m.flops_per_byte(512) * x.numel()
 
 
-def test_bpe_train_flops_count_the_tokens_each_batch_has():
-    m = build("bpe-debug")
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_bpe_train_flops_count_the_tokens_each_batch_has(mlp):
+    m = build("bpe-debug", mlp=mlp)
     m.set_tokenizer(*train_tokenizer([TEXT[:100_000]], 512))
     x = rows([TEXT[200_000:], ELF], 512)
     assert m.train_flops(x) == pytest.approx(counted(m, x), rel=0.05)
+
+
+def test_blt_without_an_entropy_checkpoint_counts_the_one_byte_patches_it_runs_not_the_planned_ones():
+    m = build("blt-debug")  # the entropy model as initialised, the default threshold of 2 nats
+    assert m.requires() == {"entropy_ckpt": "blt-entropy-debug"} and m.caveats()
+    x = rows([TEXT, ELF], 256, 100)
+    starts = m.patch_starts(x)
+    assert starts.float().mean() > 0.9  # an untrained model is unsure of every byte: a patch nearly every byte
+    flops = m.train_flops(x)
+    assert flops == pytest.approx(counted(m, x), rel=0.05)
+    assert flops > 1.5 * m.flops_per_byte(256) * x.numel()  # the plan assumes patches of 4.5 bytes

@@ -233,13 +233,14 @@ def test_a_study_of_every_architecture_trains_blts_entropy_model_first(shards, t
     assert "entropy model `blt-entropy-debug`" in (out / "report.md").read_text()
 
 
-def test_bpe_flops_per_byte_match_the_flop_counter(tokenizer):
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_bpe_flops_per_byte_match_the_flop_counter(tokenizer, mlp):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from mmbytes.model import build
 
-    model = build("bpe-debug").train()
+    model = build("bpe-debug", mlp=mlp).train()
     model.set_tokenizer(*tokenizer)
     T = 1024
     x = torch.tensor(list((ROOT / "samples" / "text" / "tinyshakespeare.txt").read_bytes()[5000 : 5000 + T]))[None]

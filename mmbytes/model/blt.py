@@ -42,7 +42,7 @@ from mmbytes.model import flops, patching
 from mmbytes.model.blt_config import BLTConfig
 from mmbytes.model.blt_layers import BLTCache, PatchCrossAttention, entropy_of, ngram_ids, patch_stats
 from mmbytes.model.common import chunked_nll
-from mmbytes.model.layers import ModalityStart, Transformer
+from mmbytes.model.layers import ModalityStart, Transformer, init_linear
 from mmbytes.model.protocol import Capabilities, ModelData
 
 CALIBRATION_WINDOWS = 256
@@ -67,7 +67,8 @@ class BLT(nn.Module):
         super().__init__()
         c = self.config = config
         DL, DG, k = c.d_local, c.d_global, c.cross_k
-        block = dict(mlp_ratio=c.mlp_ratio, dropout=c.dropout, rope_base=c.rope_base, checkpointing=c.checkpointing)
+        block = dict(mlp_ratio=c.mlp_ratio, dropout=c.dropout, rope_base=c.rope_base, checkpointing=c.checkpointing,
+                     token_shift=c.token_shift, mlp=c.mlp)
         self.entropy_model = None
         self.entropy_loaded = False  # trained weights given (``set_entropy``), not the random initialisation
         self.calibrated = False  # thresholds calibrated for this entropy model (stored or by ``prepare``)
@@ -99,13 +100,14 @@ class BLT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        init = self.config.init
         for m in (self.encoder, self.global_model, self.decoder):
-            m.reset_parameters()
+            m.reset_parameters(init)
         linears = [self.pool_init, self.to_global, self.head, *self.from_global]
         for attn in (self.pool, *self.cross):
             linears += [attn.q, attn.kv, attn.proj]
         for m in linears:
-            nn.init.normal_(m.weight, std=0.02)
+            init_linear(m, init)
         for e in (self.embed, *self.hash_embed):
             nn.init.normal_(e.weight, std=self.config.embed_std)
         for p in (self.global_start, self.start):
@@ -342,10 +344,10 @@ class BLT(nn.Module):
         c, T, K, n = self.config, seq_len, n_patches, rows
         DL, DG, k = c.d_local, c.d_global, c.cross_k
         mix = flops.attention(n * T, k, DL)  # scores and weighted values: each byte with k vectors
-        fwd = flops.blocks(n, T, DL, c.n_layer_encoder + c.n_layer_decoder, c.mlp_ratio, c.local_window)
+        fwd = flops.blocks(n, T, DL, c.n_layer_encoder + c.n_layer_decoder, c.mlp_ratio, c.local_window, c.mlp)
         fwd += flops.linear(n * K, DL, k * DL) + flops.linear(n * K * k, DL, DL) * 2 + flops.linear(n * T, DL, 2 * DL)
         fwd += mix + flops.linear(n * K, k * DL, DG)
-        fwd += flops.blocks(n, K, DG, c.n_layer_global, c.mlp_ratio)
+        fwd += flops.blocks(n, K, DG, c.n_layer_global, c.mlp_ratio, mlp=c.mlp)
         cross = flops.linear(n * K, DG, k * DL) + flops.linear(n * K * k, DL, 2 * DL) + flops.linear(n * T, DL, DL) * 2
         fwd += c.n_layer_decoder * (cross + mix)
         return fwd + flops.linear(n * T, DL, c.vocab_size)

@@ -52,12 +52,22 @@ class BLTConfig:
     """Rows of each hash n-gram table; 0 turns the hash embeddings off (the paper's ablation)."""
     mlp_ratio: float = 4.0
     """MLP hidden width as a multiple of the block width."""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """Every block's MLP: ``gelu`` (GPT-2: d -> d * mlp_ratio -> d) or ``swiglu`` (Shazeer, 2020: SiLU-gated, three
+    matrices of hidden width 2/3 of gelu's, rounded to a multiple of 8: about the same parameters; ``layers.MLP``)."""
     dropout: float = 0.0
     """Dropout on attention and MLP outputs in training."""
     rope_base: float = 10000.0
     """Base of the rotary position embeddings (byte index locally, patch index in the latent transformer)."""
     embed_std: float = 0.02
     """Initial standard deviation of the byte and hash embeddings and the start vectors."""
+    token_shift: bool = False
+    """Token shift (see ``MegabyteConfig.token_shift``) in every block of the local encoder, the latent transformer
+    and the local decoder (the decoder's cross-attentions read their input unshifted). Off by default."""
+    init: Literal["gpt2", "fan_in"] = "gpt2"
+    """Linear layers' initialisation (see ``MegabyteConfig.init``): ``gpt2`` (N(0, 0.02), the blocks' residual
+    projections depth-scaled) or ``fan_in`` (PyTorch's default), for the blocks, pooling, cross-attentions and
+    head alike. The entropy model keeps its own config's."""
     checkpointing: bool = False
     """Recompute each block in the backward pass instead of storing its activations."""
     vocab_size: int = 256
@@ -78,6 +88,10 @@ class BLTConfig:
     def __post_init__(self) -> None:
         if self.hash_version not in (1, 2):
             raise ValueError(f"hash_version must be 1 or 2, got {self.hash_version}")
+        if self.init not in ("gpt2", "fan_in"):
+            raise ValueError(f"init must be 'gpt2' or 'fan_in', got {self.init!r}")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
         object.__setattr__(self, "hash_ngrams", tuple(int(n) for n in self.hash_ngrams))
         if self.patching not in ("entropy", "monotonic", "fixed", "space"):
             raise ValueError(f"patching must be entropy, monotonic, fixed or space, got {self.patching!r}")

@@ -45,7 +45,7 @@ from mmbytes.model.bpe_tokenizer import (
     train_tokenizer,
 )
 from mmbytes.model.common import chunked_nll
-from mmbytes.model.layers import ModalityStart, Transformer
+from mmbytes.model.layers import ModalityStart, Transformer, init_linear
 from mmbytes.model.protocol import Capabilities, Complete, ModelData
 
 
@@ -64,12 +64,20 @@ class BPEConfig:
     """Attention heads."""
     mlp_ratio: float = 4.0
     """MLP hidden width as a multiple of the block width."""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """Every block's MLP: ``gelu`` (GPT-2: d -> d * mlp_ratio -> d) or ``swiglu`` (Shazeer, 2020: SiLU-gated, three
+    matrices of hidden width 2/3 of gelu's, rounded to a multiple of 8: about the same parameters; ``layers.MLP``)."""
     dropout: float = 0.0
     """Dropout on attention and MLP outputs in training."""
     rope_base: float = 10000.0
     """Base of the rotary position embeddings (token index)."""
     embed_std: float = 0.02
     """Initial standard deviation of the token embeddings."""
+    token_shift: bool = False
+    """Token shift (see ``MegabyteConfig.token_shift``) in every block, over token positions. Off by default."""
+    init: Literal["gpt2", "fan_in"] = "gpt2"
+    """Linear layers' initialisation (see ``MegabyteConfig.init``): ``gpt2`` (N(0, 0.02), residual projections
+    depth-scaled) or ``fan_in`` (PyTorch's default), head included."""
     checkpointing: bool = False
     """Recompute each block in the backward pass instead of storing its activations."""
     modality_start: bool = False
@@ -80,6 +88,10 @@ class BPEConfig:
     def __post_init__(self) -> None:
         if self.vocab_size < 256:
             raise ValueError(f"vocab_size {self.vocab_size} < 256: byte-level BPE needs every byte as a token")
+        if self.init not in ("gpt2", "fan_in"):
+            raise ValueError(f"init must be 'gpt2' or 'fan_in', got {self.init!r}")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"width {self.d_model} is not divisible by its {self.n_head} heads")
 
@@ -110,7 +122,7 @@ class BPETransformer(Complete, nn.Module):
         self.embed = nn.Embedding(c.vocab_size + 1, c.d_model)  # the last id is BOS
         self.modality_bos = ModalityStart(c.d_model, len(MODALITIES)) if c.modality_start else None
         self.transformer = Transformer(c.d_model, c.n_layer, c.n_head, c.mlp_ratio, c.dropout, c.rope_base,
-                                       checkpointing=c.checkpointing)
+                                       checkpointing=c.checkpointing, token_shift=c.token_shift, mlp=c.mlp)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.stats: dict[str, float] = {}
         self.set_tokenizer(byte_tokenizer_json(), 1.0)
@@ -118,8 +130,8 @@ class BPETransformer(Complete, nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        self.transformer.reset_parameters()
-        nn.init.normal_(self.head.weight, std=0.02)
+        self.transformer.reset_parameters(self.config.init)
+        init_linear(self.head, self.config.init)
         nn.init.normal_(self.embed.weight, std=self.config.embed_std)
         if self.modality_bos is not None:
             self.modality_bos.reset_parameters()
@@ -216,7 +228,8 @@ class BPETransformer(Complete, nn.Module):
         token divided by bytes per token (``mmbytes.model.flops``)."""
         c = self.config
         n = max(1.0, seq_len / self.bytes_per_token)
-        per_token = c.n_layer * (flops.block_dense(1, c.d_model, c.mlp_ratio) + flops.attention(1, n, c.d_model))
+        per_token = c.n_layer * (flops.block_dense(1, c.d_model, c.mlp_ratio, c.mlp)
+                                 + flops.attention(1, n, c.d_model))
         per_token += flops.linear(1, c.d_model, c.vocab_size)
         return 3 * per_token / self.bytes_per_token
 
@@ -224,7 +237,8 @@ class BPETransformer(Complete, nn.Module):
         """FLOPs of one training step on x (B, T) as run: the token Transformer and the head over the most tokens of
         any row's real bytes (every row is padded to it)."""
         c, (B, N) = self.config, self._tokens(x, mask)[0].shape
-        fwd = flops.blocks(B, N, c.d_model, c.n_layer, c.mlp_ratio) + flops.linear(B * N, c.d_model, c.vocab_size)
+        fwd = flops.blocks(B, N, c.d_model, c.n_layer, c.mlp_ratio, mlp=c.mlp)
+        fwd += flops.linear(B * N, c.d_model, c.vocab_size)
         return 3 * fwd
 
     def _tokens(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:

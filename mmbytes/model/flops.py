@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import math
 
+from mmbytes.model.layers import mlp_hidden
+
 
 def linear(n: float, d_in: int, d_out: int) -> float:
     """``n`` positions through a (d_in -> d_out) linear layer."""
     return 2.0 * n * d_in * d_out
 
 
-def block_dense(n: float, d: int, mlp_ratio: float) -> float:
-    """The projections of one pre-norm block of width d on ``n`` positions: q, k, v and output projections and the two
-    MLP matmuls (attention itself: ``attention``)."""
-    return linear(n, d, 3 * d) + linear(n, d, d) + linear(n, d, int(d * mlp_ratio)) + linear(n, int(d * mlp_ratio), d)
+def block_dense(n: float, d: int, mlp_ratio: float, mlp: str = "gelu") -> float:
+    """The projections of one pre-norm block of width d on ``n`` positions: q, k, v and output projections and the
+    MLP's matmuls (attention itself: ``attention``). ``gelu``: d -> h -> d with h = d * mlp_ratio; ``swiglu``: three
+    matrices, d -> 2h (gate and up) and h -> d, with h = ``layers.mlp_hidden`` (about 2/3 of the gelu width)."""
+    h = mlp_hidden(d, mlp_ratio, mlp)
+    up = 2 * h if mlp == "swiglu" else h
+    return linear(n, d, 3 * d) + linear(n, d, d) + linear(n, d, up) + linear(n, h, d)
 
 
 def attention(queries: float, keys: float, d: int) -> float:
@@ -44,8 +49,9 @@ def windowed_attention(rows: float, length: int, d: int, window: int) -> float:
     return causal_attention(rows, length, d)
 
 
-def blocks(rows: float, length: int, d: int, n_layer: int, mlp_ratio: float, window: int = 0) -> float:
+def blocks(rows: float, length: int, d: int, n_layer: int, mlp_ratio: float, window: int = 0,
+           mlp: str = "gelu") -> float:
     """``n_layer`` blocks of width d over ``rows`` sequences of ``length`` positions (``window``: sliding-window
-    attention, 0: full causal)."""
-    return n_layer * (block_dense(rows * length, d, mlp_ratio) + windowed_attention(rows, length, d, window))
+    attention, 0: full causal; ``mlp``: the MLP's form, ``block_dense``)."""
+    return n_layer * (block_dense(rows * length, d, mlp_ratio, mlp) + windowed_attention(rows, length, d, window))
 

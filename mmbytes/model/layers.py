@@ -225,27 +225,49 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
 
 
+def mlp_hidden(d: int, ratio: float, kind: Literal["gelu", "swiglu"] = "gelu") -> int:
+    """Hidden width of a block's MLP. ``gelu``: d * ratio. ``swiglu``: 2/3 of that, rounded to a multiple of 8 (at
+    least 8), so its three matrices hold about the parameters of the two of the ``gelu`` MLP (Shazeer, 2020, GLU
+    Variants Improve Transformer, section 2)."""
+    hidden = int(d * ratio)
+    if kind == "gelu":
+        return hidden
+    if kind == "swiglu":
+        return max(8, 8 * round(2 * hidden / 3 / 8))
+    raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {kind!r}")
+
+
 class MLP(nn.Module):
-    def __init__(self, d: int, ratio: float, dropout: float) -> None:
+    """The MLP of a block. ``gelu``: proj(GELU(fc x)), hidden width d * ratio (GPT-2). ``swiglu``: proj(SiLU(x W) *
+    (x V)) (Shazeer, 2020, GLU Variants Improve Transformer), at equal parameters: hidden width ``mlp_hidden`` (2/3 of
+    the gelu one, rounded to a multiple of 8); W and V are one ``fc`` matrix of twice that width. ``proj`` is the
+    output projection in both (the residual projection that ``Transformer.reset_parameters`` scales by depth)."""
+
+    def __init__(self, d: int, ratio: float, dropout: float, kind: Literal["gelu", "swiglu"] = "gelu") -> None:
         super().__init__()
-        hidden = int(d * ratio)
-        self.fc = nn.Linear(d, hidden, bias=False)
+        self.kind = kind
+        hidden = mlp_hidden(d, ratio, kind)
+        self.fc = nn.Linear(d, 2 * hidden if kind == "swiglu" else hidden, bias=False)
         self.proj = nn.Linear(hidden, d, bias=False)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "swiglu":
+            gate, up = self.fc(x).chunk(2, dim=-1)  # (..., hidden) each
+            return self.drop(self.proj(F.silu(gate) * up))
         return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
 
 
 class Block(nn.Module):
-    """Pre-norm block; with ``shift``, each sublayer reads its input token-shifted (see ``token_shift``)."""
+    """Pre-norm block; with ``shift``, each sublayer reads its input token-shifted (see ``token_shift``); ``mlp``:
+    the MLP's form (``MLP``)."""
 
     def __init__(self, d: int, n_head: int, mlp_ratio: float, dropout: float, shift: bool = False,
-                 window: int = 0) -> None:
+                 window: int = 0, mlp: Literal["gelu", "swiglu"] = "gelu") -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(d, eps=1e-6), nn.RMSNorm(d, eps=1e-6)
         self.attn = Attention(d, n_head, dropout, window)
-        self.mlp = MLP(d, mlp_ratio, dropout)
+        self.mlp = MLP(d, mlp_ratio, dropout, mlp)
         self.drop = nn.Dropout(dropout)
         self.shift = shift
 
@@ -282,14 +304,15 @@ def init_linear(m: nn.Linear, init: Literal["gpt2", "fan_in"]) -> None:
 class Transformer(nn.Module):
     """A causal pre-norm transformer stack, with a final norm unless ``final_norm`` is False (a stack whose output
     goes on in a residual stream). Positions are rotary, so any length works; ``window`` > 0 makes the attention
-    sliding-window."""
+    sliding-window; ``mlp``: every block's MLP form (``MLP``)."""
 
     def __init__(self, d: int, n_layer: int, n_head: int, mlp_ratio: float, dropout: float, rope_base: float,
                  checkpointing: bool = False, token_shift: bool = False, window: int = 0,
-                 final_norm: bool = True) -> None:
+                 final_norm: bool = True, mlp: Literal["gelu", "swiglu"] = "gelu") -> None:
         super().__init__()
         self.d, self.n_head, self.checkpointing, self.window = d, n_head, checkpointing, window
-        self.blocks = nn.ModuleList(Block(d, n_head, mlp_ratio, dropout, token_shift, window) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(d, n_head, mlp_ratio, dropout, token_shift, window, mlp)
+                                    for _ in range(n_layer))
         self.norm = nn.RMSNorm(d, eps=1e-6) if final_norm else nn.Identity()
         self.rotary = Rotary(d // n_head, rope_base)
 

@@ -42,7 +42,7 @@ class Megabyte(Complete, nn.Module):
         c = self.config = config
         P, DG, DL = c.patch_size, c.d_global, c.d_local
         block = dict(mlp_ratio=c.mlp_ratio, dropout=c.dropout, rope_base=c.rope_base, checkpointing=c.checkpointing,
-                     token_shift=c.token_shift)
+                     token_shift=c.token_shift, mlp=c.mlp)
         full = c.global_to_local == "full"
         if c.patch_embed == "concat":
             self.global_embed = nn.Embedding(c.vocab_size, DG)
@@ -219,14 +219,14 @@ class Megabyte(Complete, nn.Module):
         c, T = self.config, seq_len
         P = c.patch_size
         Tp = -(-T // P) * P  # padded to whole patches, as the model runs it
-        fwd = flops.blocks(rows, Tp // P, P * c.d_global, c.n_layer_global, c.mlp_ratio, c.window)
+        fwd = flops.blocks(rows, Tp // P, P * c.d_global, c.n_layer_global, c.mlp_ratio, c.window, c.mlp)
         if c.patch_embed == "project":
             fwd += flops.linear(rows * Tp // P, P * self.global_embed.embedding_dim, P * c.d_global)
         full = c.global_to_local == "full"
         width_above, p_above = c.d_global, P
         for p, width, n_layer, _ in c.stages[1:]:
             parents = rows * Tp // p_above  # every parent unit is a sequence of p_above / p units
-            fwd += flops.blocks(parents, p_above // p, p * width, n_layer, c.mlp_ratio)
+            fwd += flops.blocks(parents, p_above // p, p * width, n_layer, c.mlp_ratio, mlp=c.mlp)
             fwd += flops.linear(parents, p_above * width_above, p_above * width) if full else \
                 flops.linear(rows * Tp // p, p * width_above, p * width)
             width_above, p_above = width, p

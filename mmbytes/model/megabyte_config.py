@@ -43,6 +43,9 @@ class MegabyteConfig:
     """Attention heads in the local transformer."""
     mlp_ratio: float = 4.0
     """MLP hidden width as a multiple of the block width."""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """Every block's MLP: ``gelu`` (GPT-2: d -> d * mlp_ratio -> d) or ``swiglu`` (Shazeer, 2020: SiLU-gated, three
+    matrices of hidden width 2/3 of gelu's, rounded to a multiple of 8: about the same parameters; ``layers.MLP``)."""
     dropout: float = 0.0
     """Dropout on attention output and MLP output during training."""
     rope_base: float = 10000.0
@@ -116,6 +119,8 @@ class MegabyteConfig:
             raise ValueError(f"unknown arch {self.arch!r}: expected 'megabyte' or 'transformer'")
         if self.init not in ("gpt2", "fan_in"):
             raise ValueError(f"init must be 'gpt2' or 'fan_in', got {self.init!r}")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
         if self.local_shift not in ("patch", "sequence"):
             raise ValueError(f"local_shift must be 'patch' or 'sequence', got {self.local_shift!r}")
         if self.patch_embed not in ("concat", "project") or self.global_to_local not in ("slice", "full"):

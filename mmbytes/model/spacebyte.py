@@ -62,6 +62,9 @@ class SpaceByteConfig:
     code). Boundaries after the T_G-th are not global positions; every byte is still scored."""
     mlp_ratio: float = 4.0
     """MLP hidden width as a multiple of the block width."""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """Every block's MLP: ``gelu`` (GPT-2: d -> d * mlp_ratio -> d) or ``swiglu`` (Shazeer, 2020: SiLU-gated, three
+    matrices of hidden width 2/3 of gelu's, rounded to a multiple of 8: about the same parameters; ``layers.MLP``)."""
     dropout: float = 0.0
     """Dropout on attention and MLP outputs in training."""
     rope_base: float = 10000.0
@@ -87,6 +90,8 @@ class SpaceByteConfig:
             raise ValueError(f"patching must be 'spacelike' or 'fixed', got {self.patching!r}")
         if self.init not in ("gpt2", "fan_in"):
             raise ValueError(f"init must be 'gpt2' or 'fan_in', got {self.init!r}")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
         if self.d_global < self.d_local:
             raise ValueError(f"d_global ({self.d_global}) must be at least d_local ({self.d_local}): the global "
                              "blocks widen the local stream with zero channels")
@@ -135,7 +140,7 @@ class SpaceByte(Complete, nn.Module):
         super().__init__()
         c = self.config = config
         block = dict(mlp_ratio=c.mlp_ratio, dropout=c.dropout, rope_base=c.rope_base, checkpointing=c.checkpointing,
-                     token_shift=c.token_shift)
+                     token_shift=c.token_shift, mlp=c.mlp)
         half = c.n_layer_local // 2
         self.embed = nn.Embedding(c.vocab_size, c.d_local)
         self.start = nn.Parameter(torch.empty(c.d_local))  # the input of position 0: no in-band BOS byte
@@ -246,8 +251,8 @@ class SpaceByte(Complete, nn.Module):
         per row: the local blocks (sliding-window attention), the global blocks, the head. Gather and scatter are
         free (``mmbytes.model.flops``)."""
         c = self.config
-        fwd = flops.blocks(rows, seq_len, c.d_local, c.n_layer_local, c.mlp_ratio, c.local_window)
-        fwd += flops.blocks(rows, n_global, c.d_global, c.n_layer_global, c.mlp_ratio)
+        fwd = flops.blocks(rows, seq_len, c.d_local, c.n_layer_local, c.mlp_ratio, c.local_window, c.mlp)
+        fwd += flops.blocks(rows, n_global, c.d_global, c.n_layer_global, c.mlp_ratio, mlp=c.mlp)
         return fwd + flops.linear(rows * seq_len, c.d_local, c.vocab_size)
 
     def flops_per_byte(self, seq_len: int) -> float:
