@@ -123,8 +123,8 @@ def main() -> None:
     ap.add_argument("--modalities", default="image,audio,text,files", help="which sets to run, comma-separated")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    model, data_hp = load(args.ckpt, args.device)
-    modalities, image_options, seq_len = trained_codecs(data_hp)
+    model, description, seq_len = load(args.ckpt, args.device)
+    modalities, image_options = trained_codecs(description)
     chunk = args.chunk or seq_len or 4096
     sets = select(args.data, args.per_modality, args.text_bytes, args.max_file)
     rows = []
