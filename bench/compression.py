@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from mmbytes.compress import compress_files, decompress_files, load, machine_envelope, trained_codecs
+from mmbytes.io import write_text
 from mmbytes.shards import DEFAULT_CHUNK, chunks, split_hash
 from mmbytes.stamp import stamp
 
@@ -173,7 +174,7 @@ def main() -> None:
     if args.json:
         machine = {"cpu": platform.processor() or platform.machine(), "device": args.device,
                    "envelope": str(machine_envelope(model))}
-        args.json.write_text(json.dumps({**stamp(), "ckpt": str(args.ckpt), "chunk": chunk, "batch": args.batch,
+        write_text(args.json, json.dumps({**stamp(), "ckpt": str(args.ckpt), "chunk": chunk, "batch": args.batch,
                                          "machine": machine, "rows": rows}, indent=1))
 
 
