@@ -193,6 +193,22 @@ def codec_meta(description: dict[str, Any], modality: str, given: dict[str, Any]
     return {}
 
 
+def encoder_options(description: dict[str, Any], codec: str) -> dict[str, Any]:
+    """Options for ``get_codec(codec)`` that encode a file as the training data was encoded (image size, channels,
+    order and tile; audio sample rate), from the description; options it leaves open are left to the codec."""
+    modalities = description.get("modalities") or {}
+    image = {k: v for k, v in (modalities.get("image") or {}).items() if k in ("channels", "order", "tile")
+             and v is not None}
+    im = modalities.get("image") or {}
+    if im.get("height") and im.get("width"):
+        image["size"] = [im["height"], im["width"]]
+    rate = (modalities.get("audio") or {}).get("sample_rate")
+    audio = {"sample_rate": rate} if rate else {}
+    if codec == "auto":
+        return {"image": image, "audio": audio}
+    return {"image": image, "audio": audio}.get(codec, {})
+
+
 def recipe_difference(manifest: dict[str, Any], recipe: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(field, manifest's value, recipe's value) for each recipe field the shards were built with differently."""
     wanted = {"codec": recipe.get("codec", "raw"), "codec_options": recipe.get("codec_options") or {},

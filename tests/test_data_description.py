@@ -230,3 +230,19 @@ def test_compare_tells_the_byte_model_each_items_modality_and_decodes_as_its_des
     assert np.array_equal(decoded, expected)
     audio = byte_meta(IMAGE_AUDIO_TEXT, "audio", {"modality": "audio", "sample_rate": 8000, "sample_width": 2})
     assert audio["sample_rate"] == 16000  # the rate the byte model's audio was encoded at
+
+
+def test_encoder_options_encode_a_file_as_the_description_says():
+    """``mmbytes patches`` encodes a file with these: a shipped icon becomes the 16x16 patch-order image the model
+    was trained on, a shipped WAV 16 kHz audio."""
+    from mmbytes.codecs import get_codec
+    from mmbytes.data_description import encoder_options
+
+    options = encoder_options(IMAGE_AUDIO_TEXT, "auto")
+    assert options == {"image": {"channels": 3, "order": "patch", "tile": 4, "size": [16, 16]},
+                       "audio": {"sample_rate": 16000}}
+    codec = get_codec("auto", **options)
+    data, meta = codec.encode(DATA / "images" / "icons_gnome48" / "actions_address-book-new.png")
+    assert (meta["height"], meta["width"], meta["order"], meta["tile"], len(data)) == (16, 16, "patch", 4, 768)
+    assert codec.encode(SAMPLES / "audio" / "fsdd_0_george_1.wav")[1]["sample_rate"] == 16000
+    assert encoder_options(IMAGE_AUDIO_TEXT, "text") == {}
