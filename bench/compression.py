@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from mmbytes.compress import compress_files, decompress_files, load, machine_envelope, trained_codecs
+from mmbytes.io import write_text
 from mmbytes.shards import DEFAULT_CHUNK, chunks, split_hash
 from mmbytes.stamp import stamp
 
@@ -123,8 +124,8 @@ def main() -> None:
     ap.add_argument("--modalities", default="image,audio,text,files", help="which sets to run, comma-separated")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    model, data_hp = load(args.ckpt, args.device)
-    modalities, image_options, seq_len = trained_codecs(data_hp)
+    model, description, seq_len = load(args.ckpt, args.device)
+    modalities, image_options = trained_codecs(description)
     chunk = args.chunk or seq_len or 4096
     sets = select(args.data, args.per_modality, args.text_bytes, args.max_file)
     rows = []
@@ -173,7 +174,7 @@ def main() -> None:
     if args.json:
         machine = {"cpu": platform.processor() or platform.machine(), "device": args.device,
                    "envelope": str(machine_envelope(model))}
-        args.json.write_text(json.dumps({**stamp(), "ckpt": str(args.ckpt), "chunk": chunk, "batch": args.batch,
+        write_text(args.json, json.dumps({**stamp(), "ckpt": str(args.ckpt), "chunk": chunk, "batch": args.batch,
                                          "machine": machine, "rows": rows}, indent=1))
 
 

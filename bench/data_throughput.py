@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from datamodules import ByteDataModule
+from mmbytes.io import write_text
 from mmbytes.model import build
 from mmbytes.shards import write_shards
 from mmbytes.stamp import stamp
@@ -92,7 +93,7 @@ def main() -> None:
         print(f"{r['modality']:9s} {r['files']:7d} {r['write_samples_per_s']:14.0f} "
               f"{r['write_bytes_per_s'] / 1e6:11.2f} {r['load_bytes_per_s'] / 1e6:10.2f} {r['load_vs_train']:12.0f}x")
     if args.json:
-        args.json.write_text(json.dumps({**stamp(), "train_bytes_per_s": train, "rows": rows}, indent=2))
+        write_text(args.json, json.dumps({**stamp(), "train_bytes_per_s": train, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

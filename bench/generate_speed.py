@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from mmbytes.codecs import MODALITIES
+from mmbytes.io import write_text
 from mmbytes.model import SIZES, build
 from mmbytes.model.generate import generate, generate_reference
 from mmbytes.model.protocol import ModelData
@@ -121,7 +122,7 @@ def main() -> None:
     if args.json:
         result = {"bytes": args.bytes, "threads": torch.get_num_threads(),
                   "baseline": base["model"] if base else None, "rows": rows}
-        args.json.write_text(json.dumps({**stamp(), **result}, indent=2))
+        write_text(args.json, json.dumps({**stamp(), **result}, indent=2))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate_speed import cached_bytes_per_s  # noqa: E402
 from train_throughput import matmul_peak_gflops, measure, real_bytes  # noqa: E402
 
+from mmbytes.io import write_atomically, write_text
 from mmbytes.stamp import ROOT, stamp
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
@@ -52,7 +53,7 @@ def cuda_tests(out: Path) -> dict:
     """The tests marked ``cuda`` (they skip without a GPU)."""
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
-    (out / "cuda_tests.txt").write_text(r.stdout[-20000:] + r.stderr[-5000:])
+    write_text(out / "cuda_tests.txt", r.stdout[-20000:] + r.stderr[-5000:])
     return {"returncode": r.returncode, "summary": (r.stdout.strip().splitlines() or [""])[-1]}
 
 
@@ -124,7 +125,8 @@ def sample_and_compress(out: Path, ckpt: str, device: str) -> dict:
           "--device", device])
     sample_s = time.perf_counter() - start
     text = out / "excerpt.txt"  # the first 16 KiB of the shipped text: a round trip, not a compression figure
-    text.write_bytes(sorted((ROOT / "samples" / "text").glob("*.txt"))[0].read_bytes()[: 16 * 1024])
+    first = sorted((ROOT / "samples" / "text").glob("*.txt"))[0].read_bytes()[: 16 * 1024]
+    write_atomically(text, lambda f: f.write(first))
     start = time.perf_counter()
     main(["compress", "--ckpt", ckpt, str(text), "--out", str(out / "mmbz"), "--device", device, "--quiet"])
     packed = sorted((out / "mmbz").glob("*.mmbz"))[0]
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         print(f"gpu.py: {name}: {'ok' if result['steps'][name]['ok'] else 'FAILED'} "
               f"({result['steps'][name]['s']:.0f} s)", flush=True)
-        (args.out / "gpu.json").write_text(json.dumps(result, indent=1, default=str))
+        write_text(args.out / "gpu.json", json.dumps(result, indent=1, default=str))
 
     if not args.smoke:
         step("cuda_tests", lambda: cuda_tests(args.out))
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "sample_and_compress" in result:
         lines += ["Sample and compress", "", *table([result["sample_and_compress"]],
                                                     ["sample_s", "compress_round_trip_s", "exact", "ratio"])]
-    (args.out / "gpu.md").write_text("\n".join(lines) + "\n")
+    write_text(args.out / "gpu.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return result
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mmbytes.io import write_atomically, write_text
 from mmbytes.stamp import ROOT, stamp
 
 MODELS = "small,transformer-small,spacebyte-small,spacebyte-fixed-small,blt-small,blt-fixed-small,bpe-small"
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     text = out / "gcide.txt"
     with gzip.open(args.data_root / "text" / "gcide.dict.dz") as f:
-        text.write_bytes(f.read(2**18) if args.smoke else f.read())
+        write_atomically(text, lambda out_file: out_file.write(f.read(2**18) if args.smoke else f.read()))
     run(["shards", str(text), "--out", str(out / "text_shards"), "--codec", "text"], log)
     models = ",".join(m.replace("small", "debug") for m in args.models.split(",")) if args.smoke else args.models
     run(["study", "--data", str(out / "text_shards"), "--budget", "3e8" if args.smoke else f"{args.budget:g}",
@@ -92,11 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not fsdd.exists():
         fsdd.mkdir()
         for p in sorted((args.data_root / "audio" / "fsdd").glob("*.wav"))[: 40 if args.smoke else None]:
-            shutil.copy(p, fsdd / p.name)
+            write_atomically(fsdd / p.name, lambda f, p=p: f.write(p.read_bytes()))
     result["fsdd"] = gallery(out, "fsdd", "audio.yaml", [str(fsdd)], None, args.gallery_minutes, device,
                              ["--modality", "audio", "--num", "2" if args.smoke else "8", "--seconds",
                               "0.05" if args.smoke else "1.0"], log, args.smoke)
-    (out / "gpu_study.json").write_text(json.dumps(result, indent=1))
+    write_text(out / "gpu_study.json", json.dumps(result, indent=1))
     return result
 
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+from mmbytes.io import write_text
 from mmbytes.stamp import stamp
 
 GiB = 2**30
@@ -125,8 +126,8 @@ def main() -> None:
                   f"{row.get('time_growth_per_2x', float('nan')):7.2f}", flush=True)
             prev = row
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({**stamp(), "limit_gb": args.limit_gb, "timeout_s": args.timeout, "rows": rows}, f, indent=1)
+        write_text(args.json, json.dumps({**stamp(), "limit_gb": args.limit_gb, "timeout_s": args.timeout,
+                                          "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

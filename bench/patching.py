@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from mmbytes.codecs import get_codec
+from mmbytes.io import write_text
 from mmbytes.model import patching
 from mmbytes.stamp import stamp
 
@@ -70,7 +71,7 @@ def main() -> None:
             print(f"{modality:10s} {','.join(sources)[:45]:45s} {n / 1e6:5.2f} {row['start_share']:7.1%} "
                   f"{row['global_share']:7.1%} {row['overflow_share']:9.1%}")
     if args.json:
-        args.json.write_text(json.dumps({**stamp(), "seq_len": T, "cap": cap, "rows": rows}, indent=2))
+        write_text(args.json, json.dumps({**stamp(), "seq_len": T, "cap": cap, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import json
 import sys
 from pathlib import Path
 
+from mmbytes.io import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.out} is not up to date: run python bench/render_measurements.py", file=sys.stderr)
             return 1
         return 0
-    args.out.write_text(text)
+    write_text(args.out, text)
     print(f"wrote {args.out}: {len(studies)} studies, {len(results)} result files")
     return 0
 

@@ -19,6 +19,7 @@ import soundfile as sf
 from PIL import Image
 
 from mmbytes.codecs import get_codec
+from mmbytes.io import write_text
 from mmbytes.stamp import ROOT, stamp
 
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(r)
     result = {**stamp(argv), "run": str(args.run), "step": args.step, "rows": rows}
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+        write_text(args.json, json.dumps(result, indent=1))
     return result
 
 

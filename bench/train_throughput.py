@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from mmbytes.codecs import MODALITIES
+from mmbytes.io import write_text
 from mmbytes.model import SIZES, build
 from mmbytes.model.protocol import ModelData
 from mmbytes.stamp import stamp
@@ -148,7 +149,7 @@ def main() -> None:
         result = {"seq_len": args.seq_len, "batch": args.batch, "device": str(device), "dtype": args.dtype,
                   "threads": threads, "matmul_peak_gflops": peak, "flops": "analytic model.flops_per_byte",
                   "baseline": base["model"] if base else None, "rows": rows}
-        args.json.write_text(json.dumps({**stamp(), **result}, indent=2))
+        write_text(args.json, json.dumps({**stamp(), **result}, indent=2))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 
 from datamodules import ByteDataModule
 from mmbytes.checkpoint import load_model
+from mmbytes.io import write_text
 from mmbytes.model import patching
 from mmbytes.stamp import stamp
 
@@ -91,7 +92,7 @@ def main() -> None:
         print(f"{r['ckpt'][-60:]:60s} {r['bits_word_initial']:18.3f} {r['bits_rest']:10.3f} "
               f"{r['word_initial_share']:10.3f} {at:>22s}")
     if args.json:
-        args.json.write_text(json.dumps({**stamp(), "rows": rows}, indent=1))
+        write_text(args.json, json.dumps({**stamp(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

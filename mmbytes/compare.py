@@ -159,11 +159,24 @@ def vq_samples(vq, prior, shape: tuple[int, ...], num: int, temperature: float, 
 
 
 def byte_samples(model, meta: dict, num: int, num_bytes: int, temperature: float, seed: int) -> list[np.ndarray]:
+    """``num`` samples of the byte model told ``meta``'s modality (BLT patches with its threshold; a conditioned
+    model starts from its start state), decoded as ``meta`` says."""
     from datamodules.vq import sample_array
     from mmbytes.sample import sample_bytes
 
-    out = sample_bytes(model, num, num_bytes, temperature=temperature, seed=seed)
+    out = sample_bytes(model, num, num_bytes, temperature=temperature, seed=seed, modality=meta["modality"])
     return [sample_array(np.frombuffer(b, dtype=np.uint8), meta, "byte model sample") for b in out]
+
+
+def byte_meta(description: dict, modality: str, item_meta: dict) -> dict:
+    """How the byte model's samples are decoded: the byte order, tile and sample rate of the data it was trained on
+    (its data description), the size of the validation items it is compared on."""
+    from mmbytes.data_description import codec_meta
+
+    trained = {k: v for k, v in codec_meta(description, modality).items() if v is not None}
+    if modality == "image":
+        trained = {k: trained[k] for k in ("order", "tile") if k in trained}
+    return {**item_meta, **trained, "modality": modality}
 
 
 # -- pictures (matplotlib, the project's plotting library)
@@ -335,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     from mmbytes.checkpoint import load_checkpoint, load_model
+    from mmbytes.data_description import of_checkpoint
     from mmbytes.vq.lit import load_prior, load_vq
 
     start = time.time()
@@ -347,7 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     modality = vq.modality
     items = read_val(args.data, modality, args.max_items)
     byte_ckpt = load_checkpoint(args.byte_ckpt)
-    data_hp = byte_ckpt.get("datamodule_hyper_parameters") or {}
+    data_hp = byte_ckpt.get("datamodule_hyper_parameters") or {}  # its window (seq_len); how data was encoded: below
+    description = of_checkpoint(byte_ckpt, args.byte_ckpt)
     steps = {"byte_steps": byte_ckpt.get("global_step", "?"), "vq_steps": load_checkpoint(args.vq_ckpt).get(
         "global_step", "?"), "prior_steps": load_checkpoint(args.prior_ckpt).get("global_step", "?")}
     del byte_ckpt
@@ -367,7 +382,8 @@ def main(argv: list[str] | None = None) -> None:
         shape, num_bytes = (length,), length * 2
     samples = vq_samples(vq, prior, shape, args.num, args.temperature, args.seed)
     nb = args.num if args.byte_samples is None else args.byte_samples
-    bsamples = byte_samples(byte_model, meta, nb, num_bytes, args.temperature, args.seed) if nb else []
+    bmeta = byte_meta(description, modality, meta)
+    bsamples = byte_samples(byte_model, bmeta, nb, num_bytes, args.temperature, args.seed) if nb else []
 
     args.out.mkdir(parents=True, exist_ok=True)
     inf = math.inf
@@ -409,7 +425,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, clips in grid_rows:
             for i, a in enumerate(clips):
                 with atomic_path(args.out / f"{stems[name]}_{i:03d}.wav") as tmp:
-                    sf.write(str(tmp), a.astype(np.int16), meta["sample_rate"], subtype="PCM_16", format="WAV")
+                    rate = (bmeta if name == "byte model sample" else meta)["sample_rate"]
+                    sf.write(str(tmp), a.astype(np.int16), rate, subtype="PCM_16", format="WAV")
     f = vq.downsample
     per_item = (f"{shape[1] // f}x{shape[2] // f} codes per {shape[2]}x{shape[1]} image" if modality == "image"
                 else f"one code per {f} samples")

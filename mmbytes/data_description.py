@@ -1,8 +1,9 @@
 """One description of the data a model was trained on, derived from the shards' manifest(s): which modalities, and
 for each the codec and the options that decoding needs (image height, width, channels, order and tile; audio sample
-rate and sample width). It is stored in every checkpoint (``checkpoint["data_description"]``) and is what
-``mmbytes sample`` and the sample callbacks read, so that a file is decoded as the data it was trained on was encoded
-(audio of a MixedDataModule's 8 kHz set is written at 8 kHz).
+rate and sample width). It is stored in every checkpoint (``checkpoint["data_description"]``) and is all that
+``mmbytes sample``, ``compress``, ``compare`` and the sample callbacks read about the data, so that a file is decoded
+(or coded) as the data the model was trained on was encoded (audio of a MixedDataModule's 8 kHz set is written at
+8 kHz; an image is compressed in the pixel order the model learned).
 
 Plain Python: no Lightning, no model. A description is a JSON-ready dict::
 
@@ -19,8 +20,8 @@ first sample of that modality in the training shards; it is None when there is n
 from __future__ import annotations
 
 import json
-import os
-import tarfile
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,20 +75,24 @@ def read_manifest_file(data_dir: str | Path) -> dict | None:
 
 
 def first_sample_meta(data_dir: str | Path, manifest: dict, modality: str) -> dict | None:
-    """The metadata of the first training sample of ``modality`` (reads JSON members only, shard by shard)."""
-    for name in manifest["splits"].get("train", {}).get("shards", []):
-        path = Path(data_dir) / name
-        if Path(name).name != name or not path.is_file():
-            continue
-        try:
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    if member.isfile() and member.name.endswith(".json"):
-                        meta = json.loads(tar.extractfile(member).read())
-                        if isinstance(meta, dict) and meta.get("modality") == modality:
-                            return meta
-        except (OSError, tarfile.TarError, ValueError):
-            continue
+    """The metadata of the first training sample of ``modality``, read through the shard reader
+    (``datamodules.reader``: local shards the manifest names, members bounded; a damaged shard is passed over)."""
+    from datamodules.reader import manifest_shards, tar_samples
+    from mmbytes.errors import MmbytesError
+
+    path = Path(data_dir) / "manifest.json"
+    try:
+        shards, bound = manifest_shards(manifest, path, "train")
+    except (OSError, MmbytesError, ValueError):
+        return None
+    for url in shards:
+        for sample in tar_samples(url, lambda exn: True, bound):
+            try:
+                meta = json.loads(sample.get("json", b"null"))
+            except ValueError:
+                continue
+            if isinstance(meta, dict) and meta.get("modality") == modality:
+                return meta
     return None
 
 
@@ -141,13 +146,39 @@ def of_datamodule(datamodule: Any) -> dict[str, Any] | None:
     return describe(data_sets(hparams)) if hparams else None
 
 
-def of_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """The description stored in a checkpoint, or for one written before descriptions were stored, the one derived
-    from its datamodule's hyperparameters (manifests still there are read; otherwise the recipe's codec options)."""
+DEFAULTS = "every modality, with the codecs' default options"
+"""What a checkpoint that holds neither a description nor its datamodule's recipe is taken to describe: the auto
+codec without options (images 3 channels in the patch order with 4 x 4 tiles, their size and the audio sample rate
+left open: a reader's own defaults apply, ``mmbytes sample``'s 32 x 32 and 16 kHz)."""
+
+
+def default() -> dict[str, Any]:
+    """The description ``DEFAULTS`` names."""
+    return _plain({"version": VERSION, "modalities": modality_options("auto", {}), "sets": []})
+
+
+def of_checkpoint(ckpt: dict[str, Any], name: str | Path = "checkpoint",
+                  notice: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """The description stored in a checkpoint. A checkpoint written before descriptions were stored gets the one
+    derived from the recipe it records (its datamodule's hyperparameters: the manifests still there are read, else the
+    recipe's codec options), or without one ``default()``; ``notice`` (default: a line on stderr) is told which, in
+    one line naming ``name``."""
     stored = ckpt.get(KEY)
     if isinstance(stored, dict) and isinstance(stored.get("modalities"), dict):
         return stored
-    return describe(data_sets(ckpt.get("datamodule_hyper_parameters") or {}))
+    hparams = ckpt.get("datamodule_hyper_parameters") or {}
+    said = notice or (lambda line: print(line, file=sys.stderr))
+    if hparams:
+        said(f"{name}: holds no data description (written before checkpoints stored one); described from the recipe "
+             "it records")
+        return describe(data_sets(hparams))
+    said(f"{name}: holds no data description and no data recipe; assuming {DEFAULTS}")
+    return default()
+
+
+def trained_modalities(description: dict[str, Any]) -> set[str]:
+    """The modalities the description names."""
+    return set(description.get("modalities") or {})
 
 
 def codec_meta(description: dict[str, Any], modality: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -160,6 +191,22 @@ def codec_meta(description: dict[str, Any], modality: str, given: dict[str, Any]
     if modality == "audio":
         return {"sample_rate": opts.get("sample_rate")}
     return {}
+
+
+def encoder_options(description: dict[str, Any], codec: str) -> dict[str, Any]:
+    """Options for ``get_codec(codec)`` that encode a file as the training data was encoded (image size, channels,
+    order and tile; audio sample rate), from the description; options it leaves open are left to the codec."""
+    modalities = description.get("modalities") or {}
+    image = {k: v for k, v in (modalities.get("image") or {}).items() if k in ("channels", "order", "tile")
+             and v is not None}
+    im = modalities.get("image") or {}
+    if im.get("height") and im.get("width"):
+        image["size"] = [im["height"], im["width"]]
+    rate = (modalities.get("audio") or {}).get("sample_rate")
+    audio = {"sample_rate": rate} if rate else {}
+    if codec == "auto":
+        return {"image": image, "audio": audio}
+    return {"image": image, "audio": audio}.get(codec, {})
 
 
 def recipe_difference(manifest: dict[str, Any], recipe: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -199,12 +246,10 @@ def _settings(codec: str, options: Any) -> dict | None:
 
 def mark_built_by(data_dir: str | Path, who: str) -> None:
     """Record in ``<data_dir>/manifest.json`` that ``who`` built these shards from its recipe (so it may rebuild them
-    when the recipe changes); the manifest is replaced whole (written beside it, then renamed)."""
+    when the recipe changes); the manifest is replaced whole (``mmbytes.io``)."""
     path = Path(data_dir) / "manifest.json"
     manifest = json.loads(path.read_bytes())
     manifest[BUILT_BY] = who
-    tmp = path.with_name(".manifest.json.partial")
-    tmp.unlink(missing_ok=True)
-    with open(tmp, "x") as f:
-        f.write(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)
+    from mmbytes.io import write_text
+
+    write_text(path, json.dumps(manifest, indent=1), ".manifest.json.partial")

@@ -241,7 +241,9 @@ def patches_main(argv: list[str] | None = None) -> None:
         model = model.entropy_model
     else:
         thresholds = calibration["thresholds"] if calibration else {}
-    codec_options = (ckpt.get("datamodule_hyper_parameters") or {}).get("codec_options") or {}
+    from mmbytes.data_description import encoder_options, of_checkpoint
+
+    codec_options = encoder_options(of_checkpoint(ckpt, args.ckpt), args.codec)  # files encoded as in training
     for path in args.files:
         data, meta = get_codec(args.codec, **codec_options).encode(path)
         modality = meta.get("modality", "raw")

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     model, _ = load_model(args.ckpt, map_location=args.device)
     ckpt = load_checkpoint(args.ckpt)
     data_hp = ckpt.get("datamodule_hyper_parameters") or {}
-    description = of_checkpoint(ckpt)
+    description = of_checkpoint(ckpt, args.ckpt)
     del ckpt
     meta = codec_meta(args.modality, description, args, getattr(model.config, "patch_size", 1))
     if args.modality == "image" and meta["order"] == "patch" and (meta["height"] % meta["tile"]

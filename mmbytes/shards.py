@@ -55,6 +55,7 @@ from tqdm import tqdm
 from mmbytes.argtypes import count, fraction, positive_float, positive_int
 from mmbytes.codecs import CodecError, decoded_limit, get_codec
 from mmbytes.errors import ManifestError, OptionError, ShardsError
+from mmbytes.io import Staged, write_text
 
 DEFAULT_CHUNK = {"text": 65536}  # a big text is cut into samples (its tail may be validation); raw files stay whole
 
@@ -232,13 +233,10 @@ def checksum(path: Path) -> dict:
     return {"bytes": size, "sha256": h.hexdigest()}
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    """``obj`` written to ``path`` whole or not at all (a temporary file renamed into place)."""
-    tmp = path.with_name(path.name + ".partial")
-    tmp.unlink(missing_ok=True)  # a link left under that name would send the write outside the folder
-    with open(tmp, "x") as f:
-        f.write(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+def _write_json(path: Path, obj: dict, staging: str) -> None:
+    """``obj`` written to ``path`` whole or not at all (``mmbytes.io``: the staging file ``staging``, a name the
+    journal may record, renamed into place)."""
+    write_text(path, json.dumps(obj, indent=1), staging)
 
 
 class Journal:
@@ -252,17 +250,18 @@ class Journal:
         self.partial: set[str] = set()
 
     def save(self) -> None:
-        _write_json(self.path, {"writer": WRITER, "shards": self.shards, "partial": sorted(self.partial)})
+        _write_json(self.path, {"writer": WRITER, "shards": self.shards, "partial": sorted(self.partial)},
+                    JOURNAL + ".partial")
 
     def opened(self, tmp: Path) -> None:
         self.partial.add(tmp.name)
         self.save()
 
     def finished(self, tmp: Path, name: str) -> None:
+        """Record the complete shard ``tmp`` as ``name``; called before the rename (``Staged.commit``), so a shard
+        under its final name is always in the journal."""
         self.shards[name] = checksum(tmp)
-        self.save()  # before the rename: a shard under its final name is always in the journal
-        os.replace(tmp, tmp.parent / name)
-        self.partial.discard(tmp.name)
+        self.save()
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -275,18 +274,17 @@ class ShardWriter:
         self.out, self.prefix, self.max_bytes, self.journal = out, prefix, max_bytes, journal
         self.names: list[str] = []
         self.samples = self.bytes = 0
-        self._tar = self._tmp = self._file = None
+        self._tar = self._staged = None
         self._size = 0
 
     def write(self, key: str, data: bytes, meta: dict) -> None:
         if self._tar is not None and self._size + len(data) > self.max_bytes:
             self._finish()
         if self._tar is None:
-            self._tmp = self.out / f".{self.prefix}-{len(self.names):06d}.tar.partial"
-            self.journal.opened(self._tmp)
-            self._tmp.unlink(missing_ok=True)
-            self._file = open(self._tmp, "xb")  # exclusive: never through a link planted under that name
-            self._tar = wds.TarWriter(self._file)
+            staging = f".{self.prefix}-{len(self.names):06d}.tar.partial"
+            self.journal.opened(self.out / staging)  # named in the journal before it exists
+            self._staged = Staged(self.out / f"{self.prefix}-{len(self.names):06d}.tar", staging)
+            self._tar = wds.TarWriter(self._staged.file)
             self._size = 0
         self._tar.write({"__key__": key, "bin": data, "json": meta})
         self._size += len(data) + 2048  # tar headers and the json member
@@ -294,12 +292,12 @@ class ShardWriter:
         self.bytes += len(data)
 
     def _finish(self) -> None:
-        self._tar.close()
-        self._file.close()
-        name = f"{self.prefix}-{len(self.names):06d}.tar"
-        self.journal.finished(self._tmp, name)
+        self._tar.close()  # the tar's end blocks; the file stays open for ``commit`` to flush to disk
+        name = self._staged.path.name
+        self._staged.commit(before_replace=lambda tmp: self.journal.finished(tmp, name))
+        self.journal.partial.discard(self._staged.tmp.name)
         self.names.append(name)
-        self._tar = None
+        self._tar = self._staged = None
 
     def close(self) -> None:
         if self._tar is not None:
@@ -309,14 +307,13 @@ class ShardWriter:
         """Drop the shard being written; finished shards stay (whole and readable, though without a manifest, and
         listed in the journal so that a rerun may replace them) unless ``remove_finished``."""
         if self._tar is not None:
-            for closing in (self._tar.close, self._file.close):
-                try:
-                    closing()
-                except OSError:  # a full disk fails the last flush too: the file goes anyway
-                    pass
-            self._tmp.unlink(missing_ok=True)
-            self.journal.partial.discard(self._tmp.name)
-            self._tar = None
+            try:
+                self._tar.close()
+            except (OSError, ValueError):  # a full disk fails the last flush too: the file goes anyway
+                pass
+            self._staged.discard()
+            self.journal.partial.discard(self._staged.tmp.name)
+            self._tar = self._staged = None
         if remove_finished:
             for name in self.names:
                 (self.out / name).unlink(missing_ok=True)
@@ -820,7 +817,7 @@ def write_shards(sources: list[str | Path], out: str | Path, codec: str = "raw",
         }
         journal.partial.add(".manifest.json.partial")
         journal.save()
-        _write_json(out / "manifest.json", manifest)
+        _write_json(out / "manifest.json", manifest, ".manifest.json.partial")
         journal.remove()
     except OSError as e:
         full = e.errno in OUT_OF_SPACE

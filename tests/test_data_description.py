@@ -88,3 +88,161 @@ def test_codec_options_that_mean_the_same_keep_the_shards(tmp_path):
     with pytest.raises(OptionError, match="shards built with codec_options"):
         ByteDataModule(data_dir=str(tmp_path / "s"), sources=[str(SAMPLES / "audio")], codec="audio",
                        codec_options={"sample_rate": 16000}).prepare_data()
+
+
+# ---- compress and compare read the description alone, and tell the model each file's modality
+
+DATA = ROOT / "tests" / "data"
+
+
+def blt_told_modalities(monkeypatch):
+    """A BLT whose thresholds differ per modality, loaded by the commands through ``load_model``, recording the
+    modalities each cached batch and each scored batch is told (None: the model was not told)."""
+    import torch
+
+    from mmbytes import checkpoint
+    from mmbytes.codecs import MODALITIES
+    from mmbytes.model.registry import build
+
+    torch.manual_seed(0)
+    model = build("blt-debug").eval()
+    model.theta.fill_(9.0)
+    model.theta[MODALITIES.index("image")] = -1.0  # a patch at every pixel byte, one per window elsewhere
+    told = []
+    new_cache = model.new_cache
+
+    def recording(*args, modality=None, **kw):
+        told.append(None if modality is None else {MODALITIES[int(i)] for i in modality})
+        return new_cache(*args, modality=modality, **kw)
+
+    def nll(x, mask=None, *, modality=None):
+        told.append(None if modality is None else {MODALITIES[int(i)] for i in modality})
+        return type(model).nll(model, x, mask, modality=modality)
+
+    model.new_cache, model.nll = recording, nll
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **kw: (model, None))
+    return model, told
+
+
+def saved_checkpoint(path: Path, model, **extra) -> Path:
+    import torch
+
+    from mmbytes.model.registry import config_to_dict
+
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "mmbytes": {"config": config_to_dict(model.config)}, **extra}, path)
+    return path
+
+
+def real_files(folder: Path) -> dict[str, Path]:
+    """A 16x16 crop of a shipped icon as a binary PPM (its pixels as they are), a shipped WAV, a shipped text file."""
+    from PIL import Image
+
+    folder.mkdir()
+    with Image.open(DATA / "images" / "icons_gnome48" / "actions_address-book-new.png") as im:
+        im.convert("RGB").crop((16, 16, 32, 32)).save(folder / "icon.ppm", format="PPM")
+    (folder / "tone.wav").write_bytes((SAMPLES / "audio" / "sound_icons_cembalo-10.wav").read_bytes())
+    (folder / "a.py").write_bytes((DATA / "files" / "libpython3.11-stdlib_python3.11_antigravity.py").read_bytes())
+    return {"image": folder / "icon.ppm", "audio": folder / "tone.wav", "text": folder / "a.py"}
+
+
+IMAGE_AUDIO_TEXT = {"version": 1, "modalities": {
+    "image": {"codec": "image", "height": 16, "width": 16, "channels": 3, "order": "patch", "tile": 4},
+    "audio": {"codec": "audio", "sample_rate": 16000, "sample_width": 2}, "text": {"codec": "text"}}, "sets": []}
+
+
+def test_compress_codes_files_as_the_description_says_and_tells_the_model_each_files_modality(tmp_path, monkeypatch,
+                                                                                               capsys):
+    from mmbytes.cli import main
+    from mmbytes.compress import unpack
+
+    model, told = blt_told_modalities(monkeypatch)
+    # the recipe the checkpoint records says raw: only the description counts
+    ckpt = saved_checkpoint(tmp_path / "m.ckpt", model, data_description=IMAGE_AUDIO_TEXT,
+                            datamodule_hyper_parameters={"codec": "raw", "seq_len": 256})
+    files = real_files(tmp_path / "in")
+    for modality, path in files.items():
+        told.clear()
+        main(["compress", "--ckpt", str(ckpt), str(path), "--out", str(tmp_path / "z"), "--quiet", "--chunk", "256"])
+        header, _ = unpack((tmp_path / "z" / (path.name + ".mmbz")).read_bytes(), path)
+        assert header.mode == modality
+        assert told and all(t == {modality} for t in told)  # every batch of the file, told its modality
+        if modality == "image":
+            assert (header.image["order"], header.image["tile"]) == ("patch", 4)
+    assert "data description" not in capsys.readouterr().err
+
+
+def test_compress_codes_a_modality_the_description_lacks_as_stored(tmp_path, monkeypatch):
+    from mmbytes.cli import main
+    from mmbytes.compress import unpack
+
+    model, told = blt_told_modalities(monkeypatch)
+    text_only = {"version": 1, "modalities": {"text": {"codec": "text"}}, "sets": []}
+    ckpt = saved_checkpoint(tmp_path / "m.ckpt", model, data_description=text_only,
+                            datamodule_hyper_parameters={"codec": "auto", "seq_len": 256})
+    wav = real_files(tmp_path / "in")["audio"]
+    main(["compress", "--ckpt", str(ckpt), str(wav), "--out", str(tmp_path / "z"), "--quiet", "--chunk", "256"])
+    assert unpack((tmp_path / "z" / "tone.wav.mmbz").read_bytes(), "tone")[0].mode == "raw"
+    assert told and all(t == {"raw"} for t in told)
+
+
+@pytest.mark.parametrize("recorded, said", [
+    ({"datamodule_hyper_parameters": {"codec": "image", "codec_options": {"order": "raster"}}}, "from the recipe"),
+    ({}, "assuming every modality")])
+def test_a_checkpoint_without_a_description_is_compressed_with_a_one_line_notice(tmp_path, monkeypatch, capsys,
+                                                                                 recorded, said):
+    from mmbytes.cli import main
+    from mmbytes.compress import unpack
+
+    model, told = blt_told_modalities(monkeypatch)
+    ckpt = saved_checkpoint(tmp_path / "old.ckpt", model, **recorded)
+    ppm = real_files(tmp_path / "in")["image"]
+    main(["compress", "--ckpt", str(ckpt), str(ppm), "--out", str(tmp_path / "z"), "--quiet", "--chunk", "256"])
+    notice = [line for line in capsys.readouterr().err.splitlines() if "data description" in line]
+    assert len(notice) == 1 and str(ckpt) in notice[0] and said in notice[0]
+    header = unpack((tmp_path / "z" / "icon.ppm.mmbz").read_bytes(), "icon")[0]
+    # the recipe's raster order; without one, the image codec's default (patch, 4x4 tiles)
+    assert header.mode == "image" and header.image["order"] == ("raster" if recorded else "patch")
+    assert all(t == {"image"} for t in told)
+
+
+def test_compare_tells_the_byte_model_each_items_modality_and_decodes_as_its_description_says(monkeypatch):
+    """The byte model in ``mmbytes compare``: scored and sampled told the modality; its samples decoded in the byte
+    order of the data it was trained on (the description: patch), not of the validation shards' metadata (raster)."""
+    import numpy as np
+
+    from mmbytes.codecs.image import from_order
+    from mmbytes.compare import byte_bpd, byte_meta, byte_samples
+    from mmbytes.sample import sample_bytes
+
+    model, told = blt_told_modalities(monkeypatch)
+    icon = (DATA / "images" / "icons_gnome48" / "actions_address-book-new.png").read_bytes()
+    item = {"modality": "image", "height": 8, "width": 8, "channels": 3, "order": "raster", "tile": 1}
+    byte_bpd(model, [(np.frombuffer(icon[:192], dtype=np.uint8), item)], 96, 2, "image")
+    assert told == [{"image"}]
+    told.clear()
+    meta = byte_meta(IMAGE_AUDIO_TEXT, "image", item)
+    assert (meta["height"], meta["width"], meta["order"], meta["tile"]) == (8, 8, "patch", 4)
+    (decoded,) = byte_samples(model, meta, 1, 192, temperature=1.0, seed=0)
+    assert told == [{"image"}]
+    (made,) = sample_bytes(model, 1, 192, seed=0, modality="image")
+    expected = from_order(np.frombuffer(made, dtype=np.uint8), 8, 8, 3, "patch", 4).transpose(2, 0, 1)
+    assert np.array_equal(decoded, expected)
+    audio = byte_meta(IMAGE_AUDIO_TEXT, "audio", {"modality": "audio", "sample_rate": 8000, "sample_width": 2})
+    assert audio["sample_rate"] == 16000  # the rate the byte model's audio was encoded at
+
+
+def test_encoder_options_encode_a_file_as_the_description_says():
+    """``mmbytes patches`` encodes a file with these: a shipped icon becomes the 16x16 patch-order image the model
+    was trained on, a shipped WAV 16 kHz audio."""
+    from mmbytes.codecs import get_codec
+    from mmbytes.data_description import encoder_options
+
+    options = encoder_options(IMAGE_AUDIO_TEXT, "auto")
+    assert options == {"image": {"channels": 3, "order": "patch", "tile": 4, "size": [16, 16]},
+                       "audio": {"sample_rate": 16000}}
+    codec = get_codec("auto", **options)
+    data, meta = codec.encode(DATA / "images" / "icons_gnome48" / "actions_address-book-new.png")
+    assert (meta["height"], meta["width"], meta["order"], meta["tile"], len(data)) == (16, 16, "patch", 4, 768)
+    assert codec.encode(SAMPLES / "audio" / "fsdd_0_george_1.wav")[1]["sample_rate"] == 16000
+    assert encoder_options(IMAGE_AUDIO_TEXT, "text") == {}

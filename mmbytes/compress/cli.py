@@ -30,7 +30,7 @@ def atomic_write(path: Path, data: bytes, root: Path) -> None:
         existing = existing.parent
     if not existing.resolve().is_relative_to(root.resolve()):
         raise CompressionError(f"{path}: its folder leads outside {root}; not written")
-    from mmbytes.checkpoint import write_atomically
+    from mmbytes.io import write_atomically
 
     write_atomically(path, lambda f: f.write(data))
 
@@ -51,12 +51,17 @@ def walk(sources: list[Path], suffix: str | None = None) -> list[tuple[Path, Pat
     return out
 
 
-def load(ckpt: Path, device: str) -> tuple[nn.Module, dict]:
+def load(ckpt: Path, device: str, describe: bool = True) -> tuple[nn.Module, dict | None, int | None]:
+    """The model, the data description it was trained on (``mmbytes.data_description``: modalities, image order
+    and tile; None unless ``describe``) and its training window (the default chunk)."""
     from mmbytes.checkpoint import load_checkpoint, load_model
+    from mmbytes.data_description import of_checkpoint
 
     model, _ = load_model(ckpt, map_location=device)
-    data_hp = load_checkpoint(ckpt).get("datamodule_hyper_parameters") or {}
-    return model, data_hp
+    stored = load_checkpoint(ckpt)
+    description = of_checkpoint(stored, ckpt, lambda line: print(f"mmbytes: {line}", file=sys.stderr)) \
+        if describe else None
+    return model, description, (stored.get("datamodule_hyper_parameters") or {}).get("seq_len")
 
 
 def written(target: Path, data: bytes, out: Path, command: str) -> bool:
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None, command: str = "compress") -> None:
         files = walk(args.inputs, SUFFIX if decompress else None)
     except CompressionError as e:
         sys.exit(f"mmbytes {command}: {e}")
-    model, data_hp = load(args.ckpt, args.device)
+    model, description, seq_len = load(args.ckpt, args.device, describe=not decompress)
     failed = 0
     if decompress:
         targets = [args.out / (rel.with_name(rel.name[: -len(SUFFIX)]) if rel.name.endswith(SUFFIX) else rel)
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None, command: str = "compress") -> None:
                 continue
             print(f"{p} -> {target} ({len(result):,} bytes)")
     else:
-        modalities, image_options, seq_len = trained_codecs(data_hp)
+        modalities, image_options = trained_codecs(description)
         items = [(p.read_bytes(), str(p), args.out / rel.with_name(rel.name + SUFFIX)) for p, rel in files]
         targets = [target for _, _, target in items]
         if len(set(targets)) < len(targets):

@@ -135,20 +135,9 @@ def rebuild(body: bytes, mode: str, prefix: bytes, suffix: bytes, image: dict) -
     return prefix + body + suffix
 
 
-def trained_codecs(data_hparams: dict | None) -> tuple[set[str], dict, int | None]:
-    """From a checkpoint's datamodule hyperparameters: the modalities the model was trained on, its image codec
-    options (byte order, tile) and its sequence length. Unknown (no hyperparameters): every modality, raster."""
-    if not data_hparams:
-        return set(MODES), {}, None
-    modalities, image = set(), {}
-    for s in data_hparams.get("sets") or [data_hparams]:
-        codec, options = s.get("codec", "raw"), s.get("codec_options") or {}
-        if codec == "auto":
-            modalities |= set(MODES)
-            image = options.get("image", image)
-        elif codec in ("image", "idx"):
-            modalities.add("image")
-            image = options
-        elif codec in MODES:
-            modalities.add(codec)
-    return modalities, {k: image[k] for k in ("order", "tile") if k in image}, data_hparams.get("seq_len")
+def trained_codecs(description: dict) -> tuple[set[str], dict]:
+    """From the data description the model was trained on (``mmbytes.data_description``): the modalities it knows
+    (a file is coded as samples or pixels only in one of them) and its image byte order and tile."""
+    known = set(description.get("modalities") or {}) & set(MODES)
+    image = (description.get("modalities") or {}).get("image") or {}
+    return known, {k: image[k] for k in ("order", "tile") if image.get(k) is not None}
