@@ -28,7 +28,7 @@ import torch
 
 from mmbytes import MegabyteConfig
 from mmbytes.lit import param_groups, warmup_cosine
-from mmbytes.model.megabyte_config import PAPER_FORM
+from mmbytes.model.megabyte_config import PRESETS
 from mmbytes.model.protocol import ModelData
 from mmbytes.model.registry import build as build_model
 from mmbytes.model.registry import config_from_name
@@ -37,7 +37,7 @@ from mmbytes.stamp import stamp
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
 
 # name -> (config overrides of `--size`, embeddings decayed); "reference" is MEGABYTE-pytorch
-PAPER = PAPER_FORM
+PAPER = PRESETS["paper"]
 VARIANTS: dict[str, tuple[dict, bool]] = {
     "paper": (PAPER, True),
     "embed1": ({**PAPER, "embed_std": 1.0}, True),
