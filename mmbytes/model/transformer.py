@@ -64,6 +64,11 @@ class TransformerConfig:
             raise ValueError(f"n_layer must be >= 1 and window >= 0, got {self.n_layer} and {self.window}")
         check_heads((self.d_model, self.n_head, "transformer"))
 
+    @property
+    def patch_size(self) -> int:
+        """Bytes per position: 1 (no patches; what the data aligns windows and image tiles to)."""
+        return 1
+
     @classmethod
     def from_name(cls, name: str, preset: str | None = None, **overrides) -> TransformerConfig:
         """A named size of this module (``SIZES``), in ``preset`` if given, with fields replaced by ``overrides``."""
