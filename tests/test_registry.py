@@ -93,3 +93,16 @@ def test_each_named_size_is_its_shape_in_its_preset(module):
         assert {k: getattr(config, k) for k in shape} == shape
         assert {k: getattr(config, k) for k in module.PRESETS[preset]} == module.PRESETS[preset]
         assert config == registry.config_from_name(name, preset=preset)
+
+
+def test_the_cli_builds_a_named_size_in_the_preset_it_is_given(tmp_path, monkeypatch):
+    from mmbytes.cli import run_cli
+
+    monkeypatch.chdir(tmp_path)  # nothing may be written into the project
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    cli = run_cli(["--config", str(recipe), "--model.preset", "paper"], run=False)
+    overrides = cli.model.hparams["overrides"]
+    assert cli.model.model.config == registry.config_from_name(cli.model.hparams["size"], "paper", **overrides)
+    assert cli.model.model.config.token_shift is False and cli.model.model.config.patch_embed == "concat"
+    with pytest.raises(ValueError, match="unknown preset 'fast' for 'debug'; known: paper, shifted"):
+        run_cli(["--config", str(recipe), "--model.preset", "fast"], run=False)
