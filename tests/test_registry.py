@@ -106,3 +106,12 @@ def test_the_cli_builds_a_named_size_in_the_preset_it_is_given(tmp_path, monkeyp
     assert cli.model.model.config.token_shift is False and cli.model.model.config.patch_embed == "concat"
     with pytest.raises(ValueError, match="unknown preset 'fast' for 'debug'; known: paper, shifted"):
         run_cli(["--config", str(recipe), "--model.preset", "fast"], run=False)
+
+
+def test_a_study_refuses_a_preset_that_one_of_its_models_lacks_before_training(tmp_path):
+    from mmbytes.study import main
+
+    with pytest.raises(SystemExit, match=r"--preset shifted: no such preset for \['transformer-debug'\]"):
+        main(["--data", str(tmp_path), "--budget", "1e9", "--models", "debug,transformer-debug",
+              "--out", str(tmp_path / "study"), "--preset", "shifted"])
+    assert not (tmp_path / "study").exists()
