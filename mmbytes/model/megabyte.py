@@ -160,8 +160,9 @@ class Megabyte(Complete, nn.Module):
         # global model (section 2.2.2): a decoder-only transformer over the patches
         out = self.global_model(global_in)  # (B, K, P*D_G); patch k has seen patches < k
         # local model (section 2.2.3), each patch a sequence of its own (folded into the batch): byte p of patch k reads
-        # slice p of patch k's global output, projected by w^GL, plus the embedding of byte p - 1 (``unit_inputs``:
-        # the padding byte at p = 0). Middle stages run first, the same way, with sub-patches in place of bytes.
+        # slice p of patch k's global output, projected by w^GL, plus the embedding of the byte before it
+        # (``unit_inputs``: the paper's padding byte at p = 0, or with ``local_shift: sequence`` the previous patch's
+        # last byte). Middle stages run first, the same way, with sub-patches in place of bytes.
         for s in self.stages()[1:]:
             N = out.shape[0] * out.shape[1]
             up = s.up(out.reshape(N, -1), P)  # (N, P/p, p*D_s)
@@ -170,6 +171,7 @@ class Megabyte(Complete, nn.Module):
         return out.reshape(B, x.shape[1], -1)[:, :T]  # (B, T, D_L)
 
     def forward(self, x: Tensor, *, modality: Tensor | None = None) -> Tensor:
+        """Logits (B, T, 256) of every byte from the local model's output (Eq. 6)."""
         return self.head(self.hidden(x, modality))
 
     def nll(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768, *,
