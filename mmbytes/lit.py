@@ -61,8 +61,8 @@ class ByteLM(L.LightningModule):
             max_bad_steps: a step whose loss is NaN or infinite is skipped (no update) and counted in
                 ``train/skipped_steps``; this many in a row stop training with ``NonFiniteLossError``.
             decay_embeddings: apply weight decay to the byte embedding tables too.
-            entropy_ckpt: BLT: the checkpoint of its entropy model (a byte model trained with ``mmbytes fit``
-                without a start state per modality: a ``blt-entropy-*`` size or ``modality_start: false``; best
+            entropy_ckpt: BLT: the checkpoint of its entropy model (a flat byte Transformer trained with ``mmbytes
+                fit`` without a start state per modality: a ``blt-entropy-*`` size or ``modality_start: false``; best
                 with thresholds stored by ``mmbytes calibrate``); frozen inside the BLT model and saved with it.
                 Without it a BLT size carries a randomly initialised entropy model (warned at construction: its
                 patches carry no information). Thresholds not stored with it are calibrated at the start of ``fit``

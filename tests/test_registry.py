@@ -115,3 +115,12 @@ def test_a_study_refuses_a_preset_that_one_of_its_models_lacks_before_training(t
         main(["--data", str(tmp_path), "--budget", "1e9", "--models", "debug,transformer-debug",
               "--out", str(tmp_path / "study"), "--preset", "shifted"])
     assert not (tmp_path / "study").exists()
+
+
+def test_a_blt_config_whose_entropy_model_is_not_a_flat_transformer_is_refused_by_name():
+    with pytest.raises(ValueError, match="'debug' is not a flat byte Transformer size"):
+        registry.config_from_name("blt-debug", entropy="debug")
+    stored = registry.config_to_dict(registry.config_from_name("debug"))
+    with pytest.raises(ValueError, match="this one has arch 'megabyte'"):
+        registry.config_from_name("blt-debug", entropy=stored)
+    assert registry.config_from_name("blt-fixed-debug", entropy="debug").patching == "fixed"  # no entropy model built

@@ -90,6 +90,8 @@ class BLTConfig:
         if any(n < 1 for n in self.hash_ngrams):
             raise ValueError(f"hash n-gram sizes must be positive, got {self.hash_ngrams}")
         check_heads((self.d_local, self.n_head_local, "local"), (self.d_global, self.n_head_global, "global"))
+        if self.uses_entropy:
+            self.entropy_config  # noqa: B018 -- refused here, by name, if it is not a flat byte Transformer's
 
     @property
     def local_window(self) -> int:
@@ -109,11 +111,13 @@ class BLTConfig:
                 raise ValueError(f"BLT's entropy model {self.entropy!r} is not a flat byte Transformer size; known: "
                                  f"{', '.join(transformer.SIZES)}")
             return transformer.SIZES[self.entropy]
+        if self.entropy.get("arch") != "transformer":
+            raise ValueError(f"BLT's entropy model is a flat byte Transformer (a transformer-* or blt-entropy-* "
+                             f"size); this one has arch {self.entropy.get('arch')!r}")
         unknown = sorted(set(self.entropy) - {f.name for f in fields(TransformerConfig)})
-        if unknown or self.entropy.get("arch") != "transformer":
-            raise ValueError(f"BLT's entropy config is not a current flat byte Transformer's (arch "
-                             f"{self.entropy.get('arch')!r}, fields {unknown}): give stored configs through "
-                             "mmbytes.model.registry, which migrates them")
+        if unknown:
+            raise ValueError(f"BLT's entropy config has fields {unknown} that TransformerConfig does not: stored "
+                             "configs go through mmbytes.model.registry, which migrates them")
         return TransformerConfig(**self.entropy)
 
     @classmethod
