@@ -11,8 +11,8 @@ size as the reference (``reference``), with plain AdamW on all its parameters.
 
 A variant is a name of ``VARIANTS`` (MEGABYTE's fields, most over its paper form) or atoms joined by ``+`` applied
 over the named size (``ATOMS``): ``shift`` (token shift), ``swiglu`` (SwiGLU MLP), ``fanin`` (fan-in init),
-``embed1`` (embeddings N(0, 1)), ``paper`` (the size's paper form: MEGABYTE's ``PAPER_FORM``, first, whatever its
-place; other architectures' named sizes are their paper form) and ``default`` (nothing). A ``VARIANTS`` name whose
+``embed1`` (embeddings N(0, 1)), ``paper`` (the ``paper`` preset of the size's architecture, first, whatever its
+place) and ``default`` (nothing). A ``VARIANTS`` name whose
 fields the size's config has takes its ``VARIANTS`` meaning: for a MEGABYTE size, ``shift`` is the paper form with
 token shift; for the others it is the named size with token shift. The run prints each variant's overrides.
 
@@ -43,15 +43,16 @@ import torch
 from mmbytes import MegabyteConfig
 from mmbytes.codecs import MODALITIES
 from mmbytes.lit import load_entropy, model_config, param_groups, warmup_cosine
-from mmbytes.model.megabyte_config import PAPER_FORM
+from mmbytes.model.megabyte_config import PRESETS
 from mmbytes.model.protocol import ModelData
 from mmbytes.model.registry import build as build_model
+from mmbytes.model.registry import presets
 from mmbytes.stamp import stamp
 
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
 
 # name -> (config overrides of `--size`, embeddings decayed); "reference" is MEGABYTE-pytorch
-PAPER = PAPER_FORM
+PAPER = PRESETS["paper"]
 VARIANTS: dict[str, tuple[dict, bool]] = {
     "paper": (PAPER, True),
     "embed1": ({**PAPER, "embed_std": 1.0}, True),
@@ -86,7 +87,7 @@ ATOMS: dict[str, dict] = {
     "swiglu": {"mlp": "swiglu"},  # SwiGLU MLP at equal parameters (Shazeer, 2020)
     "fanin": {"init": "fan_in"},  # PyTorch's fan-in initialisation of every linear layer
     "embed1": {"embed_std": 1.0},  # byte (token) embeddings and start units N(0, 1)
-    "paper": {},  # the size's paper form: MEGABYTE's PAPER_FORM; other named sizes are theirs already
+    "paper": {},  # the size's architecture's `paper` preset, applied first (``variant``)
 }
 """Atoms of a variant name joined by ``+`` (``fanin+embed1+shift+swiglu``), applied over the named size."""
 
@@ -103,7 +104,7 @@ def variant(name: str, size: str) -> tuple[dict, bool]:
         if atom not in ATOMS:
             raise ValueError(f"variant {name!r}: unknown atom {atom!r}; atoms are {', '.join(ATOMS)} (joined by +)"
                              + (", or one of VARIANTS" if isinstance(config, MegabyteConfig) else ""))
-    out = dict(PAPER_FORM) if "paper" in atoms and isinstance(config, MegabyteConfig) else {}
+    out = dict(presets(size)["paper"]) if "paper" in atoms else {}
     for atom in atoms:
         out.update(ATOMS[atom])
     return out, True

@@ -30,7 +30,7 @@ def checkpoint_config(ckpt: dict[str, Any]) -> Any | None:
     hp = ckpt.get("hyper_parameters") or {}
     if "size" not in hp:
         return None
-    return config_from_name(hp["size"], **(hp.get("overrides") or {}))
+    return config_from_name(hp["size"], hp.get("preset"), **(hp.get("overrides") or {}))
 
 
 RUNTIME_FIELDS = ("checkpointing", "dropout", "context")

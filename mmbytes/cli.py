@@ -83,7 +83,7 @@ class MmbytesCLI(LightningCLI):
         if init is None or "size" not in init or not ckpt_path or not Path(ckpt_path).is_file():  # not a ByteLM
             return  # "last" and the like are resolved by the Trainer; ByteLM.on_load_checkpoint checks those
         defaults = inspect.signature(ByteLM.__init__).parameters
-        if all(init.get(k) == defaults[k].default for k in ("size", "overrides")):
+        if all(init.get(k) == defaults[k].default for k in ("size", "overrides", "preset")):
             return  # no architecture asked for: it comes from the checkpoint
         import torch
 
@@ -92,7 +92,7 @@ class MmbytesCLI(LightningCLI):
         entropy = init.get("entropy_ckpt")
         if entropy and not Path(entropy).is_file() and isinstance(getattr(theirs, "entropy", None), dict):
             overrides.setdefault("entropy", theirs.entropy)  # BLT: the entropy model travels in the checkpoint
-        check_config(theirs, model_config(init.get("size"), overrides, entropy), ckpt_path)
+        check_config(theirs, model_config(init.get("size"), overrides, entropy, init.get("preset")), ckpt_path)
 
     def parse_arguments(self, parser, args) -> None:
         """Lightning then takes every model argument from a given checkpoint's hyperparameters (lightning >= 2.5).
@@ -117,7 +117,7 @@ class MmbytesCLI(LightningCLI):
             self.config[sub].model.init_args[k] = v
 
 def check_model_size(model) -> None:
-    """A ``ByteLM`` size (and overrides) the registry does not know: one line naming the known sizes, before the
+    """A ``ByteLM`` size (preset, overrides) the registry does not know: one line naming the known sizes, before the
     parser's instantiation wraps the error in a Union-type report."""
     init = model.get("init_args") if model is not None and hasattr(model, "get") else None
     if init is None or "size" not in init or not str(model.get("class_path", "")).endswith("ByteLM"):
@@ -126,9 +126,9 @@ def check_model_size(model) -> None:
     from mmbytes.model.registry import config_from_name
 
     try:
-        config_from_name(init.get("size"), **dict(init.get("overrides") or {}))
+        config_from_name(init.get("size"), init.get("preset"), **dict(init.get("overrides") or {}))
     except ValueError as e:
-        raise OptionError(f"--model.size/--model.overrides: {e}") from None
+        raise OptionError(f"--model.size/--model.preset/--model.overrides: {e}") from None
 
 
 def check_accelerator(name) -> None:

@@ -5,11 +5,11 @@ curve and patch boundaries (``mmbytes patches``).
         --data data/mix-images data/mix-audio data/mix-text --patch-size 4.5 --out runs/blt_entropy/calibrated
     mmbytes patches --ckpt runs/blt_entropy/calibrated/entropy.ckpt samples/text/README.md --out out/
 
-The entropy model is any byte model trained with ``mmbytes fit`` whose predictions do not depend on the modality
-(a ``blt-entropy-*`` size, or any byte size with ``modality_start: false``). One threshold for all data gives very
-different patch sizes on text, image bytes and audio bytes, so ``calibrate`` finds one per modality (by bisection, for
-a target mean patch size on the training shards) and writes a copy of the checkpoint with them stored
-(``mmbytes.calibration``); BLT takes it with ``--model.entropy_ckpt``.
+The entropy model is a flat byte Transformer trained with ``mmbytes fit`` whose predictions do not depend on the
+modality (a ``blt-entropy-*`` size, or a ``transformer-*`` size with ``modality_start: false``). One threshold for all
+data gives very different patch sizes on text, image bytes and audio bytes, so ``calibrate`` finds one per modality
+(by bisection, for a target mean patch size on the training shards) and writes a copy of the checkpoint with them
+stored (``mmbytes.calibration``); BLT takes it with ``--model.entropy_ckpt``.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ class ByteLM(L.LightningModule):
         self,
         size: str = "debug",
         overrides: dict[str, Any] | None = None,
+        preset: str | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.98),
@@ -43,6 +44,8 @@ class ByteLM(L.LightningModule):
             size: named model size of any architecture (``debug``, ``small``, ``base``, ``transformer-small``,
                 ``spacebyte-small``, ...; see ``mmbytes.model.registry.SIZES``).
             overrides: config fields that replace those of the named size, e.g. ``{patch_size: 4}``.
+            preset: build the named size in this named form of its architecture (``PRESETS`` of its module, e.g.
+                ``paper``: the paper's form) instead of the form it is named in; ``overrides`` apply after it.
             lr: peak learning rate of AdamW.
             weight_decay: AdamW weight decay, applied to matrices (and embeddings, see ``decay_embeddings``), never
                 to norms, biases or padding vectors.
@@ -58,8 +61,8 @@ class ByteLM(L.LightningModule):
             max_bad_steps: a step whose loss is NaN or infinite is skipped (no update) and counted in
                 ``train/skipped_steps``; this many in a row stop training with ``NonFiniteLossError``.
             decay_embeddings: apply weight decay to the byte embedding tables too.
-            entropy_ckpt: BLT: the checkpoint of its entropy model (a byte model trained with ``mmbytes fit``
-                without a start state per modality: a ``blt-entropy-*`` size or ``modality_start: false``; best
+            entropy_ckpt: BLT: the checkpoint of its entropy model (a flat byte Transformer trained with ``mmbytes
+                fit`` without a start state per modality: a ``blt-entropy-*`` size or ``modality_start: false``; best
                 with thresholds stored by ``mmbytes calibrate``); frozen inside the BLT model and saved with it.
                 Without it a BLT size carries a randomly initialised entropy model (warned at construction: its
                 patches carry no information). Thresholds not stored with it are calibrated at the start of ``fit``
@@ -79,7 +82,7 @@ class ByteLM(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         entropy = load_entropy(entropy_ckpt, overrides)
-        self.model = build(model_config(size, overrides, entropy))
+        self.model = build(model_config(size, overrides, entropy, preset))
         if entropy is not None:
             # the entropy model's config goes into the hyperparameters, so that a checkpoint of this run rebuilds the
             # same model (its weights and thresholds are in the state dict) also once the entropy file is gone
@@ -302,15 +305,17 @@ def load_entropy(path: str | None, overrides: dict[str, Any] | None = None) -> d
     return load_entropy_model(path)
 
 
-def model_config(size: str, overrides: dict[str, Any] | None = None, entropy: dict[str, Any] | str | None = None):
-    """The config ``ByteLM(size, overrides, entropy_ckpt)`` builds: the named size with the overrides, and for BLT the
-    config of the entropy model in ``entropy`` (a checkpoint path or ``load_entropy``'s result)."""
+def model_config(size: str, overrides: dict[str, Any] | None = None, entropy: dict[str, Any] | str | None = None,
+                 preset: str | None = None):
+    """The config ``ByteLM(size, overrides, preset, entropy_ckpt)`` builds: the named size in the preset with the
+    overrides, and for BLT the config of the entropy model in ``entropy`` (a checkpoint path or ``load_entropy``'s
+    result)."""
     overrides = dict(overrides or {})
     if isinstance(entropy, str):
         entropy = load_entropy(entropy, overrides)
     if entropy is not None:
         overrides["entropy"] = entropy["config"]
-    return config_from_name(size, **overrides)
+    return config_from_name(size, preset, **overrides)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:

@@ -47,9 +47,9 @@ sizes take ``DEBUG_LR``; ``--lr MODEL=LR`` replaces either."""
 DEBUG_LR = 2e-3
 """The quickstart's learning rate, for the ``debug`` sizes."""
 IDENTITY = ("data", "budget", "seq_len", "batch_size", "val_batches", "evals", "entropy_budget", "entropy_ckpt",
-            "warmup", "precision")
+            "warmup", "precision", "preset")
 """Study settings that runs of one study must share (models and seeds may grow)."""
-IDENTITY_DEFAULTS = {"precision": "32-true"}
+IDENTITY_DEFAULTS = {"precision": "32-true", "preset": None}
 """The value of a setting in a ``study.json`` written before the setting existed."""
 
 
@@ -333,12 +333,15 @@ def parse_lr(items: list[str]) -> dict[str, float]:
 
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
     """Train what is not done yet and write the report; returns ``{"trained": [...], "results": [...]}``."""
-    from mmbytes.model.registry import SIZES, build
+    from mmbytes.model.registry import SIZES, build, config_from_name, presets
 
     models = [size_of(m.strip()) for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in SIZES]
     if unknown:
         raise SystemExit(f"unknown models {unknown}; known: {', '.join(SIZES)}")
+    without = [m for m in models if args.preset and args.preset not in presets(m)]
+    if without:
+        raise SystemExit(f"--preset {args.preset}: no such preset for {without}")
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in IDENTITY}
     stored = args.out / "study.json"
@@ -354,8 +357,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     trained, results, entropy = [], [], {}
     data = study_data(args)
     for size in models:
-        kwargs: dict[str, Any] = {}
-        estimate = build(size)  # plans the steps: readied for the data as each run's model will be
+        kwargs: dict[str, Any] = {"preset": args.preset} if args.preset else {}
+        estimate = build(config_from_name(size, args.preset))  # plans the steps: readied for the data as the runs
         estimate.prepare(data)
         for key, name in estimate.requires().items():
             kwargs[key], entropy[size] = companion_for(key, name, args, log)
@@ -399,6 +402,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--strided", nargs="?", const="paper", choices=["paper", "later"],
                     help="MEGABYTE runs also score with strided inference (paper section 2.3.3; twice the validation "
                     "cost), reported as val/bpb_strided; the rule: paper (default) or later")
+    ap.add_argument("--preset", default=None,
+                    help="every model in this named form of its architecture (e.g. paper: each paper's form) instead "
+                    "of the form its size is named in")
     ap.add_argument("--num-workers", type=at_most(int, 0, 1024), default=0)
     ap.add_argument("--accelerator", default="auto")
     ap.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "bf16-true", "16-mixed"],

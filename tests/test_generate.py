@@ -1,6 +1,6 @@
 import pytest
 import torch
-from generation_check import FORMS, cached_equals_reference, condition
+from generation_check import FORMS, cached_equals_reference, condition, in_form
 
 from mmbytes import Megabyte, MegabyteConfig
 from mmbytes.codecs import MODALITIES
@@ -12,7 +12,7 @@ def model(name: str, **form) -> Megabyte:
         return Megabyte(MegabyteConfig.from_name("debug", patch_size=16, d_global=4, mid_patch_sizes=(8, 2),
                                                  d_mid=(8, 16), n_layer_mid=(1, 1), n_head_mid=(2, 2), d_local=16,
                                                  n_head_local=2, **form)).double().eval()
-    return Megabyte(MegabyteConfig.from_name(name, **form)).double().eval()
+    return in_form(name, **form).double().eval()
 
 
 @pytest.mark.parametrize("name", ["debug", "debug-long", "four-stages", "transformer-debug"])

@@ -2,19 +2,21 @@ import math
 
 import pytest
 import torch
-from generation_check import FORMS, condition
+from generation_check import FORMS, condition, in_form
 
 from mmbytes import Megabyte, MegabyteConfig
 from mmbytes.codecs import MODALITIES
-from mmbytes.model.megabyte_config import CONDITIONED
+from mmbytes.model import registry
+from mmbytes.model.megabyte_config import PRESETS
 
 SIZES = ["debug", "debug-long", "transformer-debug"]  # two stages, three stages, flat
 MODALITY = torch.tensor([MODALITIES.index("image"), MODALITIES.index("text")])  # the two rows' start states
 
 
 def model(name: str, **kw) -> Megabyte:
-    """A named size in eval mode, its start state per modality given random offsets (``condition``)."""
-    return condition(Megabyte(MegabyteConfig.from_name(name, **kw)).eval())
+    """A named size in eval mode (with the fields of ``kw`` its architecture has), its start state per modality given
+    random offsets (``condition``)."""
+    return condition(in_form(name, **kw).eval())
 
 
 def leaks(m: Megabyte, T: int) -> list[int]:
@@ -154,7 +156,7 @@ def test_odd_lengths_and_dtypes():
 
 
 def test_named_sizes_parameter_counts():
-    counts = {n: Megabyte(MegabyteConfig.from_name(n)).num_params() for n in
+    counts = {n: registry.build(n).num_params() for n in
               ["debug", "small", "base", "long", "transformer-debug", "transformer-small"]}
     print(counts)
     assert 8e6 < counts["small"] < 12e6
@@ -169,8 +171,10 @@ def test_config_rejects_bad_fields():
         MegabyteConfig.from_name("debug", n_layers=3)
     with pytest.raises(ValueError, match="unknown model size"):
         MegabyteConfig.from_name("huge")
-    with pytest.raises(ValueError, match="patch_size=1"):
-        MegabyteConfig(arch="transformer", patch_size=4, n_layer_local=0)
+    with pytest.raises(ValueError, match="arch 'megabyte'"):
+        MegabyteConfig(arch="transformer")
+    with pytest.raises(ValueError, match="n_layer_local >= 1"):
+        MegabyteConfig(n_layer_local=0)
     with pytest.raises(ValueError, match="one entry per middle stage"):
         MegabyteConfig(patch_size=8, mid_patch_sizes=(2,), d_mid=(16, 16), n_layer_mid=(1,), n_head_mid=(2,))
     for mids in [(3,), (8,), (4, 4), (1,)]:  # must divide, be smaller than the size above, and be at least 2
@@ -180,7 +184,7 @@ def test_config_rejects_bad_fields():
     cfg = MegabyteConfig(patch_size=8, mid_patch_sizes=[2], d_mid=[16], n_layer_mid=[1], n_head_mid=[2])  # YAML lists
     assert cfg.mid_patch_sizes == (2,) and cfg == MegabyteConfig.from_name("debug-long", **{
         k: getattr(cfg, k) for k in ("d_global", "n_layer_global", "n_head_global", "d_local", "n_layer_local",
-                                     "n_head_local", *CONDITIONED)})
+                                     "n_head_local", *PRESETS["shifted"])})
     for field, value in [("init", "xavier"), ("local_shift", "global")]:
         with pytest.raises(ValueError, match=field):
             MegabyteConfig.from_name("debug", **{field: value})
@@ -211,7 +215,7 @@ def test_strided_nll_later_rule_takes_each_byte_from_the_pass_where_it_is_late_i
         m.nll_strided(x, rule="first")
 
 
-@pytest.mark.parametrize("name, table", [("debug", "local_embed"), ("transformer-debug", "global_embed")])
+@pytest.mark.parametrize("name, table", [("debug", "local_embed"), ("transformer-debug", "embed")])
 def test_tied_head_reuses_the_byte_embedding_and_stays_causal(name, table):
     untied, tied = model(name), model(name, tied_head=True)
     assert tied.head.weight is getattr(tied, table).weight  # the paper's output layer: E^local-embed

@@ -12,7 +12,8 @@ from mmbytes.model import registry
 COMPAT = Path(__file__).parent / "data" / "compat"
 
 
-@pytest.mark.parametrize("name", ["debug", "spacebyte-debug", "blt-fixed-debug"])
+@pytest.mark.parametrize("name", ["debug", "spacebyte-debug", "blt-fixed-debug", "transformer-debug",
+                                  "blt-entropy-debug"])
 def test_stored_checkpoint_loads_and_gives_the_stored_nll_exactly(name):
     stored = torch.load(COMPAT / f"{name}.pt", weights_only=True)
     model = registry.build(registry.config_from_dict(stored["config"]))

@@ -1,13 +1,14 @@
-"""BLT's config (Pagnoni et al., 2024) and its named sizes, entropy models included; see ``mmbytes.model.blt``."""
+"""BLT's config (Pagnoni et al., 2024), its presets and named sizes; see ``mmbytes.model.blt``. Its entropy models
+(``blt-entropy-*``) are flat byte Transformers: ``mmbytes.model.transformer``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from mmbytes.model import patching
-from mmbytes.model.common import check_heads
-from mmbytes.model.megabyte_config import MegabyteConfig
+from mmbytes.model import patching, transformer
+from mmbytes.model.common import check_heads, named_config
+from mmbytes.model.transformer import TransformerConfig
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,9 @@ class BLTConfig:
     max_patch_len: int = 0
     """A patch that reaches this many bytes is cut (0: no limit)."""
     entropy: Any = "blt-entropy-small"
-    """The entropy model: a named size of any architecture, or a stored config (set from an entropy checkpoint).
-    Frozen inside the BLT model; not built for ``fixed`` and ``space``."""
+    """The entropy model, a flat byte Transformer (``mmbytes.model.transformer``): one of its named sizes, or its
+    config as a dict (set from an entropy checkpoint; ``registry.migrate`` brings stored ones up to date). Frozen
+    inside the BLT model; not built for ``fixed`` and ``space``."""
     d_local: int = 256
     """D_L, width of the byte-level encoder and decoder."""
     n_layer_encoder: int = 1
@@ -76,13 +78,13 @@ class BLTConfig:
     """How an n-gram's rolling hash becomes a table row (``ngram_ids``). 2: the hash is mixed (a 32-bit integer
     mixer) before it is reduced modulo ``hash_vocab``, so ids spread like a random hash at any table size. 1: reduced
     directly, which leaves most rows unused at table sizes related to ``HASH_BASE`` (500,002 rows: HASH_BASE = -1 mod
-    the size); configs stored without this field have it (``LEGACY``), so their checkpoints keep their ids."""
+    the size); configs stored without this field have it (``registry.migrate``), so their checkpoints keep their ids."""
     modality_start: bool = False
     """A learned start state per modality (``layers.ModalityStart``): both start vectors, the latent input before
     the first patch and the decoder input of position 0, are the shared ones plus offsets chosen by the row's
     modality (rows without one: the shared ones), so every latent position, and through the decoder's cross-attention
     every byte, is conditioned on the modality, and the first bytes also directly through the local decoder. Off in
-    configs stored before the field existed (``LEGACY``); on in the named sizes. The entropy model stays
+    configs stored before the field existed (``registry.migrate``); on in the named sizes. The entropy model stays
     unconditioned."""
 
     def __post_init__(self) -> None:
@@ -102,6 +104,8 @@ class BLTConfig:
         if any(n < 1 for n in self.hash_ngrams):
             raise ValueError(f"hash n-gram sizes must be positive, got {self.hash_ngrams}")
         check_heads((self.d_local, self.n_head_local, "local"), (self.d_global, self.n_head_global, "global"))
+        if self.uses_entropy:
+            self.entropy_config  # noqa: B018 -- refused here, by name, if it is not a flat byte Transformer's
 
     @property
     def local_window(self) -> int:
@@ -111,34 +115,52 @@ class BLTConfig:
     def uses_entropy(self) -> bool:
         return self.patching in patching.ENTROPY_RULES
 
+    @property
+    def entropy_config(self) -> TransformerConfig:
+        """The config of the entropy model that ``entropy`` names or holds."""
+        if isinstance(self.entropy, TransformerConfig):
+            return self.entropy
+        if isinstance(self.entropy, str):
+            if self.entropy not in transformer.SIZES:
+                raise ValueError(f"BLT's entropy model {self.entropy!r} is not a flat byte Transformer size; known: "
+                                 f"{', '.join(transformer.SIZES)}")
+            return transformer.SIZES[self.entropy]
+        if self.entropy.get("arch") != "transformer":
+            raise ValueError(f"BLT's entropy model is a flat byte Transformer (a transformer-* or blt-entropy-* "
+                             f"size); this one has arch {self.entropy.get('arch')!r}")
+        unknown = sorted(set(self.entropy) - {f.name for f in fields(TransformerConfig)})
+        if unknown:
+            raise ValueError(f"BLT's entropy config has fields {unknown} that TransformerConfig does not: stored "
+                             "configs go through mmbytes.model.registry, which migrates them")
+        return TransformerConfig(**self.entropy)
 
-def _entropy_transformer(d: int, n_layer: int, n_head: int, window: int) -> MegabyteConfig:
-    return MegabyteConfig(arch="transformer", patch_size=1, d_global=d, n_layer_global=n_layer, n_head_global=n_head,
-                          d_local=d, n_layer_local=0, n_head_local=0, window=window)
+    @classmethod
+    def from_name(cls, name: str, preset: str | None = None, **overrides) -> BLTConfig:
+        """A named size of this module (``SIZES``), in ``preset`` if given, with fields replaced by ``overrides``."""
+        return named_config(SIZES, PRESETS, name, preset, overrides)
 
 
-SIZES: dict[str, Any] = {
-    # entropy models: small windowed byte transformers (the paper's is ~100M parameters with a 512-byte window)
-    "blt-entropy-debug": _entropy_transformer(32, 1, 2, 16),
-    "blt-entropy-small": _entropy_transformer(128, 4, 4, 512),
+PRESETS: dict[str, dict] = {
+    "paper": dict(modality_start=False),
+    "conditioned": dict(modality_start=True),
+}
+"""Named forms (field -> value) a size is built in. ``paper``: the paper's form, unconditioned. ``conditioned`` (the
+named sizes): with a learned start state per modality."""
+
+_DEBUG = dict(d_local=32, n_layer_encoder=1, n_layer_decoder=1, n_head_local=2, window=8, d_global=64,
+              n_layer_global=2, n_head_global=2, hash_vocab=64)
+
+SHAPES: dict[str, tuple[str, dict]] = {
     # for tests: windows of 8 bytes, tiny hash tables
-    "blt-debug": BLTConfig(entropy="blt-entropy-debug", d_local=32, n_layer_encoder=1, n_layer_decoder=1,
-                           n_head_local=2, window=8, d_global=64, n_layer_global=2, n_head_global=2, hash_vocab=64,
-                           modality_start=True),
+    "blt-debug": ("conditioned", dict(_DEBUG, entropy="blt-entropy-debug")),
     # the paper's ablation: no hash n-gram embeddings
-    "blt-nohash-debug": BLTConfig(entropy="blt-entropy-debug", d_local=32, n_layer_encoder=1, n_layer_decoder=1,
-                                  n_head_local=2, window=8, d_global=64, n_layer_global=2, n_head_global=2,
-                                  hash_vocab=0, modality_start=True),
-    "blt-fixed-debug": BLTConfig(patching="fixed", patch_size=4, d_local=32, n_layer_encoder=1, n_layer_decoder=1,
-                                 n_head_local=2, window=8, d_global=64, n_layer_global=2, n_head_global=2,
-                                 hash_vocab=64, modality_start=True),
+    "blt-nohash-debug": ("conditioned", dict(_DEBUG, entropy="blt-entropy-debug", hash_vocab=0)),
+    "blt-fixed-debug": ("conditioned", dict(_DEBUG, patching="fixed", patch_size=4)),
     # ~10.9M parameters without the hash tables (7.1M latent + 2.4M local + 1.4M pooling and cross-attention); the
     # six hash tables add 6.3M
-    "blt-small": BLTConfig(modality_start=True),
-    "blt-fixed-small": BLTConfig(patching="fixed", patch_size=4, modality_start=True),
+    "blt-small": ("conditioned", dict()),
+    "blt-fixed-small": ("conditioned", dict(patching="fixed", patch_size=4)),
 }
+"""Each named size: (its preset, its shape)."""
 
-
-LEGACY = {"hash_version": 1, "modality_start": False}
-"""Values of fields that configs stored before the field existed were trained with."""
-
+SIZES: dict[str, BLTConfig] = {name: BLTConfig(**shape, **PRESETS[preset]) for name, (preset, shape) in SHAPES.items()}

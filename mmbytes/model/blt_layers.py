@@ -1,6 +1,7 @@
 """BLT's parts below the model (Pagnoni et al., 2024): the hash n-gram ids of the byte embeddings (section 3.2.1),
 the entropy of a next-byte distribution (section 2.3), the per-patch cross-attention of the local encoder and decoder
-(sections 3.2.2 and 3.3.1), the generation cache and the patch statistics that training logs."""
+(sections 3.2.2 and 3.3.1), the generation cache, the patch statistics that training logs and the FLOPs of the
+trainable parts."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmbytes.codecs import MODALITIES
+from mmbytes.model import flops
 
 HASH_BASE, HASH_MOD = 1_000_003, 2**31 - 1
 """The rolling hash of the n-gram ids: sum over the n bytes ending at t of (byte + 1) * HASH_BASE^age mod HASH_MOD
@@ -139,3 +141,21 @@ def patch_stats(starts: Tensor, mask: Tensor | None, modality: Tensor | None) ->
             rows = modality == m
             out[f"patch_size_{MODALITIES[m]}"] = (count[rows].sum() / cut[rows].sum().clamp(min=1)).detach()
     return out
+
+
+def forward_flops(c: Any, rows: int, seq_len: int, n_patches: int) -> float:
+    """Forward FLOPs of a BLT model's trainable parts (config ``c``) on ``rows`` windows of ``seq_len`` bytes cut into
+    ``n_patches`` patches each (``mmbytes.model.flops``): local blocks (sliding-window attention), the pooling (query
+    init, the patch cross-attention's projections, its scores and weighted values: each byte with the k queries of its
+    patch), the latent transformer, the decoder's cross-attentions (projections of the latent output, queries, scores
+    and weighted values) and the head."""
+    T, K, n = seq_len, n_patches, rows
+    DL, DG, k = c.d_local, c.d_global, c.cross_k
+    mix = flops.attention(n * T, k, DL)  # scores and weighted values: each byte with k vectors
+    fwd = flops.blocks(n, T, DL, c.n_layer_encoder + c.n_layer_decoder, c.mlp_ratio, c.local_window, c.mlp)
+    fwd += flops.linear(n * K, DL, k * DL) + flops.linear(n * K * k, DL, DL) * 2 + flops.linear(n * T, DL, 2 * DL)
+    fwd += mix + flops.linear(n * K, k * DL, DG)
+    fwd += flops.blocks(n, K, DG, c.n_layer_global, c.mlp_ratio, mlp=c.mlp)
+    cross = flops.linear(n * K, DG, k * DL) + flops.linear(n * K * k, DL, 2 * DL) + flops.linear(n * T, DL, DL) * 2
+    fwd += c.n_layer_decoder * (cross + mix)
+    return fwd + flops.linear(n * T, DL, c.vocab_size)

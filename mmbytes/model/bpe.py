@@ -83,7 +83,7 @@ class BPEConfig:
     modality_start: bool = False
     """A learned start state per modality (``layers.ModalityStart``): the BOS input is the shared BOS embedding plus
     an offset chosen by the row's modality (rows without one: the shared one). Off in configs stored before the field
-    existed (``LEGACY``); on in the named sizes."""
+    existed (``registry.migrate``); on in the named sizes."""
 
     def __post_init__(self) -> None:
         if self.vocab_size < 256:
@@ -96,14 +96,21 @@ class BPEConfig:
             raise ValueError(f"width {self.d_model} is not divisible by its {self.n_head} heads")
 
 
-SIZES: dict[str, BPEConfig] = {
-    "bpe-debug": BPEConfig(vocab_size=512, d_model=64, n_layer=2, n_head=2, modality_start=True),
-    # ~10M parameters in the blocks (as transformer-small) + 3.1M in the embedding and head of 4,096 tokens
-    "bpe-small": BPEConfig(modality_start=True),
+PRESETS: dict[str, dict] = {
+    "paper": dict(modality_start=False),
+    "conditioned": dict(modality_start=True),
 }
+"""Named forms (field -> value) a size is built in. ``paper``: a plain GPT-2-style token Transformer, unconditioned.
+``conditioned`` (the named sizes): with a learned start state per modality."""
 
-LEGACY = {"modality_start": False}
-"""Values of fields that configs stored before the field existed were trained with."""
+SHAPES: dict[str, tuple[str, dict]] = {
+    "bpe-debug": ("conditioned", dict(vocab_size=512, d_model=64, n_layer=2, n_head=2)),
+    # ~10M parameters in the blocks (as transformer-small) + 3.1M in the embedding and head of 4,096 tokens
+    "bpe-small": ("conditioned", dict()),
+}
+"""Each named size: (its preset, its shape)."""
+
+SIZES: dict[str, BPEConfig] = {name: BPEConfig(**shape, **PRESETS[preset]) for name, (preset, shape) in SHAPES.items()}
 
 
 class BPETransformer(Complete, nn.Module):

@@ -1,7 +1,11 @@
 """Helpers every architecture shares: the byte (or token) NLL of a head over hidden states, scored a chunk at a time,
-and the config check that each attention stack's width splits evenly among its heads."""
+the config check that each attention stack's width splits evenly among its heads, and a named size's config in a
+preset with overrides."""
 
 from __future__ import annotations
+
+from dataclasses import fields, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,3 +39,21 @@ def chunked_nll(weight: Tensor, h: Tensor, x: Tensor, mask: Tensor | None, chunk
 def _ce(weight: Tensor, h: Tensor, target: Tensor) -> Tensor:
     logits = F.linear(h, weight)  # bf16/fp16 logits are scored in fp32; fp32 and fp64 as they are
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target, reduction="none")
+
+
+def named_config(sizes: dict[str, Any], presets: dict[str, dict], name: str, preset: str | None,
+                 overrides: dict[str, Any]) -> Any:
+    """The config of the named size ``name`` of ``sizes``, with the fields of ``presets[preset]`` (if given) and then
+    ``overrides`` replaced; an unknown size, preset or field is refused by name."""
+    if name not in sizes:
+        raise ValueError(f"unknown model size {name!r}; known: {', '.join(sizes)}")
+    base = sizes[name]
+    if preset is not None:
+        if preset not in presets:
+            raise ValueError(f"unknown preset {preset!r} for {name!r}; known: {', '.join(presets)}")
+        base = replace(base, **presets[preset])
+    known = {f.name for f in fields(base)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown config fields {unknown} for {name!r}; known: {sorted(known)}")
+    return replace(base, **overrides)

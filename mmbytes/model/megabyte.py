@@ -1,13 +1,18 @@
 """MEGABYTE (Yu et al., 2023, section 2): a global transformer over patches and a local transformer inside each patch.
 
+The two-stage path follows section 2.2: the patch embedder (2.2.1) embeds every byte, concatenates the P embeddings
+of each patch and shifts the patches right by one trainable padding patch; the global model (2.2.2), a decoder-only
+transformer, runs over the patches; the local model (2.2.3) runs inside each patch, byte p reading slice p of its
+patch's global output (projected by w^GL) plus the embedding of byte p - 1 of its own patch; the head reads the local
+model's output (Eq. 6). Middle stages between the global and the local model (``mid_patch_sizes``) are the multiscale
+generalization: each repeats the local step with sub-patches in place of bytes. Strided inference is section 2.3.3.
+
 Shapes: B batch, T bytes, P patch size, K = T / P patches, D_G per-byte global width, D_L local width.
 Position information is rotary: the global model rotates by patch index, the local model by byte index inside the
 patch; a byte's slot inside the concatenated patch vector already tells the global model where in the patch it is.
 Learned absolute tables are avoided so the same weights run at any T (up to million-byte sequences).
 
-``mmbytes.model.megabyte_config.MegabyteConfig`` holds the architecture's fields; its named sizes (``SIZES``) join
-the one namespace of ``mmbytes.model.registry``. The byte-level Transformer baseline of the paper (section 5) is the
-same config with ``arch="transformer"``.
+``mmbytes.model.megabyte_config.MegabyteConfig`` holds the architecture's fields, its presets and named sizes.
 """
 
 from __future__ import annotations
@@ -33,9 +38,9 @@ class Megabyte(Complete, nn.Module):
 
     @property
     def capabilities(self) -> Capabilities:
-        """Strided inference needs patches: MEGABYTE, not the flat byte Transformer. A model with
-        ``modality_start`` is conditioned on each row's modality: callers pass it."""
-        return Capabilities(strided=self.config.arch == "megabyte", per_modality=self.config.modality_start)
+        """Strided inference (section 2.3.3). A model with ``modality_start`` is conditioned on each row's modality:
+        callers pass it."""
+        return Capabilities(strided=True, per_modality=self.config.modality_start)
 
     def __init__(self, config: MegabyteConfig) -> None:
         super().__init__()
@@ -65,22 +70,15 @@ class Megabyte(Complete, nn.Module):
             self.mid_pad.append(nn.Parameter(torch.empty(p * d)))
             self.mid_models.append(Transformer(p * d, n_layer, n_head, **block))
             d_above, p_above = d, p
-        if c.n_layer_local:
-            # w^GL of the paper (one slice of the parent's output per byte), or one projection of the whole output
-            self.global_to_local = (nn.Linear(p_above * d_above, p_above * DL) if full
-                                    else nn.Linear(d_above, DL, bias=False))
-            self.local_embed = nn.Embedding(c.vocab_size, DL)
-            self.local_pad = nn.Parameter(torch.empty(DL))  # the trainable padding byte
-            self.local_model = Transformer(DL, c.n_layer_local, c.n_head_local, **block)
-        else:
-            self.local_model = None
-        self.head = nn.Linear(DL if c.n_layer_local else DG, c.vocab_size, bias=False)
-        if c.tied_head:
-            table = self.local_embed if c.n_layer_local else self.global_embed
-            if table.embedding_dim != self.head.in_features:
-                raise ValueError(f"tied_head needs byte embeddings as wide as the head ({self.head.in_features}); "
-                                 f"they are {table.embedding_dim} wide (patch_embed: project with d_embed?)")
-            self.head.weight = table.weight  # one (256, D) matrix: embedding in, logits out
+        # w^GL of the paper (one slice of the parent's output per byte), or one projection of the whole output
+        self.global_to_local = (nn.Linear(p_above * d_above, p_above * DL) if full
+                                else nn.Linear(d_above, DL, bias=False))
+        self.local_embed = nn.Embedding(c.vocab_size, DL)
+        self.local_pad = nn.Parameter(torch.empty(DL))  # the trainable padding byte
+        self.local_model = Transformer(DL, c.n_layer_local, c.n_head_local, **block)
+        self.head = nn.Linear(DL, c.vocab_size, bias=False)
+        if c.tied_head:  # Eq. 6: the logits are the local embedding matrix times the local output
+            self.head.weight = self.local_embed.weight
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -96,19 +94,20 @@ class Megabyte(Complete, nn.Module):
                 m.reset_parameters()
         for t in transformers:  # last, so nothing above undoes their depth-scaled residual projections
             t.reset_parameters(c.init)
-        for pad in (self.global_pad, *self.mid_pad, *([self.local_pad] if self.local_model is not None else [])):
+        for pad in (self.global_pad, *self.mid_pad, self.local_pad):
             nn.init.normal_(pad, std=c.embed_std)
         if self.modality_pad is not None:
             self.modality_pad.reset_parameters()
 
     def num_params(self, part: str = "all") -> int:
         modules = {"all": self, "global": self.global_model, "mid": self.mid_models, "local": self.local_model}[part]
-        return sum(p.numel() for p in modules.parameters()) if modules is not None else 0
+        return sum(p.numel() for p in modules.parameters())
 
     # -- the pieces, shared by training (all patches at once) and generation (one patch at a time)
 
     def patch_embed(self, x: Tensor) -> Tensor:
-        """Bytes (B, K*P) -> global inputs (B, K, P*D_G): the P byte embeddings of a patch concatenated."""
+        """The patch embedder (section 2.2.1): bytes (B, K*P) -> global inputs (B, K, P*D_G), the P byte embeddings
+        of each patch concatenated (``patch_embed: project``: then normalised and projected)."""
         B, T = x.shape
         P = self.config.patch_size
         e = self.global_embed(x).view(B, T // P, P * self.global_embed.embedding_dim)  # (B, K, P*D_e)
@@ -124,9 +123,7 @@ class Megabyte(Complete, nn.Module):
                 return e(x).view(x.shape[0], x.shape[1] // p, p * e.embedding_dim)  # a sub-patch's bytes concatenated
 
             out.append(Stage(p, self.mid_models[i], self.mid_proj[i], embed, self.mid_pad[i], full))
-        if self.local_model is not None:
-            out.append(Stage(1, self.local_model, self.global_to_local, self.local_embed, self.local_pad, full))
-        return out
+        return [*out, Stage(1, self.local_model, self.global_to_local, self.local_embed, self.local_pad, full)]
 
     def unit_inputs(self, s: Stage, x: Tensor, parent: int) -> Tensor:
         """A stage's own inputs below the global model: the embeddings of its units (bytes or sub-patches) shifted right
@@ -148,7 +145,7 @@ class Megabyte(Complete, nn.Module):
         return self.modality_pad(self.global_pad, batch, modality, dtype)
 
     def hidden(self, x: Tensor, modality: Tensor | None = None) -> Tensor:
-        """Bytes (B, T) -> final hidden states (B, T, D) that the head turns into logits."""
+        """Bytes (B, T) -> the local model's final states (B, T, D_L) that the head turns into logits."""
         if x.dtype != torch.long:
             x = x.long()
         B, T = x.shape
@@ -156,19 +153,25 @@ class Megabyte(Complete, nn.Module):
         pad = -T % P
         if pad:  # padded bytes come after every real byte, so causality keeps them out of real positions
             x = F.pad(x, (0, pad))
-        h = self.patch_embed(x)  # (B, K, P*D_G)
-        h = torch.cat([self.start_patch(B, modality, h.dtype), h[:, :-1]], dim=1)  # shift by a padding patch
-        out = self.global_model(h)  # (B, K, P*D_G); patch k has seen patches < k
+        # patch embedder (section 2.2.1): the patches shifted right by one padding patch, so that the global input
+        # of patch k holds patches < k only
+        patches = self.patch_embed(x)  # (B, K, P*D_G)
+        global_in = torch.cat([self.start_patch(B, modality, patches.dtype), patches[:, :-1]], dim=1)
+        # global model (section 2.2.2): a decoder-only transformer over the patches
+        out = self.global_model(global_in)  # (B, K, P*D_G); patch k has seen patches < k
+        # local model (section 2.2.3), each patch a sequence of its own (folded into the batch): byte p of patch k reads
+        # slice p of patch k's global output, projected by w^GL, plus the embedding of the byte before it
+        # (``unit_inputs``: the paper's padding byte at p = 0, or with ``local_shift: sequence`` the previous patch's
+        # last byte). Middle stages run first, the same way, with sub-patches in place of bytes.
         for s in self.stages()[1:]:
-            # fold every parent position into the batch; its output, cut into one slice per sub-patch, is projected
-            # and added to the sub-patches' own embeddings, shifted right by one unit (``unit_inputs``)
             N = out.shape[0] * out.shape[1]
             up = s.up(out.reshape(N, -1), P)  # (N, P/p, p*D_s)
             out = s.model(up + self.unit_inputs(s, x, P).to(up.dtype))  # (N, P/p, p*D_s), causal inside each parent
             P = s.patch
-        return out.reshape(B, x.shape[1], -1)[:, :T]  # (B, T, D)
+        return out.reshape(B, x.shape[1], -1)[:, :T]  # (B, T, D_L)
 
     def forward(self, x: Tensor, *, modality: Tensor | None = None) -> Tensor:
+        """Logits (B, T, 256) of every byte from the local model's output (Eq. 6)."""
         return self.head(self.hidden(x, modality))
 
     def nll(self, x: Tensor, mask: Tensor | None = None, chunk: int = 32768, *,
@@ -242,8 +245,8 @@ class Megabyte(Complete, nn.Module):
 
     def patch_starts(self, x: Tensor, mask: Tensor | None = None, *,
                      modality: Tensor | None = None) -> Tensor | None:
-        """Every P-th byte (None for the flat byte Transformer: no patches)."""
-        return None if self.config.arch == "transformer" else patching.fixed_starts(x, self.config.patch_size)
+        """Every P-th byte."""
+        return patching.fixed_starts(x, self.config.patch_size)
 
     def prepare(self, data: ModelData) -> None:
         """Nothing to ready: fixed patches, no tokenizer."""

@@ -1,21 +1,20 @@
-"""MEGABYTE's config (Yu et al., 2023, section 2) and its named sizes: the fields of
-``mmbytes.model.megabyte.Megabyte``, also the config of the flat byte Transformer (``arch="transformer"``, the
-paper's section 5 baseline) and of BLT's entropy model. ``SIZES`` join the one namespace of
-``mmbytes.model.registry``; ``LEGACY`` gives configs stored before a field existed the value they were trained with."""
+"""MEGABYTE's config (Yu et al., 2023, section 2), its named forms (``PRESETS``) and its named sizes (``SIZES``: a
+shape in a preset), which join the one namespace of ``mmbytes.model.registry``. The flat byte Transformer of the
+paper's section 5 has its own config (``mmbytes.model.transformer``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from mmbytes.model.common import check_heads
+from mmbytes.model.common import check_heads, named_config
 
 
 @dataclass(frozen=True)
 class MegabyteConfig:
-    arch: Literal["megabyte", "transformer"] = "megabyte"
-    """``megabyte``: global model over patches + local model inside each patch. ``transformer``: one flat causal
-    transformer over bytes (the paper's baseline); it uses the global stack with patch_size 1 and no local model."""
+    arch: Literal["megabyte"] = "megabyte"
+    """Architecture name in checkpoints and the registry: a global model over patches and a local model inside each
+    patch."""
     patch_size: int = 8
     """P, bytes per patch."""
     d_global: int = 32
@@ -55,10 +54,10 @@ class MegabyteConfig:
     token_shift: bool = False
     """Token shift (RWKV; as in MEGABYTE-pytorch): every attention and MLP sublayer reads the second half of its
     input channels from the previous position of its stage (patch, sub-patch or byte). Causal and cached. Off in
-    the paper's form, on in the named sizes (``LEARNS_FAST``)."""
+    the paper's form, on in the named sizes (preset ``shifted``)."""
     embed_std: float = 0.02
     """Initial standard deviation of the byte embeddings and the trainable padding units (the paper's GPT-2 form:
-    0.02; the named sizes: 1.0, see ``LEARNS_FAST``)."""
+    0.02; the named sizes: 1.0, preset ``shifted``)."""
     patch_embed: Literal["concat", "project"] = "concat"
     """How the global model sees a patch. ``concat`` (paper): the P byte embeddings of width D_G concatenated.
     ``project``: byte embeddings of width ``d_embed`` concatenated, then LayerNorm -> Linear -> LayerNorm to P * D_G
@@ -70,9 +69,8 @@ class MegabyteConfig:
     the global output, projected D_G -> D_L. ``full``: one projection of the whole global vector to all P positions
     (P*D_G -> P*D_L; MEGABYTE-pytorch). Middle stages follow the same choice."""
     window: int = 0
-    """Sliding-window attention of the global model, in its positions (bytes for ``transformer``): each position
-    sees itself and the ``window - 1`` before it; 0: full causal attention. BLT's entropy model is a windowed byte
-    transformer (Pagnoni et al., 2024: window 512)."""
+    """Sliding-window attention of the global model, in patches: each patch sees itself and the ``window - 1``
+    before it; 0: full causal attention."""
     init: Literal["gpt2", "fan_in"] = "gpt2"
     """Initialisation of the linear layers. ``gpt2`` (the paper's GPT-2 form): N(0, 0.02), the residual projections
     of every block 0.02 / sqrt(2 * its stack's layers). ``fan_in``: PyTorch's default, U(-1/sqrt(fan_in),
@@ -85,17 +83,17 @@ class MegabyteConfig:
     the sequence start), as every byte after it reads the byte before it; MEGABYTE-pytorch's local model also sees the
     previous byte there. Middle stages follow the same choice, with sub-patches for bytes. Same cost; causal."""
     tied_head: bool = False
-    """The output head reuses the last stage's byte embedding matrix (the local one; the global one in
-    ``arch: transformer``), as the paper's output equation does (softmax of E^local-embed times the local output).
-    Off by default: a separate head matrix (256 x D_L more parameters)."""
+    """The output head reuses the local model's byte embedding matrix, as the paper's output equation does (Eq. 6:
+    softmax of E^local-embed times the local output). Off by default: a separate head matrix (256 x D_L more
+    parameters)."""
     vocab_size: int = 256
     """Byte values. All 256 are data: none is reserved for padding."""
     modality_start: bool = False
     """A learned start state per modality (``layers.ModalityStart``): the padding patch that stands before the first
-    patch of the global model (the flat Transformer's start byte) is the shared one plus an offset chosen by the row's
+    patch of the global model is the shared one plus an offset chosen by the row's
     modality, so a window is predicted knowing its modality from its first byte on, and generation of an image starts
     from the image start state. Rows without a modality take the shared one. Off in the paper's form and in configs
-    stored before the field existed (``LEGACY``); on in the named sizes."""
+    stored before the field existed (``registry.migrate``); on in the named sizes."""
 
     def __post_init__(self) -> None:
         for name in ("mid_patch_sizes", "d_mid", "n_layer_mid", "n_head_mid"):  # YAML and checkpoints give lists
@@ -109,14 +107,11 @@ class MegabyteConfig:
             if below < 2 or below >= above or above % below:
                 raise ValueError(f"patch sizes {sizes}: each middle patch size must be at least 2, smaller than the "
                                  "one above it and divide it")
-        if self.arch == "transformer":
-            if self.patch_size != 1 or self.n_layer_local != 0 or self.mid_patch_sizes:
-                raise ValueError("arch='transformer' needs patch_size=1 and n_layer_local=0: one flat stack over bytes")
-        elif self.arch == "megabyte":
-            if self.patch_size < 1 or self.n_layer_local < 1:
-                raise ValueError("arch='megabyte' needs patch_size >= 1 and n_layer_local >= 1")
-        else:
-            raise ValueError(f"unknown arch {self.arch!r}: expected 'megabyte' or 'transformer'")
+        if self.arch != "megabyte":
+            raise ValueError(f"MegabyteConfig has arch 'megabyte', got {self.arch!r} (the flat byte Transformer: "
+                             "mmbytes.model.transformer.TransformerConfig)")
+        if self.patch_size < 1 or self.n_layer_local < 1:
+            raise ValueError("MEGABYTE needs patch_size >= 1 and n_layer_local >= 1")
         if self.init not in ("gpt2", "fan_in"):
             raise ValueError(f"init must be 'gpt2' or 'fan_in', got {self.init!r}")
         if self.mlp not in ("gelu", "swiglu"):
@@ -129,7 +124,7 @@ class MegabyteConfig:
         widths = [(self.d_global_model, self.n_head_global, "global"), (self.d_local, self.n_head_local, "local")]
         mid = zip(sizes[1:], self.d_mid, self.n_head_mid, strict=True)
         widths += [(p * d, h, f"middle {i}") for i, (p, d, h) in enumerate(mid)]
-        check_heads(*(stack for stack in widths if stack[1]))  # 0 heads: a stack not built (the flat model's local)
+        check_heads(*widths)
 
     @property
     def d_global_model(self) -> int:
@@ -142,65 +137,50 @@ class MegabyteConfig:
         the last stage, with patch size 1 (one byte per position)."""
         out = [(self.patch_size, self.d_global, self.n_layer_global, self.n_head_global)]
         out += list(zip(self.mid_patch_sizes, self.d_mid, self.n_layer_mid, self.n_head_mid, strict=True))
-        if self.n_layer_local:
-            out.append((1, self.d_local, self.n_layer_local, self.n_head_local))
-        return out
+        return [*out, (1, self.d_local, self.n_layer_local, self.n_head_local)]
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> MegabyteConfig:
-        from mmbytes.model.registry import config_from_name
-
-        return config_from_name(name, **overrides)
-
-
-def _transformer(d: int, n_layer: int, n_head: int) -> MegabyteConfig:
-    return MegabyteConfig(arch="transformer", patch_size=1, d_global=d, n_layer_global=n_layer, n_head_global=n_head,
-                          d_local=d, n_layer_local=0, n_head_local=0, modality_start=True)
+    def from_name(cls, name: str, preset: str | None = None, **overrides) -> MegabyteConfig:
+        """A named size of this module (``SIZES``), in ``preset`` if given, with fields replaced by ``overrides``."""
+        return named_config(SIZES, PRESETS, name, preset, overrides)
 
 
-LEARNS_FAST = dict(embed_std=1.0, init="fan_in", local_shift="sequence", token_shift=True, patch_embed="project")
-"""The form of the named MEGABYTE sizes: byte embeddings and padding units N(0, 1), PyTorch's fan-in initialisation
-of every linear layer, a patch's first byte reading the byte before it, token shift in every sublayer, and the
-global model reading a patch through LayerNorm -> Linear -> LayerNorm of its concatenated byte embeddings. Together
-they learn faster than the paper's form, at equal steps and at equal time (``bench/learning.py``; docs/measurements.md,
-learning efficiency). The dataclass defaults stay the paper's exact form (``MegabyteConfig()``): give ``embed_std: 0.02,
-init: gpt2, local_shift: patch, token_shift: false, patch_embed: concat`` to a named size to train it that way."""
+PRESETS: dict[str, dict] = {
+    "paper": dict(embed_std=0.02, init="gpt2", local_shift="patch", token_shift=False, patch_embed="concat",
+                  modality_start=False),
+    "shifted": dict(embed_std=1.0, init="fan_in", local_shift="sequence", token_shift=True, patch_embed="project",
+                    modality_start=True),
+}
+"""Named forms (field -> value) a size is built in. ``paper``: the paper's exact form (section 2; the dataclass
+defaults): GPT-2 initialisation, N(0, 0.02) embeddings, a patch's bytes shifted inside the patch, the P byte embeddings
+concatenated for the global model, no token shift, no start state per modality. ``shifted`` (the named sizes), as
+MEGABYTE-pytorch: token shift in every sublayer, a patch's first byte reading the byte before it (``local_shift:
+sequence``), PyTorch's fan-in initialisation of every linear layer, byte embeddings and padding units N(0, 1), the
+global model reading a patch through LayerNorm -> Linear -> LayerNorm of its concatenated byte embeddings
+(``patch_embed: project``); and a learned start state per modality. ``bench/learning.py`` compares the two
+(docs/measurements.md, learning efficiency)."""
 
-CONDITIONED = dict(LEARNS_FAST, modality_start=True)
-"""The named MEGABYTE sizes: ``LEARNS_FAST`` with a learned start state per modality (``modality_start``)."""
-
-PAPER_FORM = {k: getattr(MegabyteConfig(), k) for k in LEARNS_FAST}
-"""The same fields at the paper's values (the dataclass defaults): a named size with these overrides is the paper's
-exact form."""
-
-SIZES: dict[str, MegabyteConfig] = {
+SHAPES: dict[str, tuple[str, dict]] = {
     # a training step in a few milliseconds on a CPU: for tests
-    "debug": MegabyteConfig(patch_size=4, d_global=16, n_layer_global=2, n_head_global=2,
-                            d_local=32, n_layer_local=1, n_head_local=2, **CONDITIONED),
+    "debug": ("shifted", dict(patch_size=4, d_global=16, n_layer_global=2, n_head_global=2,
+                              d_local=32, n_layer_local=1, n_head_local=2)),
     # the same with a middle stage: 8-byte patches, 2-byte sub-patches, bytes
-    "debug-long": MegabyteConfig(patch_size=8, d_global=8, n_layer_global=1, n_head_global=2,
-                                 mid_patch_sizes=(2,), d_mid=(16,), n_layer_mid=(1,), n_head_mid=(2,),
-                                 d_local=16, n_layer_local=1, n_head_local=2, **CONDITIONED),
+    "debug-long": ("shifted", dict(patch_size=8, d_global=8, n_layer_global=1, n_head_global=2,
+                                   mid_patch_sizes=(2,), d_mid=(16,), n_layer_mid=(1,), n_head_mid=(2,),
+                                   d_local=16, n_layer_local=1, n_head_local=2)),
     # ~10M parameters: 7.1M global (P*D_G = 384) + 3.2M local
-    "small": MegabyteConfig(patch_size=8, d_global=48, n_layer_global=4, n_head_global=6,
-                            d_local=256, n_layer_local=4, n_head_local=4, **CONDITIONED),
+    "small": ("shifted", dict(patch_size=8, d_global=48, n_layer_global=4, n_head_global=6,
+                              d_local=256, n_layer_local=4, n_head_local=4)),
     # ~100M parameters: 85M global (P*D_G = 768) + 12.6M local
-    "base": MegabyteConfig(patch_size=8, d_global=96, n_layer_global=12, n_head_global=12,
-                           d_local=512, n_layer_local=4, n_head_local=8, **CONDITIONED),
+    "base": ("shifted", dict(patch_size=8, d_global=96, n_layer_global=12, n_head_global=12,
+                             d_local=512, n_layer_local=4, n_head_local=8)),
     # three stages for million-byte sequences: 64-byte global patches (16,384 of them at T = 2**20), 8-byte middle
     # patches, bytes; 12.6M global + 1.6M middle + 0.5M local
-    "long": MegabyteConfig(patch_size=64, d_global=8, n_layer_global=4, n_head_global=8,
-                           mid_patch_sizes=(8,), d_mid=(32,), n_layer_mid=(2,), n_head_mid=(4,),
-                           d_local=128, n_layer_local=2, n_head_local=4, checkpointing=True,
-                           **CONDITIONED),
-    # flat byte-level Transformers with the parameter count of the size they are named after
-    "transformer-debug": _transformer(64, 2, 2),
-    "transformer-small": _transformer(384, 6, 6),
-    "transformer-base": _transformer(768, 14, 12),
+    "long": ("shifted", dict(patch_size=64, d_global=8, n_layer_global=4, n_head_global=8,
+                             mid_patch_sizes=(8,), d_mid=(32,), n_layer_mid=(2,), n_head_mid=(4,),
+                             d_local=128, n_layer_local=2, n_head_local=4, checkpointing=True)),
 }
+"""Each named size: (its preset, its shape)."""
 
-LEGACY = {"window": 0, "token_shift": False, "embed_std": 0.02, "patch_embed": "concat", "d_embed": 0,
-          "global_to_local": "slice", "tied_head": False, "local_shift": "patch",
-          "init": "gpt2", "modality_start": False}
-"""Values of fields that configs stored before the field existed were trained with (the paper's form)."""
-
+SIZES: dict[str, MegabyteConfig] = {name: MegabyteConfig(**shape, **PRESETS[preset])
+                                    for name, (preset, shape) in SHAPES.items()}

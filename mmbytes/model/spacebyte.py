@@ -83,7 +83,7 @@ class SpaceByteConfig:
     modality_start: bool = False
     """A learned start state per modality (``layers.ModalityStart``): the start vector, position 0's input, is the
     shared one plus an offset chosen by the row's modality (rows without one: the shared one). Off in configs stored
-    before the field existed (``LEGACY``); on in the named sizes."""
+    before the field existed (``registry.migrate``); on in the named sizes."""
 
     def __post_init__(self) -> None:
         if self.patching not in ("spacelike", "fixed"):
@@ -111,20 +111,28 @@ class SpaceByteConfig:
         return self.window or self.d_local
 
 
-SIZES: dict[str, SpaceByteConfig] = {
-    # for tests: a window of 8 bytes and a cap of 11 global positions, both reached by short test sequences
-    "spacebyte-debug": SpaceByteConfig(d_local=32, n_layer_local=2, n_head_local=2, window=8, d_global=64,
-                                       n_layer_global=2, n_head_global=2, context=64, modality_start=True),
-    "spacebyte-fixed-debug": SpaceByteConfig(patching="fixed", patch_size=6, d_local=32, n_layer_local=2,
-                                             n_head_local=2, window=8, d_global=64, n_layer_global=2,
-                                             n_head_global=2, context=64, modality_start=True),
-    # ~10M parameters: 7.1M global (D = 384, as MEGABYTE small's global model) + 3.2M local (D_L = 256, W = 256)
-    "spacebyte-small": SpaceByteConfig(modality_start=True),
-    "spacebyte-fixed-small": SpaceByteConfig(patching="fixed", patch_size=6, modality_start=True),
+PRESETS: dict[str, dict] = {
+    "paper": dict(token_shift=False, embed_std=0.02, init="gpt2", modality_start=False),
+    "conditioned": dict(token_shift=False, embed_std=0.02, init="gpt2", modality_start=True),
 }
+"""Named forms (field -> value) a size is built in. ``paper``: the paper's form, unconditioned. ``conditioned`` (the
+named sizes): with a learned start state per modality."""
 
-LEGACY = {"modality_start": False}
-"""Values of fields that configs stored before the field existed were trained with."""
+_DEBUG = dict(d_local=32, n_layer_local=2, n_head_local=2, window=8, d_global=64, n_layer_global=2, n_head_global=2,
+              context=64)
+
+SHAPES: dict[str, tuple[str, dict]] = {
+    # for tests: a window of 8 bytes and a cap of 11 global positions, both reached by short test sequences
+    "spacebyte-debug": ("conditioned", _DEBUG),
+    "spacebyte-fixed-debug": ("conditioned", dict(_DEBUG, patching="fixed", patch_size=6)),
+    # ~10M parameters: 7.1M global (D = 384, as MEGABYTE small's global model) + 3.2M local (D_L = 256, W = 256)
+    "spacebyte-small": ("conditioned", dict()),
+    "spacebyte-fixed-small": ("conditioned", dict(patching="fixed", patch_size=6)),
+}
+"""Each named size: (its preset, its shape)."""
+
+SIZES: dict[str, SpaceByteConfig] = {name: SpaceByteConfig(**shape, **PRESETS[preset])
+                                     for name, (preset, shape) in SHAPES.items()}
 
 
 class SpaceByte(Complete, nn.Module):
