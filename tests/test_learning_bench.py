@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from mmbytes.model import build
-from mmbytes.model.megabyte_config import PAPER_FORM
+from mmbytes.model.megabyte_config import PRESETS
+from mmbytes.model.spacebyte import PRESETS as SPACEBYTE_PRESETS
+
+PAPER_FORM = PRESETS["paper"]
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ROOT / "tests" / "data" / "files"  # real files of three kinds (tests/data/MANIFEST.md)
@@ -46,10 +49,10 @@ def test_every_atom_builds_each_architecture_with_the_field_it_names(learning, n
     assert (config.init, config.embed_std, config.token_shift, config.mlp) == ("fan_in", 1.0, True, "swiglu")
 
 
-def test_paper_is_megabyte_s_paper_form_and_the_named_size_for_other_architectures(learning):
+def test_paper_is_the_paper_preset_of_the_size_s_architecture(learning):
     assert learning.variant("paper+swiglu", "debug")[0] == {**PAPER_FORM, "mlp": "swiglu"}
     assert learning.variant("swiglu+paper", "debug")[0] == {**PAPER_FORM, "mlp": "swiglu"}  # paper first, wherever
-    assert learning.variant("paper", "spacebyte-debug")[0] == {}
+    assert learning.variant("paper", "spacebyte-debug")[0] == SPACEBYTE_PRESETS["paper"]
     assert learning.variant("default", "blt-debug")[0] == {}
     # a MEGABYTE variant name keeps its meaning for MEGABYTE sizes; elsewhere its atoms apply to the named size
     assert learning.variant("shift", "debug")[0] == {**PAPER_FORM, "token_shift": True}

@@ -36,6 +36,8 @@ class TransformerConfig:
     attention. BLT's entropy model is windowed (the paper: 512 bytes)."""
     mlp_ratio: float = 4.0
     """MLP hidden width as a multiple of D."""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """Every block's MLP: ``gelu`` or ``swiglu`` at about equal parameters (see ``MegabyteConfig.mlp``)."""
     dropout: float = 0.0
     """Dropout on attention and MLP outputs in training."""
     rope_base: float = 10000.0
@@ -58,6 +60,8 @@ class TransformerConfig:
     give the same entropies whatever the modality); on in the ``transformer-*`` sizes."""
 
     def __post_init__(self) -> None:
+        if self.mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
         if self.init not in ("gpt2", "fan_in"):
             raise ValueError(f"init must be 'gpt2' or 'fan_in', got {self.init!r}")
         if self.n_layer < 1 or self.window < 0:
@@ -92,7 +96,7 @@ class ByteTransformer(Complete, nn.Module):
         self.modality_start = ModalityStart(c.d_model, len(MODALITIES)) if c.modality_start else None
         self.model = Transformer(c.d_model, c.n_layer, c.n_head, mlp_ratio=c.mlp_ratio, dropout=c.dropout,
                                  rope_base=c.rope_base, checkpointing=c.checkpointing, token_shift=c.token_shift,
-                                 window=c.window)
+                                 window=c.window, mlp=c.mlp)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tied_head:
             self.head.weight = self.embed.weight  # one (256, D) matrix: embedding in, logits out
@@ -149,7 +153,7 @@ class ByteTransformer(Complete, nn.Module):
         """Forward FLOPs of ``rows`` windows of ``seq_len`` bytes: the blocks (windowed if configured) and the
         head."""
         c = self.config
-        return (flops.blocks(rows, seq_len, c.d_model, c.n_layer, c.mlp_ratio, c.window)
+        return (flops.blocks(rows, seq_len, c.d_model, c.n_layer, c.mlp_ratio, c.window, c.mlp)
                 + flops.linear(rows * seq_len, c.d_model, c.vocab_size))
 
     def flops_per_byte(self, seq_len: int) -> float:
