@@ -406,7 +406,7 @@ class ByteDataModule(L.LightningDataModule):
         train_shards: str | None = None,
         val_shards: str | None = None,
         seed: int = 0,
-        patch_size: int = 1,
+        patch_size: int | None = None,
         interleave: int = 16,
     ) -> None:
         """
@@ -432,8 +432,10 @@ class ByteDataModule(L.LightningDataModule):
             val_shards: the same for validation shards.
             seed: seeds shard resampling and window positions (each rank and worker differs from it).
             patch_size: the model's patch size P: image training windows start on whole tiles and whole patches
-                (a multiple of both), so tiles line up with the model's patches in every window. Give each recipe
-                tiles whose bytes are a multiple or a divisor of P.
+                (a multiple of both), so tiles line up with the model's patches in every window. Left out, the
+                ``mmbytes`` CLI sets it from the model (its config's ``window_alignment``: P for fixed patches, 1 for
+                patches that follow the content); 1 outside the CLI. Give each recipe tiles whose bytes are a
+                multiple or a divisor of P.
             interleave: samples open at once when cutting training windows; each window comes from one of them
                 at random, so one long file cannot dominate consecutive batches (memory: this many samples).
         """
@@ -441,7 +443,7 @@ class ByteDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.hp = self.hparams
         check_loader_options(seq_len, batch_size, num_workers, shuffle_buffer, train_batches_per_epoch, val_fraction,
-                             patch_size, interleave)
+                             1 if patch_size is None else patch_size, interleave)
         if split not in ("auto", "files", "contiguous"):
             from mmbytes.errors import OptionError
 
@@ -513,7 +515,7 @@ class ByteDataModule(L.LightningDataModule):
         """Decoded samples -> training items: random windows with a seed, consecutive ones (validation) without."""
         if seed is None:
             return consecutive_windows(src, self.hp.seq_len)
-        return random_windows(src, self.hp.seq_len, seed, self.hp.get("patch_size", 1), self.hp.get("interleave", 16))
+        return random_windows(src, self.hp.seq_len, seed, self.hp.get("patch_size") or 1, self.hp.get("interleave", 16))
 
     def collation(self) -> Callable[[list], dict[str, torch.Tensor]]:
         return collate(self.hp.seq_len)

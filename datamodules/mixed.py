@@ -56,6 +56,7 @@ class MixedDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         train_batches_per_epoch: int = 200,
         seed: int = 0,
+        patch_size: int | None = None,
     ) -> None:
         """
         Args:
@@ -71,6 +72,8 @@ class MixedDataModule(L.LightningDataModule):
             train_batches_per_epoch: batches per rank in one training epoch.
             seed: seeds the mixing; set i draws its shards and windows from seed + i * SET_SEED_STRIDE, so no two
                 sets draw alike.
+            patch_size: the model's patch size P for every set that gives none (``ByteDataModule.patch_size``);
+                left out, the ``mmbytes`` CLI sets it from the model.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -85,7 +88,8 @@ class MixedDataModule(L.LightningDataModule):
         module, every ``save_hyperparameters`` call inside it would record this module's arguments, not the set's."""
         hp = self.hparams
         shared = {"seq_len": hp.seq_len, "batch_size": hp.batch_size, "shuffle_buffer": hp.shuffle_buffer}
-        return [ByteDataModule(**{**s, **shared, "seed": hp.seed + i * SET_SEED_STRIDE}) for i, s in enumerate(hp.sets)]
+        return [ByteDataModule(**{"patch_size": hp.get("patch_size"), **s, **shared, "seed": hp.seed + i * SET_SEED_STRIDE})
+                for i, s in enumerate(hp.sets)]
 
     def prepare_data(self) -> None:
         for child in self.children:

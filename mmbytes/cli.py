@@ -113,6 +113,7 @@ class MmbytesCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
+        link_patch_size(self.config[sub] if sub else self.config)
         for k, v in getattr(self, "_eval_options", {}).items():
             self.config[sub].model.init_args[k] = v
 
@@ -129,6 +130,29 @@ def check_model_size(model) -> None:
         config_from_name(init.get("size"), init.get("preset"), **dict(init.get("overrides") or {}))
     except ValueError as e:
         raise OptionError(f"--model.size/--model.preset/--model.overrides: {e}") from None
+
+
+def link_patch_size(config) -> None:
+    """``data.patch_size`` follows the model: left out, it becomes the window alignment of the ``ByteLM``'s config
+    (``window_alignment``: P for fixed patches, 1 where patches follow the content); given and different, one line
+    naming both. Data modules without the argument, and models other than a named ``ByteLM`` size, are left alone."""
+    model, data = config.get("model"), config.get("data")
+    init = model.get("init_args") if model is not None and hasattr(model, "get") else None
+    data_init = data.get("init_args") if data is not None and hasattr(data, "get") else None
+    if init is None or data_init is None or "size" not in init or "patch_size" not in data_init:
+        return
+    if not str(model.get("class_path", "")).endswith("ByteLM"):
+        return
+    from mmbytes.errors import OptionError
+    from mmbytes.model.registry import config_from_name
+
+    align = config_from_name(init.get("size"), init.get("preset"), **dict(init.get("overrides") or {})).window_alignment
+    given = data_init.get("patch_size")
+    if given is None:
+        data_init["patch_size"] = align
+    elif given != align:
+        raise OptionError(f"--data.patch_size {given}: the model {init.get('size')} aligns windows to {align} bytes; "
+                          "leave data.patch_size out and it follows the model")
 
 
 def check_accelerator(name) -> None:

@@ -90,11 +90,12 @@ class Curve(L.Callback):
         self.write_wall(trainer.global_step)
 
 
-def _data(args: argparse.Namespace, seed: int):
+def _data(args: argparse.Namespace, seed: int, patch_size: int = 1):
+    """The study's data; ``patch_size``: the model's window alignment (``window_alignment``), as the CLI links it."""
     from datamodules import ByteDataModule
 
     return ByteDataModule(data_dir=str(args.data), seq_len=args.seq_len, batch_size=args.batch_size,
-                          num_workers=args.num_workers, train_batches_per_epoch=1000, seed=seed)
+                          num_workers=args.num_workers, train_batches_per_epoch=1000, seed=seed, patch_size=patch_size)
 
 
 def train_run(size: str, seed: int, budget: float, run_dir: Path, args: argparse.Namespace, lr: float,
@@ -117,7 +118,7 @@ def train_run(size: str, seed: int, budget: float, run_dir: Path, args: argparse
     warmup = max(1, round(args.warmup * steps))
     lm = ByteLM(size=size, lr=lr, warmup_steps=warmup, prepare_dir=str(args.out / "prepared"), compile=args.compile,
                 **model_kwargs)
-    data = _data(args, seed)
+    data = _data(args, seed, lm.model.config.window_alignment)
     counter = FlopBudget(budget)
     last = run_dir / "checkpoints" / "last.ckpt"
     curve_path = run_dir / "curve.json"

@@ -46,7 +46,31 @@ def test_image_tiles_fit_the_model_patches_in_every_recipe(recipe):
             continue
         tile = image.get("tile", 4) ** 2 * (1 if s["codec"] == "idx" else image.get("channels", 3))
         assert tile % P == 0 or P % tile == 0, f"{tile}-byte tiles, P = {P}"
-        assert s.get("patch_size", data.get("patch_size", 1)) == P  # 1: the datamodule's default
+        assert "patch_size" not in s and "patch_size" not in data  # the CLI sets it from the model
+
+
+@pytest.mark.parametrize("recipe", ["quickstart.yaml", "mixed.yaml", "cifar10.yaml", "spacebyte.yaml"])
+def test_the_cli_sets_data_patch_size_from_the_model_s_window_alignment(recipe, tmp_path, monkeypatch):
+    from mmbytes.model.registry import config_from_name
+
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["--config", str(ROOT / "recipes" / recipe)], run=False)
+    init = cli.config.model.init_args
+    align = config_from_name(init.size, init.preset, **dict(init.overrides or {})).window_alignment
+    assert cli.datamodule.hparams.patch_size == align
+    children = getattr(cli.datamodule, "children", [cli.datamodule])  # a MixedDataModule's sets take it too
+    assert all(c.hparams.patch_size == align for c in children)
+
+
+def test_a_data_patch_size_other_than_the_model_s_is_refused_naming_both(tmp_path, monkeypatch):
+    from mmbytes.errors import OptionError
+
+    monkeypatch.chdir(tmp_path)
+    recipe = ROOT / "recipes" / "quickstart.yaml"
+    with pytest.raises(OptionError, match=r"^--data.patch_size 5: the model debug aligns windows to 8 bytes"):
+        run_cli(["--config", str(recipe), "--data.patch_size", "5"], run=False)
+    cli = run_cli(["--config", str(recipe), "--data.patch_size", "8"], run=False)  # the same value is fine
+    assert cli.datamodule.hparams.patch_size == 8
 
 
 @pytest.mark.parametrize("recipe,size", [("transformer.yaml", "transformer-small"),

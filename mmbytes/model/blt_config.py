@@ -108,6 +108,12 @@ class BLTConfig:
             self.entropy_config  # noqa: B018 -- refused here, by name, if it is not a flat byte Transformer's
 
     @property
+    def window_alignment(self) -> int:
+        """Bytes that training windows of image data start on a multiple of (``data.patch_size``, set from this by
+        the CLI): ``patch_size`` with fixed patches, 1 where patches follow the entropy."""
+        return self.patch_size if self.patching == "fixed" else 1
+
+    @property
     def local_window(self) -> int:
         return self.window or self.d_local
 

@@ -95,6 +95,12 @@ class BPEConfig:
         if self.d_model % self.n_head:
             raise ValueError(f"width {self.d_model} is not divisible by its {self.n_head} heads")
 
+    @property
+    def window_alignment(self) -> int:
+        """Bytes that training windows of image data start on a multiple of (``data.patch_size``, set from this by
+        the CLI): 1 (tokens follow the bytes' merges, not fixed tiles)."""
+        return 1
+
 
 PRESETS: dict[str, dict] = {
     "paper": dict(modality_start=False),

@@ -127,6 +127,12 @@ class MegabyteConfig:
         check_heads(*widths)
 
     @property
+    def window_alignment(self) -> int:
+        """Bytes that training windows of image data start on a multiple of (``data.patch_size``, set from this by
+        the CLI): P, so that image tiles line up with the fixed patches."""
+        return self.patch_size
+
+    @property
     def d_global_model(self) -> int:
         """Width of the global transformer: a patch's P byte embeddings concatenated."""
         return self.patch_size * self.d_global

@@ -102,6 +102,12 @@ class SpaceByteConfig:
             raise ValueError("patch_size and context must be positive and global_ratio in (0, 1]")
 
     @property
+    def window_alignment(self) -> int:
+        """Bytes that training windows of image data start on a multiple of (``data.patch_size``, set from this by
+        the CLI): ``patch_size`` with fixed patches, 1 where patches follow the words."""
+        return self.patch_size if self.patching == "fixed" else 1
+
+    @property
     def max_global(self) -> int:
         """T_G, the cap on global positions per sequence."""
         return math.ceil(self.context * self.global_ratio)

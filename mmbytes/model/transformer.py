@@ -69,6 +69,12 @@ class TransformerConfig:
         check_heads((self.d_model, self.n_head, "transformer"))
 
     @property
+    def window_alignment(self) -> int:
+        """Bytes that training windows of image data start on a multiple of (``data.patch_size``, set from this by
+        the CLI): 1 (no patches)."""
+        return 1
+
+    @property
     def patch_size(self) -> int:
         """Bytes per position: 1 (no patches; what the data aligns windows and image tiles to)."""
         return 1
