@@ -88,8 +88,8 @@ class MixedDataModule(L.LightningDataModule):
         module, every ``save_hyperparameters`` call inside it would record this module's arguments, not the set's."""
         hp = self.hparams
         shared = {"seq_len": hp.seq_len, "batch_size": hp.batch_size, "shuffle_buffer": hp.shuffle_buffer}
-        return [ByteDataModule(**{"patch_size": hp.get("patch_size"), **s, **shared, "seed": hp.seed + i * SET_SEED_STRIDE})
-                for i, s in enumerate(hp.sets)]
+        return [ByteDataModule(**{"patch_size": hp.get("patch_size"), **s, **shared,
+                                  "seed": hp.seed + i * SET_SEED_STRIDE}) for i, s in enumerate(hp.sets)]
 
     def prepare_data(self) -> None:
         for child in self.children:
