@@ -30,10 +30,10 @@ from mmbytes.model import flops, patching
 from mmbytes.model.common import chunked_nll
 from mmbytes.model.layers import ModalityStart, Transformer, init_linear
 from mmbytes.model.megabyte_config import MegabyteConfig
-from mmbytes.model.protocol import Capabilities, Complete, ModelData
+from mmbytes.model.protocol import Capabilities, Complete, FixedCost, ModelData
 
 
-class Megabyte(Complete, nn.Module):
+class Megabyte(Complete, FixedCost, nn.Module):
     """``Megabyte(config)(x)`` maps bytes (B, T) to logits (B, T, 256); position t predicts byte t from bytes < t."""
 
     @property
@@ -234,14 +234,6 @@ class Megabyte(Complete, nn.Module):
                 flops.linear(rows * Tp // p, p * width_above, p * width)
             width_above, p_above = width, p
         return fwd + flops.linear(rows * T, self.head.in_features, c.vocab_size)
-
-    def flops_per_byte(self, seq_len: int) -> float:
-        """Training FLOPs per byte (forward + backward = 3 x forward) at ``seq_len`` (``forward_flops``)."""
-        return 3 * self.forward_flops(1, seq_len) / seq_len
-
-    def train_flops(self, x: Tensor, mask: Tensor | None = None, *, modality: Tensor | None = None) -> float:
-        """FLOPs of one training step on x (B, T): fixed patches, so exactly ``flops_per_byte(T)`` x B x T."""
-        return 3 * self.forward_flops(x.shape[0], x.shape[1])
 
     def patch_starts(self, x: Tensor, mask: Tensor | None = None, *,
                      modality: Tensor | None = None) -> Tensor | None:

@@ -79,6 +79,20 @@ class Complete:
         return []
 
 
+class FixedCost:
+    """``ByteModel.flops_per_byte`` and ``train_flops`` of a model whose every byte costs the same whatever the bytes
+    (no patches cut by content): both from its ``forward_flops(rows, seq_len)``, training = 3 x forward."""
+
+    def flops_per_byte(self, seq_len: int) -> float:
+        """Training FLOPs per byte (forward + backward = 3 x forward) at ``seq_len`` (``forward_flops``)."""
+        return 3 * self.forward_flops(1, seq_len) / seq_len
+
+    def train_flops(self, x: Tensor, mask: Tensor | None = None, *, modality: Tensor | None = None) -> float:
+        """FLOPs of one training step on x (B, T): every byte costs the same, so exactly ``flops_per_byte(T)`` x B x
+        T."""
+        return 3 * self.forward_flops(x.shape[0], x.shape[1])
+
+
 @runtime_checkable
 class ByteModel(Protocol):
     """Every architecture, the BPE baseline included. Modality ids are ``mmbytes.codecs.MODALITIES`` indices."""

@@ -18,7 +18,7 @@ from mmbytes.codecs import MODALITIES
 from mmbytes.model import flops
 from mmbytes.model.common import check_heads, chunked_nll, named_config
 from mmbytes.model.layers import KVCache, ModalityStart, Transformer, init_linear
-from mmbytes.model.protocol import Capabilities, Complete, ModelData
+from mmbytes.model.protocol import Capabilities, Complete, FixedCost, ModelData
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class TransformerConfig:
         return named_config(SIZES, PRESETS, name, preset, overrides)
 
 
-class ByteTransformer(Complete, nn.Module):
+class ByteTransformer(Complete, FixedCost, nn.Module):
     """``ByteTransformer(config)(x)`` maps bytes (B, T) to logits (B, T, 256); position t predicts byte t from
     bytes < t."""
 
@@ -161,14 +161,6 @@ class ByteTransformer(Complete, nn.Module):
         c = self.config
         return (flops.blocks(rows, seq_len, c.d_model, c.n_layer, c.mlp_ratio, c.window, c.mlp)
                 + flops.linear(rows * seq_len, c.d_model, c.vocab_size))
-
-    def flops_per_byte(self, seq_len: int) -> float:
-        """Training FLOPs per byte (forward + backward = 3 x forward) at ``seq_len``."""
-        return 3 * self.forward_flops(1, seq_len) / seq_len
-
-    def train_flops(self, x: Tensor, mask: Tensor | None = None, *, modality: Tensor | None = None) -> float:
-        """FLOPs of one training step on x (B, T): every byte costs the same, so ``flops_per_byte(T)`` x B x T."""
-        return 3 * self.forward_flops(x.shape[0], x.shape[1])
 
     def patch_starts(self, x: Tensor, mask: Tensor | None = None, *,
                      modality: Tensor | None = None) -> Tensor | None:
