@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import tempfile
 import time
 from dataclasses import fields
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows = [run(name, args, train_batches(train, args.steps, args.batch, args.seq_len, seed), val, seed,
                         train) for seed in seeds for name in names]
             print_table(rows, seeds)
-    write_json(args, rows)
+    write_json(args, rows, sys.argv[1:] if argv is None else argv)
     return rows
 
 
@@ -338,10 +339,31 @@ def print_table(rows: list[dict], seeds: list[int]) -> None:
                   + " ".join(f"{mean[s]:7.3f}" for s in steps))
 
 
-def write_json(args, rows: list[dict]) -> None:
-    if args.json:
-        settings = {k: str(v) for k, v in vars(args).items() if k != "cache_dir"}
-        args.json.write_text(json.dumps({**stamp(), "args": settings, "rows": rows}, indent=2))
+def write_json(args, rows: list[dict], argv: list[str]) -> None:
+    """The runs (``runs``) and a table ``bench/render_measurements.py`` renders: a row per variant and seed, and a
+    mean row per variant over several seeds, val bpb at every scored step."""
+    if not args.json:
+        return
+    from mmbytes.io import write_text
+
+    steps = sorted({s for r in rows for s in r["val_bpb"]})
+    table = [[r["variant"], str(r["seed"]), f"{r['params'] / 1e6:.2f}M", r["steps"], r["s_per_step"],
+              *(r["val_bpb"].get(s) for s in steps)] for r in rows]
+    seeds = sorted({r["seed"] for r in rows})
+    if len(seeds) > 1:
+        for name in dict.fromkeys(r["variant"] for r in rows):
+            mine = [r for r in rows if r["variant"] == name]
+            table.append([name, "mean", f"{mine[0]['params'] / 1e6:.2f}M", mine[0]["steps"],
+                          sum(r["s_per_step"] for r in mine) / len(mine),
+                          *(sum(r["val_bpb"][s] for r in mine) / len(mine) if all(s in r["val_bpb"] for r in mine)
+                            else None for s in steps)])
+    source = f"shards {args.shards}" if args.shards else Path(args.text).name
+    settings = {k: str(v) for k, v in vars(args).items() if k != "cache_dir"}
+    write_text(args.json, json.dumps({
+        **stamp(), "title": f"Learning efficiency of `{args.size}`: its forms, {args.steps} steps on {source}",
+        "group": "architectures", "command": " ".join(["python bench/learning.py", *argv]), "args": settings,
+        "columns": ["variant", "seed", "parameters", "steps", "s/step", *(f"val bpb @{s}" for s in steps)],
+        "formats": [None, None, None, "d", ".2f", *([".3f"] * len(steps))], "rows": table, "runs": rows}, indent=2))
 
 
 def equal_wall(args, names: list[str], seeds: list[int], train: torch.Tensor, val: torch.Tensor) -> list[dict]:

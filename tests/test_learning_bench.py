@@ -68,7 +68,10 @@ def test_two_steps_of_an_architecture_s_forms_run_through_main_and_score_held_ou
     assert [r["variant"] for r in rows] == ["default", "shift+swiglu"]  # the reference: MEGABYTE-pytorch only
     assert rows[1]["overrides"] == {"token_shift": True, "mlp": "swiglu"}  # atoms: over the named size
     assert all(2.0 < r["val_bpb"][2] < 12.0 for r in rows)
-    assert json.loads(out.read_text())["rows"][1]["variant"] == "shift+swiglu"
+    written = json.loads(out.read_text())
+    assert written["runs"][1]["variant"] == "shift+swiglu"
+    assert [row[0] for row in written["rows"]] == ["default", "shift+swiglu"]  # the rendered table, a row per run
+    assert len(written["columns"]) == len(written["formats"]) == len(written["rows"][0])
 
 
 def test_an_unknown_atom_stops_the_run_with_one_line_naming_it(learning, short_text):
