@@ -104,7 +104,7 @@ def test_the_cli_builds_a_named_size_in_the_preset_it_is_given(tmp_path, monkeyp
     overrides = cli.model.hparams["overrides"]
     assert cli.model.model.config == registry.config_from_name(cli.model.hparams["size"], "paper", **overrides)
     assert cli.model.model.config.token_shift is False and cli.model.model.config.patch_embed == "concat"
-    with pytest.raises(ValueError, match="unknown preset 'fast' for 'debug'; known: paper, shifted"):
+    with pytest.raises(ValueError, match="unknown preset 'fast' for 'debug'; known: paper, shifted, shifted-swiglu"):
         run_cli(["--config", str(recipe), "--model.preset", "fast"], run=False)
 
 

@@ -147,11 +147,14 @@ class BLTConfig:
 
 
 PRESETS: dict[str, dict] = {
-    "paper": dict(modality_start=False),
-    "conditioned": dict(modality_start=True),
+    "paper": dict(mlp="swiglu", token_shift=False, modality_start=False),
+    "conditioned": dict(mlp="gelu", token_shift=False, modality_start=True),
+    "shift-swiglu": dict(mlp="swiglu", token_shift=True, modality_start=True),
 }
-"""Named forms (field -> value) a size is built in. ``paper``: the paper's form, unconditioned. ``conditioned`` (the
-named sizes): with a learned start state per modality."""
+"""Named forms (field -> value) a size is built in. ``paper``: the paper's form, unconditioned, with the SwiGLU MLPs of
+its Llama-style blocks (Pagnoni et al., 2024; the reference code's ``TransformerBlock``). ``conditioned``
+(the named sizes): GELU MLPs and a learned start state per modality. ``shift-swiglu``: SwiGLU MLPs, token shift and
+the start state per modality, a candidate form measured in docs/learning.md."""
 
 _DEBUG = dict(d_local=32, n_layer_encoder=1, n_layer_decoder=1, n_head_local=2, window=8, d_global=64,
               n_layer_global=2, n_head_global=2, hash_vocab=64)

@@ -153,9 +153,11 @@ class MegabyteConfig:
 
 PRESETS: dict[str, dict] = {
     "paper": dict(embed_std=0.02, init="gpt2", local_shift="patch", token_shift=False, patch_embed="concat",
-                  modality_start=False),
+                  modality_start=False, mlp="gelu"),
     "shifted": dict(embed_std=1.0, init="fan_in", local_shift="sequence", token_shift=True, patch_embed="project",
-                    modality_start=True),
+                    modality_start=True, mlp="gelu"),
+    "shifted-swiglu": dict(embed_std=1.0, init="fan_in", local_shift="sequence", token_shift=True,
+                           patch_embed="project", modality_start=True, mlp="swiglu"),
 }
 """Named forms (field -> value) a size is built in. ``paper``: the paper's exact form (section 2; the dataclass
 defaults): GPT-2 initialisation, N(0, 0.02) embeddings, a patch's bytes shifted inside the patch, the P byte embeddings
@@ -163,8 +165,8 @@ concatenated for the global model, no token shift, no start state per modality. 
 MEGABYTE-pytorch: token shift in every sublayer, a patch's first byte reading the byte before it (``local_shift:
 sequence``), PyTorch's fan-in initialisation of every linear layer, byte embeddings and padding units N(0, 1), the
 global model reading a patch through LayerNorm -> Linear -> LayerNorm of its concatenated byte embeddings
-(``patch_embed: project``); and a learned start state per modality. ``bench/learning.py`` compares the two
-(docs/measurements.md, learning efficiency)."""
+(``patch_embed: project``); and a learned start state per modality. ``shifted-swiglu``: ``shifted`` with SwiGLU
+MLPs (``mlp``), a candidate form measured in docs/learning.md. ``bench/learning.py`` compares them."""
 
 SHAPES: dict[str, tuple[str, dict]] = {
     # a training step in a few milliseconds on a CPU: for tests

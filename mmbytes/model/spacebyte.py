@@ -118,11 +118,13 @@ class SpaceByteConfig:
 
 
 PRESETS: dict[str, dict] = {
-    "paper": dict(token_shift=False, embed_std=0.02, init="gpt2", modality_start=False),
-    "conditioned": dict(token_shift=False, embed_std=0.02, init="gpt2", modality_start=True),
+    "paper": dict(token_shift=False, embed_std=0.02, init="gpt2", mlp="gelu", modality_start=False),
+    "conditioned": dict(token_shift=False, embed_std=0.02, init="gpt2", mlp="gelu", modality_start=True),
+    "shift-swiglu": dict(token_shift=True, embed_std=0.02, init="gpt2", mlp="swiglu", modality_start=True),
 }
-"""Named forms (field -> value) a size is built in. ``paper``: the paper's form, unconditioned. ``conditioned`` (the
-named sizes): with a learned start state per modality."""
+"""Named forms (field -> value) a size is built in. ``paper``: the paper's form (a two-matrix MLP, as its reference
+code's), unconditioned. ``conditioned`` (the named sizes): with a learned start state per modality. ``shift-swiglu``:
+``conditioned`` with token shift and SwiGLU MLPs, a candidate form measured in docs/learning.md."""
 
 _DEBUG = dict(d_local=32, n_layer_local=2, n_head_local=2, window=8, d_global=64, n_layer_global=2, n_head_global=2,
               context=64)
