@@ -72,6 +72,18 @@ def tokenizer():
     return train_tokenizer([text], 512)
 
 
+def test_an_untrained_bpe_model_draws_only_tokens_its_tokenizer_has_bytes_for():
+    from mmbytes.model import build
+
+    torch.manual_seed(0)
+    model = build("bpe-debug").eval()  # untrained: a 256-token byte tokenizer under a 512-id head
+    assert len(model.tokenizer.token_bytes) < model.config.vocab_size
+    prompt = torch.tensor([list((ROOT / "samples" / "text" / "tinyshakespeare.txt").read_bytes()[:32])])
+    with torch.no_grad():
+        out = model.generate_bytes(prompt, 64, lambda logits: torch.distributions.Categorical(logits=logits).sample())
+    assert out.shape == (1, 96) and torch.equal(out[:, :32], prompt)
+
+
 def test_bpe_bits_per_byte_equal_a_hand_computation_on_a_short_text(tokenizer):
     from tokenizers import Tokenizer
 

@@ -316,6 +316,11 @@ class BPETransformer(Complete, nn.Module):
         out = torch.zeros(B, L0 + num_bytes, dtype=torch.long, device=prompt.device)
         out[:, :L0] = prompt
         device, dtype = prompt.device, next(self.parameters()).dtype
+        # ids the tokenizer has no bytes for (past its vocabulary, or unused) are never drawn: an untrained model, or
+        # a tokenizer with fewer merges than the vocabulary allows, gives them probability
+        vocab = self.tokenizer.token_bytes
+        unusable = torch.ones(self.config.vocab_size, dtype=torch.bool, device=device)
+        unusable[: len(vocab)] = torch.tensor([not b for b in vocab], dtype=torch.bool, device=device)
         for i in range(B):
             ids = self.tokenizer.encode([bytes(prompt[i].to(torch.uint8).cpu().tolist())])[0]
             caches = self.transformer.make_caches(1, len(ids) + num_bytes + 1, device, dtype)
@@ -324,7 +329,7 @@ class BPETransformer(Complete, nn.Module):
                                  caches)
             made = bytearray()
             while len(made) < num_bytes:
-                token = sample(self.head(h[:, -1]))  # (1,)
+                token = sample(self.head(h[:, -1]).masked_fill(unusable, float("-inf")))  # (1,)
                 made += self.tokenizer.token_bytes[int(token)]
                 if on_progress is not None:  # bytes per row so far, as the byte models' loop reports them
                     on_progress((i * num_bytes + min(len(made), num_bytes)) // B)
