@@ -58,8 +58,9 @@ class ByteLM(L.LightningModule):
                 from the pass where it sits in the first P/2 positions of its patch, as in the paper. ``later``: from
                 the pass where it sits in the later half (more local context; better on small models, see
                 docs/training.md). The rule used is printed at each evaluation and kept in the hyperparameters.
-            max_bad_steps: a step whose loss is NaN or infinite is skipped (no update) and counted in
-                ``train/skipped_steps``; this many in a row stop training with ``NonFiniteLossError``.
+            max_bad_steps: a step whose loss is NaN or infinite, or whose loss is finite but whose gradients are not
+                (an overflow in the backward pass; left to the GradScaler under ``16-mixed``), is skipped (no update)
+                and counted in ``train/skipped_steps``; this many in a row stop training with ``NonFiniteLossError``.
             decay_embeddings: apply weight decay to the byte embedding tables too.
             entropy_ckpt: BLT: the checkpoint of its entropy model (a flat byte Transformer trained with ``mmbytes
                 fit`` without a start state per modality: a ``blt-entropy-*`` size or ``modality_start: false``; best
@@ -157,9 +158,9 @@ class ByteLM(L.LightningModule):
         finite = bool(torch.isfinite(loss))
         if self._trainer is not None:  # one decision for all processes: a rank that skips alone would hang DDP
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        self._loss_finite = finite
         if not finite:
-            return self._skip_step()
-        self.bad_in_row = 0
+            return self._skip_step("the loss is")
         self.log("train/loss", loss)
         self.log("train/bpb", loss / math.log(2), prog_bar=True)
         self.log("train/skipped_steps", float(self.skipped_steps))
@@ -167,18 +168,41 @@ class ByteLM(L.LightningModule):
             self.log(f"train/{name}", value)
         return loss
 
-    def _skip_step(self) -> None:
-        """No update this step (Lightning skips the backward and optimizer step when training_step gives None)."""
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A finite loss whose gradients are not (NaN or infinite somewhere after the backward pass) skips the step
+        as a non-finite loss does: every gradient is dropped, so the optimizer changes no weight. All processes
+        decide together (sharded gradients differ by rank). Under ``16-mixed`` the GradScaler skips such steps
+        itself and lowers its scale, so it is left to it."""
+        if not getattr(self, "_loss_finite", True):
+            return  # skipped already: Lightning runs no optimizer step after a training_step that gave None
+        if self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            self.bad_in_row = 0
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = bool(torch.isfinite(torch.stack([g.float().sum() for g in grads]).sum())) if grads else True
+        if self._trainer is not None:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            self.bad_in_row = 0
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self._skip_step("the gradients are (the loss is finite)")
+
+    def _skip_step(self, what: str) -> None:
+        """No update this step (Lightning skips the backward and optimizer step when training_step gives None; an
+        optimizer step over no gradients changes nothing)."""
         self.skipped_steps += 1
         self.bad_in_row += 1
         self.log("train/skipped_steps", float(self.skipped_steps))
         step = self.trainer.global_step if self._trainer is not None else 0
         if self.bad_in_row >= self.hparams.max_bad_steps:
             raise NonFiniteLossError(
-                f"training stopped at step {step}: the loss was NaN or infinite in {self.bad_in_row} steps in a row "
-                f"(max_bad_steps={self.hparams.max_bad_steps}; {self.skipped_steps} skipped in all). Those steps did "
-                "not change the weights; lower the learning rate or check the data.")
-        rank_zero_warn(f"step {step}: the loss is NaN or infinite; step skipped ({self.bad_in_row} in a row, "
+                f"training stopped at step {step}: the loss or its gradients were NaN or infinite in {self.bad_in_row} "
+                f"steps in a row (max_bad_steps={self.hparams.max_bad_steps}; {self.skipped_steps} skipped in all). "
+                "Those steps did not change the weights; lower the learning rate or check the data.")
+        rank_zero_warn(f"step {step}: {what} NaN or infinite; step skipped ({self.bad_in_row} in a row, "
                        f"{self.skipped_steps} in all)")
         return None
 

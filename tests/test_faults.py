@@ -105,6 +105,42 @@ def test_nonfinite_losses_in_a_row_stop_training_with_a_clear_error(text_shards,
     assert all(torch.equal(last_good[k], final[k]) for k in final)  # no NaN reached the weights
 
 
+def poison_gradients(module: ByteLM, bad_calls: set[int]) -> None:
+    """The gradient of the first weight becomes non-finite on the given backward passes (0-based); the loss stays
+    finite."""
+    weight, calls = next(module.model.parameters()), {"n": 0}
+
+    def hook(grad):
+        calls["n"] += 1
+        return grad * float("inf") if calls["n"] - 1 in bad_calls else grad
+
+    weight.register_hook(hook)
+
+
+def test_nonfinite_gradients_of_a_finite_loss_skip_the_step_and_count_it(text_shards, tmp_path):
+    module = ByteLM(size="debug", warmup_steps=1, max_bad_steps=3)
+    poison_gradients(module, {1, 4})
+    watch = Watch()
+    t = trainer(tmp_path, 6, callbacks=[watch], gradient_clip_val=1.0)  # clipping would spread the NaN everywhere
+    t.fit(module, datamodule=datamodule(text_shards))
+    assert len(watch.steps) == 6 and module.skipped_steps == 2
+    for i, (before, after, _) in enumerate(watch.steps):
+        assert all(torch.equal(before[k], after[k]) for k in before) == (i in {1, 4}), i
+        assert all(torch.isfinite(v).all() for v in after.values())
+    assert module.bad_in_row == 0
+
+
+def test_nonfinite_gradients_in_a_row_stop_training_with_a_clear_error(text_shards, tmp_path):
+    module = ByteLM(size="debug", warmup_steps=1, max_bad_steps=3)
+    poison_gradients(module, set(range(2, 100)))
+    watch = Watch()
+    with pytest.raises(NonFiniteLossError, match=r"loss or its gradients were NaN or infinite in 3 steps in a row"):
+        trainer(tmp_path, 20, callbacks=[watch]).fit(module, datamodule=datamodule(text_shards))
+    final = Watch.weights(module)
+    assert all(torch.isfinite(v).all() for v in final.values())
+    assert all(torch.equal(watch.steps[1][1][k], final[k]) for k in final)  # unchanged since the last good step
+
+
 def test_the_skip_decision_is_the_one_all_ranks_agree_on(text_shards, tmp_path, monkeypatch):
     """Another rank's NaN makes this rank skip too (the reduced flag decides, not the local loss)."""
     module = ByteLM(size="debug", warmup_steps=1)
@@ -113,11 +149,12 @@ def test_the_skip_decision_is_the_one_all_ranks_agree_on(text_shards, tmp_path, 
 
     def reduce(decision, all=True):
         calls.append(decision)
-        return decision and len(calls) != 2  # "another rank" had a NaN on the second step
+        return decision and len(calls) != 3  # "another rank" had a NaN loss on the second step
 
     monkeypatch.setattr(t.strategy, "reduce_boolean_decision", reduce)
     t.fit(module, datamodule=datamodule(text_shards))
-    assert calls == [True] * 4 and module.skipped_steps == 1
+    # per step: the loss decision, then the gradients' (none after a skipped loss)
+    assert calls == [True] * 7 and module.skipped_steps == 1
 
 
 @pytest.fixture(scope="module")
