@@ -290,10 +290,17 @@ def compile_blocks(model: torch.nn.Module, backend: str) -> None:
 def adamw_warmup_cosine(module: L.LightningModule, groups: list[dict], lr: float, betas: tuple[float, float],
                         warmup: int, min_ratio: float) -> dict:
     """AdamW over ``groups`` with linear warmup and cosine decay to ``lr * min_ratio`` at the trainer's last step,
-    stepped every batch: the optimizer of every module here (byte models, VQ-VAE, prior)."""
+    stepped every batch: the optimizer of every module here (byte models, VQ-VAE, prior). The last step is read at
+    every step: ``max_steps`` as it stands (a ``FlopBudget`` re-plans it from the FLOPs counted so far, so the decay
+    ends where the budget runs out), else the steps estimated at the start."""
     opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
-    total = max(1, int(module.trainer.estimated_stepping_batches))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total, min_ratio))
+    trainer, estimated = module.trainer, max(1, int(module.trainer.estimated_stepping_batches))
+
+    def factor(step: int) -> float:  # a closure: LambdaLR keeps it out of the checkpoint's state dict
+        last = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else estimated
+        return warmup_cosine(warmup, last, min_ratio)(step)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

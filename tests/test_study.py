@@ -52,6 +52,21 @@ def test_flop_budget_counts_flops_per_byte_times_bytes_and_ends_the_schedule_the
     assert sched.lr_lambdas[0](4) > model.hparams.min_lr_ratio
 
 
+def test_the_learning_rate_decay_ends_where_the_budget_runs_out_when_steps_cost_more_than_planned(shards, tmp_path):
+    data = ByteDataModule(data_dir=str(shards), seq_len=64, batch_size=2, train_batches_per_epoch=20)
+    model = ByteLM(size="debug", warmup_steps=1)
+    real = model.model.train_flops
+    model.model.train_flops = lambda x, mask=None, *, modality=None: 2 * real(x, mask, modality=modality)
+    budget = model.model.flops_per_byte(64) * 64 * 2 * 8  # planned: 8 steps; each costs twice that as run
+    counter = FlopBudget(budget)
+    trainer = _trainer(tmp_path, [counter], max_epochs=1)
+    trainer.fit(model, data)
+    assert trainer.global_step == 4
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    # the rate the schedule reached after the last step: its minimum, not the middle of an 8-step cosine
+    assert sched.get_last_lr()[0] == pytest.approx(model.hparams.lr * model.hparams.min_lr_ratio)
+
+
 def test_flop_budget_without_budget_only_counts(shards, tmp_path):
     data = ByteDataModule(data_dir=str(shards), seq_len=64, batch_size=2, train_batches_per_epoch=3)
     model = ByteLM(size="transformer-debug")
