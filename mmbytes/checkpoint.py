@@ -15,7 +15,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from mmbytes.errors import CheckpointError, MmbytesError
 from mmbytes.io import write_atomically
 from mmbytes.model.layers import ModalityStart
-from mmbytes.model.registry import build, config_from_dict, config_from_name, config_to_dict
+from mmbytes.model.registry import build, config_from_dict, config_from_name, config_to_dict, migrate_state
 
 
 class ConfigMismatchError(MmbytesError, ValueError):
@@ -183,6 +183,7 @@ def checked_model(ckpt: dict[str, Any], path: str | Path) -> tuple[Any, dict[str
         raise CheckpointError(f"{path}: its model config does not describe a model ({first})") from None
     finally:
         handle.remove()
+    state = migrate_state(model, state)  # tensors stored under the names of an earlier layout
     # start-state offsets per modality that a model saved unconditioned lacks: they load as zeros, that very model
     optional = {f"{n}.offset" for n, m in model.named_modules() if isinstance(m, ModalityStart)}
     for name, shape in expected.items():

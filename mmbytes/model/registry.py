@@ -113,6 +113,22 @@ def config_from_dict(stored: dict[str, Any]):
     return ARCHITECTURES[migrated["arch"]][0](**migrated)
 
 
+def migrate_state(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """A stored state dict under the tensor names ``model`` has today: the keys of every submodule whose class
+    renamed its tensors (``STORED_NAMES``: old name prefix -> new) are renamed as its ``_load_from_state_dict``
+    renames them on loading, so checks that compare names before loading see the same names."""
+    out = dict(state)
+    for name, module in model.named_modules():
+        renames = getattr(type(module), "STORED_NAMES", None) or {}
+        prefix = f"{name}." if name else ""
+        for key in [k for k in out if renames and k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            old = next((o for o in renames if rest.startswith(o)), None)
+            if old is not None:
+                out[prefix + renames[old] + rest[len(old):]] = out.pop(key)
+    return out
+
+
 def build(config_or_name, **overrides: Any) -> nn.Module:
     """A freshly initialised model from a config or a named size (with overrides)."""
     config = config_from_name(config_or_name, **overrides) if isinstance(config_or_name, str) else config_or_name
