@@ -25,7 +25,7 @@ def test_stored_checkpoint_loads_and_gives_the_stored_nll_exactly(name):
 
 
 @pytest.mark.parametrize("name", ["transformer-debug", "blt-entropy-debug"])
-def test_a_lightning_checkpoint_of_a_flat_transformer_stored_before_the_split_passes_the_checks_and_loads(name, tmp_path):
+def test_an_old_flat_transformer_bytelm_checkpoint_passes_the_checks_and_loads(name, tmp_path):
     """Weights stored under MEGABYTE's names (``global_embed``, ``global_model``...) in a ``ByteLM`` checkpoint: the
     checks made before loading see today's names, and as an entropy model it gives the stored nll."""
     from mmbytes.checkpoint import checked_model, load_entropy_model
