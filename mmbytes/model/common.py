@@ -57,3 +57,13 @@ def named_config(sizes: dict[str, Any], presets: dict[str, dict], name: str, pre
     if unknown:
         raise ValueError(f"unknown config fields {unknown} for {name!r}; known: {sorted(known)}")
     return replace(base, **overrides)
+
+
+def rename_stored(state: dict[str, Any], prefix: str, renames: dict[str, str]) -> None:
+    """Rename, in place, the keys of ``state`` under ``prefix`` that start with an old name of ``renames`` (old name
+    prefix -> new): tensors stored under an earlier layout's names."""
+    for key in [k for k in state if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        old = next((o for o in renames if rest.startswith(o)), None)
+        if old is not None:
+            state[prefix + renames[old] + rest[len(old):]] = state.pop(key)

@@ -151,13 +151,13 @@ class MegabyteConfig:
         return named_config(SIZES, PRESETS, name, preset, overrides)
 
 
+_SHIFTED = dict(embed_std=1.0, init="fan_in", local_shift="sequence", token_shift=True, patch_embed="project",
+                modality_start=True, mlp="gelu")
 PRESETS: dict[str, dict] = {
     "paper": dict(embed_std=0.02, init="gpt2", local_shift="patch", token_shift=False, patch_embed="concat",
                   modality_start=False, mlp="gelu"),
-    "shifted": dict(embed_std=1.0, init="fan_in", local_shift="sequence", token_shift=True, patch_embed="project",
-                    modality_start=True, mlp="gelu"),
-    "shifted-swiglu": dict(embed_std=1.0, init="fan_in", local_shift="sequence", token_shift=True,
-                           patch_embed="project", modality_start=True, mlp="swiglu"),
+    "shifted": _SHIFTED,
+    "shifted-swiglu": {**_SHIFTED, "mlp": "swiglu"},
 }
 """Named forms (field -> value) a size is built in. ``paper``: the paper's exact form (section 2; the dataclass
 defaults): GPT-2 initialisation, N(0, 0.02) embeddings, a patch's bytes shifted inside the patch, the P byte embeddings

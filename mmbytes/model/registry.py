@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from mmbytes.model import blt, blt_config, bpe, megabyte, megabyte_config, spacebyte, transformer
-from mmbytes.model.common import named_config
+from mmbytes.model.common import named_config, rename_stored
 
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module], Any]] = {
     # arch -> (config class, model class, module holding PRESETS and SIZES)
@@ -119,13 +119,9 @@ def migrate_state(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
     renames them on loading, so checks that compare names before loading see the same names."""
     out = dict(state)
     for name, module in model.named_modules():
-        renames = getattr(type(module), "STORED_NAMES", None) or {}
-        prefix = f"{name}." if name else ""
-        for key in [k for k in out if renames and k.startswith(prefix)]:
-            rest = key[len(prefix):]
-            old = next((o for o in renames if rest.startswith(o)), None)
-            if old is not None:
-                out[prefix + renames[old] + rest[len(old):]] = out.pop(key)
+        renames = getattr(type(module), "STORED_NAMES", None)
+        if renames:
+            rename_stored(out, f"{name}." if name else "", renames)
     return out
 
 

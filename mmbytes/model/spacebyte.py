@@ -117,10 +117,11 @@ class SpaceByteConfig:
         return self.window or self.d_local
 
 
+_PAPER = dict(token_shift=False, embed_std=0.02, init="gpt2", mlp="gelu", modality_start=False)
 PRESETS: dict[str, dict] = {
-    "paper": dict(token_shift=False, embed_std=0.02, init="gpt2", mlp="gelu", modality_start=False),
-    "conditioned": dict(token_shift=False, embed_std=0.02, init="gpt2", mlp="gelu", modality_start=True),
-    "shift-swiglu": dict(token_shift=True, embed_std=0.02, init="gpt2", mlp="swiglu", modality_start=True),
+    "paper": _PAPER,
+    "conditioned": {**_PAPER, "modality_start": True},
+    "shift-swiglu": {**_PAPER, "modality_start": True, "token_shift": True, "mlp": "swiglu"},
 }
 """Named forms (field -> value) a size is built in. ``paper``: the paper's form (a two-matrix MLP, as its reference
 code's), unconditioned. ``conditioned`` (the named sizes): with a learned start state per modality. ``shift-swiglu``:

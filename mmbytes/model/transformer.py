@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from mmbytes.codecs import MODALITIES
 from mmbytes.model import flops
-from mmbytes.model.common import check_heads, chunked_nll, named_config
+from mmbytes.model.common import check_heads, chunked_nll, named_config, rename_stored
 from mmbytes.model.layers import KVCache, ModalityStart, Transformer, init_linear
 from mmbytes.model.protocol import Capabilities, Complete, FixedCost, ModelData
 
@@ -113,10 +113,7 @@ class ByteTransformer(Complete, FixedCost, nn.Module):
                     "global_model.": "model."}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            for old, new in self.STORED_NAMES.items():
-                if key[len(prefix):].startswith(old):
-                    state_dict[prefix + new + key[len(prefix) + len(old):]] = state_dict.pop(key)
+        rename_stored(state_dict, prefix, self.STORED_NAMES)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_parameters(self) -> None:
