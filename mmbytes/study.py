@@ -99,9 +99,11 @@ def _data(args: argparse.Namespace, seed: int, patch_size: int = 1):
 
 
 def train_run(size: str, seed: int, budget: float, run_dir: Path, args: argparse.Namespace, lr: float,
-              model_kwargs: dict[str, Any] | None = None, estimate: torch.nn.Module | None = None) -> dict[str, Any]:
+              model_kwargs: dict[str, Any] | None = None, estimate: torch.nn.Module | None = None,
+              form: dict[str, Any] | None = None) -> dict[str, Any]:
     """One run of one model: train to the budget (going on from ``run_dir``'s last checkpoint if there is one),
-    validate, write ``result.json``; return the result."""
+    validate, write ``result.json`` (with ``form``, the preset fields it was built with: ``form_of``); return the
+    result."""
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -147,10 +149,39 @@ def train_run(size: str, seed: int, budget: float, run_dir: Path, args: argparse
         "model": size, "seed": seed, "lr": lr, "warmup_steps": warmup, "params": model.num_params(),
         "flops_per_byte": counter.flops_per_byte, "flops_per_byte_counted": counter.counted_flops_per_byte,
         "steps": trainer.global_step, "bytes": counter.bytes, "flops": counter.flops, "wall_s": wall, **val,
-        "patch_size": counter.mean_patch,
+        "patch_size": counter.mean_patch, **({"form": form} if form is not None else {}),
     }
     write_text(run_dir / "result.json", json.dumps(result, indent=1))
     return result
+
+
+def form_of(size: str, config: Any) -> dict[str, Any]:
+    """The fields a preset of ``size``'s architecture sets (``registry.presets``), as ``config`` has them: the form a
+    run of the study is trained in, recorded in its ``result.json``."""
+    from mmbytes.model.registry import config_to_dict, presets
+
+    keys = sorted({k for fields in presets(size).values() for k in fields})
+    return json.loads(json.dumps({k: v for k, v in config_to_dict(config).items() if k in keys}))
+
+
+def refuse_other_form(run_dir: Path, size: str, form: dict[str, Any]) -> None:
+    """Refuse, in one line, a done run in ``run_dir`` trained in another form than ``size`` has now (a named size
+    adopted another preset): its result would join the table under today's name. The stored form is its
+    ``result.json``'s, else (a run written before the form was recorded) its checkpoint's config's. A run going on
+    from a checkpoint is checked as it loads (``ByteLM``)."""
+    from mmbytes.checkpoint import checkpoint_config, load_checkpoint
+
+    result, last = run_dir / "result.json", run_dir / "checkpoints" / "last.ckpt"
+    if not result.exists():
+        return
+    stored = json.loads(result.read_text()).get("form")
+    if stored is None and last.exists():
+        config = checkpoint_config(load_checkpoint(last))
+        stored = form_of(size, config) if config is not None else None
+    differ = {k: (stored.get(k), v) for k, v in form.items() if stored is not None and stored.get(k) != v}
+    if differ:
+        raise SystemExit(f"{run_dir} was trained in another form than {size} has now {differ} (stored, now); "
+                         "use another --out, or delete that run to train it again")
 
 
 # -- what some models need first: the BPE tokenizer, BLT's entropy model
@@ -231,7 +262,7 @@ def write_report(out: Path, results: list[dict], settings: dict, entropy: dict[s
         keys = list(dict.fromkeys(k for r in results for k in r))
         w = csv.DictWriter(f, keys)
         w.writeheader()
-        w.writerows(results)
+        w.writerows({k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()} for r in results)
 
     def cell(r: dict, k: str) -> str:
         s = fmt(r.get(k), k)
@@ -365,14 +396,16 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             kwargs[key], entropy[size] = companion_for(key, name, args, log)
         if args.strided and estimate.capabilities.strided:
             kwargs["strided_eval"] = args.strided
+        form = form_of(size, estimate.config)
         for seed in range(args.seeds):
             run_dir = args.out / "runs" / size / f"seed{seed}"
+            refuse_other_form(run_dir, size, form)
             if (run_dir / "result.json").exists():
                 results.append(json.loads((run_dir / "result.json").read_text()))
                 continue
             print(f"study: {size} seed {seed}", flush=True)
             results.append(train_run(size, seed, args.budget, run_dir, args, recommended_lr(size, args.lr), kwargs,
-                                     estimate))
+                                     estimate, form))
             trained.append(f"{size}/seed{seed}")
     write_report(args.out, results, {**settings, "seeds": args.seeds, "strided": args.strided}, entropy)
     return {"trained": trained, "results": results, "log": log}

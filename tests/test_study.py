@@ -339,3 +339,28 @@ def test_a_study_runs_in_bf16_says_so_and_refuses_to_mix_precisions(shards, tmp_
     (out / "study.json").write_text(json.dumps(stored))
     with pytest.raises(SystemExit, match="precision"):
         study.main([*_study_args(shards, out, "debug")[1:], "--precision", "bf16-mixed"])
+
+
+def test_a_done_run_trained_in_another_form_than_its_size_has_now_is_refused(shards, tmp_path, monkeypatch):
+    import json
+    from dataclasses import replace
+
+    from mmbytes import study
+    from mmbytes.model import registry
+
+    out = tmp_path / "study"
+    study.main(_study_args(shards, out, "debug")[1:])
+    result = out / "runs" / "debug" / "seed0" / "result.json"
+    mlp = registry.SIZES["debug"].mlp
+    other = "gelu" if mlp == "swiglu" else "swiglu"
+    assert json.loads(result.read_text())["form"]["mlp"] == mlp
+    assert study.main(_study_args(shards, out, "debug")[1:])["trained"] == []  # the same form: read, not redone
+    monkeypatch.setitem(registry.SIZES, "debug", replace(registry.SIZES["debug"], mlp=other))  # a new preset
+    with pytest.raises(SystemExit, match=rf"seed0 was trained in another form than debug has now .*'mlp': "
+                                         rf"\('{mlp}', '{other}'\)"):
+        study.main(_study_args(shards, out, "debug")[1:])
+    stored = json.loads(result.read_text())
+    del stored["form"]  # a run written before the form was recorded: its checkpoint's config tells it
+    result.write_text(json.dumps(stored))
+    with pytest.raises(SystemExit, match="another form"):
+        study.main(_study_args(shards, out, "debug")[1:])
