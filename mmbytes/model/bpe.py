@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from mmbytes.codecs import MODALITIES
+from mmbytes.io import write_text
 from mmbytes.model import flops
 from mmbytes.model.bpe_tokenizer import (
     TOKENIZER_BYTES,
@@ -299,8 +300,9 @@ class BPETransformer(Complete, nn.Module):
                 made = train_tokenizer(data.train_samples(), self.config.vocab_size, max_bytes)
                 if cached is not None:
                     cached.parent.mkdir(parents=True, exist_ok=True)
-                    cached.write_text(made[0])
-                    meta.write_text(json.dumps({"vocab_size": self.config.vocab_size, "bytes_per_token": made[1]}))
+                    # each file whole or absent (the next run loads them), the meta last: read only beside both
+                    write_text(cached, made[0])
+                    write_text(meta, json.dumps({"vocab_size": self.config.vocab_size, "bytes_per_token": made[1]}))
         self.set_tokenizer(*data.share(made))
 
     # -- generation: tokens are sampled and decoded to bytes (``mmbytes.model.generate.generate`` calls this)
