@@ -152,23 +152,23 @@ PRESETS: dict[str, dict] = {
     "shift-swiglu": dict(mlp="swiglu", token_shift=True, modality_start=True),
 }
 """Named forms (field -> value) a size is built in. ``paper``: the paper's form, unconditioned, with the SwiGLU MLPs of
-its Llama-style blocks (Pagnoni et al., 2024; the reference code's ``TransformerBlock``). ``conditioned``
-(the named sizes): GELU MLPs and a learned start state per modality. ``shift-swiglu``: SwiGLU MLPs, token shift and
-the start state per modality, a candidate form measured in docs/learning.md."""
+its Llama-style blocks (Pagnoni et al., 2024; the reference code's ``TransformerBlock``). ``conditioned``: GELU MLPs
+and a learned start state per modality. ``shift-swiglu`` (the named sizes): SwiGLU MLPs, token shift and the start
+state per modality, the form that learned best over 1,000 steps (docs/learning.md)."""
 
 _DEBUG = dict(d_local=32, n_layer_encoder=1, n_layer_decoder=1, n_head_local=2, window=8, d_global=64,
               n_layer_global=2, n_head_global=2, hash_vocab=64)
 
 SHAPES: dict[str, tuple[str, dict]] = {
     # for tests: windows of 8 bytes, tiny hash tables
-    "blt-debug": ("conditioned", dict(_DEBUG, entropy="blt-entropy-debug")),
+    "blt-debug": ("shift-swiglu", dict(_DEBUG, entropy="blt-entropy-debug")),
     # the paper's ablation: no hash n-gram embeddings
-    "blt-nohash-debug": ("conditioned", dict(_DEBUG, entropy="blt-entropy-debug", hash_vocab=0)),
-    "blt-fixed-debug": ("conditioned", dict(_DEBUG, patching="fixed", patch_size=4)),
+    "blt-nohash-debug": ("shift-swiglu", dict(_DEBUG, entropy="blt-entropy-debug", hash_vocab=0)),
+    "blt-fixed-debug": ("shift-swiglu", dict(_DEBUG, patching="fixed", patch_size=4)),
     # ~10.9M parameters without the hash tables (7.1M latent + 2.4M local + 1.4M pooling and cross-attention); the
     # six hash tables add 6.3M
-    "blt-small": ("conditioned", dict()),
-    "blt-fixed-small": ("conditioned", dict(patching="fixed", patch_size=4)),
+    "blt-small": ("shift-swiglu", dict()),
+    "blt-fixed-small": ("shift-swiglu", dict(patching="fixed", patch_size=4)),
 }
 """Each named size: (its preset, its shape)."""
 

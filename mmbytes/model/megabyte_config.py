@@ -54,10 +54,10 @@ class MegabyteConfig:
     token_shift: bool = False
     """Token shift (RWKV; as in MEGABYTE-pytorch): every attention and MLP sublayer reads the second half of its
     input channels from the previous position of its stage (patch, sub-patch or byte). Causal and cached. Off in
-    the paper's form, on in the named sizes (preset ``shifted``)."""
+    the paper's form, on in the named sizes (presets ``shifted``, ``shifted-swiglu``)."""
     embed_std: float = 0.02
     """Initial standard deviation of the byte embeddings and the trainable padding units (the paper's GPT-2 form:
-    0.02; the named sizes: 1.0, preset ``shifted``)."""
+    0.02; the named sizes: 1.0)."""
     patch_embed: Literal["concat", "project"] = "concat"
     """How the global model sees a patch. ``concat`` (paper): the P byte embeddings of width D_G concatenated.
     ``project``: byte embeddings of width ``d_embed`` concatenated, then LayerNorm -> Linear -> LayerNorm to P * D_G
@@ -161,32 +161,32 @@ PRESETS: dict[str, dict] = {
 }
 """Named forms (field -> value) a size is built in. ``paper``: the paper's exact form (section 2; the dataclass
 defaults): GPT-2 initialisation, N(0, 0.02) embeddings, a patch's bytes shifted inside the patch, the P byte embeddings
-concatenated for the global model, no token shift, no start state per modality. ``shifted`` (the named sizes), as
-MEGABYTE-pytorch: token shift in every sublayer, a patch's first byte reading the byte before it (``local_shift:
-sequence``), PyTorch's fan-in initialisation of every linear layer, byte embeddings and padding units N(0, 1), the
-global model reading a patch through LayerNorm -> Linear -> LayerNorm of its concatenated byte embeddings
-(``patch_embed: project``); and a learned start state per modality. ``shifted-swiglu``: ``shifted`` with SwiGLU
-MLPs (``mlp``), a candidate form measured in docs/learning.md. ``bench/learning.py`` compares them."""
+concatenated for the global model, no token shift, no start state per modality. ``shifted``, as MEGABYTE-pytorch:
+token shift in every sublayer, a patch's first byte reading the byte before it (``local_shift: sequence``), PyTorch's
+fan-in initialisation of every linear layer, byte embeddings and padding units N(0, 1), the global model reading a
+patch through LayerNorm -> Linear -> LayerNorm of its concatenated byte embeddings (``patch_embed: project``); and a
+learned start state per modality. ``shifted-swiglu`` (the named sizes): ``shifted`` with SwiGLU MLPs (``mlp``), the
+form that learned best over 1,000 steps (docs/learning.md; ``bench/learning.py`` compares them)."""
 
 SHAPES: dict[str, tuple[str, dict]] = {
     # a training step in a few milliseconds on a CPU: for tests
-    "debug": ("shifted", dict(patch_size=4, d_global=16, n_layer_global=2, n_head_global=2,
-                              d_local=32, n_layer_local=1, n_head_local=2)),
+    "debug": ("shifted-swiglu", dict(patch_size=4, d_global=16, n_layer_global=2, n_head_global=2,
+                                     d_local=32, n_layer_local=1, n_head_local=2)),
     # the same with a middle stage: 8-byte patches, 2-byte sub-patches, bytes
-    "debug-long": ("shifted", dict(patch_size=8, d_global=8, n_layer_global=1, n_head_global=2,
-                                   mid_patch_sizes=(2,), d_mid=(16,), n_layer_mid=(1,), n_head_mid=(2,),
-                                   d_local=16, n_layer_local=1, n_head_local=2)),
+    "debug-long": ("shifted-swiglu", dict(patch_size=8, d_global=8, n_layer_global=1, n_head_global=2,
+                                          mid_patch_sizes=(2,), d_mid=(16,), n_layer_mid=(1,), n_head_mid=(2,),
+                                          d_local=16, n_layer_local=1, n_head_local=2)),
     # ~10M parameters: 7.1M global (P*D_G = 384) + 3.2M local
-    "small": ("shifted", dict(patch_size=8, d_global=48, n_layer_global=4, n_head_global=6,
-                              d_local=256, n_layer_local=4, n_head_local=4)),
+    "small": ("shifted-swiglu", dict(patch_size=8, d_global=48, n_layer_global=4, n_head_global=6,
+                                     d_local=256, n_layer_local=4, n_head_local=4)),
     # ~100M parameters: 85M global (P*D_G = 768) + 12.6M local
-    "base": ("shifted", dict(patch_size=8, d_global=96, n_layer_global=12, n_head_global=12,
-                             d_local=512, n_layer_local=4, n_head_local=8)),
+    "base": ("shifted-swiglu", dict(patch_size=8, d_global=96, n_layer_global=12, n_head_global=12,
+                                    d_local=512, n_layer_local=4, n_head_local=8)),
     # three stages for million-byte sequences: 64-byte global patches (16,384 of them at T = 2**20), 8-byte middle
     # patches, bytes; 12.6M global + 1.6M middle + 0.5M local
-    "long": ("shifted", dict(patch_size=64, d_global=8, n_layer_global=4, n_head_global=8,
-                             mid_patch_sizes=(8,), d_mid=(32,), n_layer_mid=(2,), n_head_mid=(4,),
-                             d_local=128, n_layer_local=2, n_head_local=4, checkpointing=True)),
+    "long": ("shifted-swiglu", dict(patch_size=64, d_global=8, n_layer_global=4, n_head_global=8,
+                                    mid_patch_sizes=(8,), d_mid=(32,), n_layer_mid=(2,), n_head_mid=(4,),
+                                    d_local=128, n_layer_local=2, n_head_local=4, checkpointing=True)),
 }
 """Each named size: (its preset, its shape)."""
 
