@@ -154,7 +154,7 @@ PRESETS: dict[str, dict] = {
 """Named forms (field -> value) a size is built in. ``paper``: the paper's form, unconditioned, with the SwiGLU MLPs of
 its Llama-style blocks (Pagnoni et al., 2024; the reference code's ``TransformerBlock``). ``conditioned``: GELU MLPs
 and a learned start state per modality. ``shift-swiglu`` (the named sizes): SwiGLU MLPs, token shift and the start
-state per modality, the form that learned best over 1,000 steps (docs/learning.md)."""
+state per modality, the form chosen by measurement (docs/learning.md)."""
 
 _DEBUG = dict(d_local=32, n_layer_encoder=1, n_layer_decoder=1, n_head_local=2, window=8, d_global=64,
               n_layer_global=2, n_head_global=2, hash_vocab=64)
