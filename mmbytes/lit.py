@@ -179,7 +179,8 @@ class ByteLM(L.LightningModule):
             self.bad_in_row = 0
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        finite = bool(torch.isfinite(torch.stack([g.float().sum() for g in grads]).sum())) if grads else True
+        # one fused pass (NaN or infinity anywhere makes the norm so), one host sync per step
+        finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))) if grads else True
         if self._trainer is not None:
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
