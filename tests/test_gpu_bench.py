@@ -29,13 +29,26 @@ def test_gpu_bench_smoke_runs_every_step_and_writes_its_tables(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_study_smoke_trains_every_architecture_and_writes_the_gallery(tmp_path):
-    """``bench/gpu_study.py --smoke``: the GPU study and gallery call at a toy budget on CPU (needs ../shared)."""
+    """``bench/gpu_study.py --smoke``: the GPU study and gallery call at a toy budget on CPU, on a data root laid out
+    as ``--data-root`` expects and made of files the repository ships (credits: tests/data/MANIFEST.md,
+    samples/README.md): Shakespeare gzipped in GCIDE's place (the smoke reads its first 256 KiB), MNIST's first
+    1,000 test digits, the four FSDD clips of ``samples/audio``."""
+    import gzip
+    import shutil
+
     spec = importlib.util.spec_from_file_location("gpu_study", ROOT / "bench" / "gpu_study.py")
     gpu_study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_study)
-    if not (gpu_study.ROOT.parent / "shared" / "data" / "text" / "gcide.dict.dz").exists():
-        pytest.skip("the shared data (GCIDE, MNIST, FSDD) is not here")
-    gpu_study.main([str(tmp_path), "--smoke"])
+    data = tmp_path / "data"
+    for folder in ("text", "images/mnist", "audio/fsdd"):
+        (data / folder).mkdir(parents=True)
+    text = (ROOT / "samples/text/tinyshakespeare.txt").read_bytes()
+    (data / "text" / "gcide.dict.dz").write_bytes(gzip.compress(text))
+    shutil.copy(ROOT / "tests/data/images/mnist/t10k-images-idx3-ubyte-first1000.gz",
+                data / "images/mnist/t10k-images-idx3-ubyte.gz")
+    for clip in sorted((ROOT / "samples/audio").glob("fsdd_*.wav")):
+        shutil.copy(clip, data / "audio/fsdd" / clip.name)
+    gpu_study.main([str(tmp_path), "--data-root", str(data), "--smoke"])
     report = (tmp_path / "study" / "report.md").read_text()
     assert all(f"| {m.replace('small', 'debug')} |" in report for m in gpu_study.MODELS.split(","))
     assert (tmp_path / "gallery" / "mnist" / "image_sheet.png").exists()
