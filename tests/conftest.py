@@ -1,4 +1,3 @@
-import os
 from pathlib import Path
 
 import pytest
@@ -6,9 +5,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"  # small real files shipped for the tests (credits: tests/data/MANIFEST.md)
-# the development machine's larger real data, for benches and slow tests only; MMBYTES_SHARED_DATA moves it (.ci/run
-# points it nowhere to prove that the default suite needs nothing outside the repository)
-SHARED = Path(os.environ.get("MMBYTES_SHARED_DATA") or ROOT.parent / "shared" / "data")
 
 
 @pytest.fixture(autouse=True)
