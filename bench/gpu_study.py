@@ -53,7 +53,8 @@ def gallery(out: Path, name: str, recipe: str, sources: list[str], codec_options
     ckpt = max((out / "runs" / Path(recipe).stem).glob("version_*/checkpoints/last.ckpt"),
                key=lambda p: p.stat().st_mtime)
     run(["validate", "--config", str(ROOT / "recipes" / recipe), *data_args, "--ckpt_path", str(ckpt),
-         "--trainer.accelerator", device, "--trainer.logger", "false"], log)
+         "--trainer.accelerator", device, "--trainer.logger", "false",
+         "--trainer.default_root_dir", str(out / "runs" / f"{name}_validate")], log)  # its config.yaml and samples
     run(["sample", "--ckpt", str(ckpt), "--out", str(out / "gallery" / name), "--device", device, *sample_args], log)
     return {"ckpt": str(ckpt), "files": sorted(str(p) for p in (out / "gallery" / name).iterdir())}
 

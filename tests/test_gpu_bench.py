@@ -28,7 +28,8 @@ def test_gpu_bench_smoke_runs_every_step_and_writes_its_tables(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_study_smoke_trains_every_architecture_and_writes_the_gallery(tmp_path):
+def test_gpu_study_smoke_trains_every_architecture_and_writes_the_gallery_only_under_its_out_dir(tmp_path,
+                                                                                           monkeypatch):
     """``bench/gpu_study.py --smoke``: the GPU study and gallery call at a toy budget on CPU, on a data root laid out
     as ``--data-root`` expects and made of files the repository ships (credits: tests/data/MANIFEST.md,
     samples/README.md): Shakespeare gzipped in GCIDE's place (the smoke reads its first 256 KiB), MNIST's first
@@ -48,8 +49,13 @@ def test_gpu_study_smoke_trains_every_architecture_and_writes_the_gallery(tmp_pa
                 data / "images/mnist/t10k-images-idx3-ubyte.gz")
     for clip in sorted((ROOT / "samples/audio").glob("fsdd_*.wav")):
         shutil.copy(clip, data / "audio/fsdd" / clip.name)
-    gpu_study.main([str(tmp_path), "--data-root", str(data), "--smoke"])
-    report = (tmp_path / "study" / "report.md").read_text()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "out"
+    gpu_study.main([str(out), "--data-root", str(data), "--smoke"])
+    assert list(cwd.iterdir()) == []  # nothing written where it was called from (Lightning's config.yaml, samples)
+    report = (out / "study" / "report.md").read_text()
     assert all(f"| {m.replace('small', 'debug')} |" in report for m in gpu_study.MODELS.split(","))
-    assert (tmp_path / "gallery" / "mnist" / "image_sheet.png").exists()
-    assert len(list((tmp_path / "gallery" / "fsdd").glob("*.wav"))) == 2
+    assert (out / "gallery" / "mnist" / "image_sheet.png").exists()
+    assert len(list((out / "gallery" / "fsdd").glob("*.wav"))) == 2
