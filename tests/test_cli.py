@@ -362,7 +362,7 @@ def test_fit_checkpoints_hold_the_data_description(run):
     ckpt = torch.load(tmp / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     modalities = ckpt["data_description"]["modalities"]
     assert modalities["audio"] == {"codec": "audio", "sample_rate": 8000, "sample_width": 2}
-    assert modalities["image"] == {"codec": "image", "height": 32, "width": 32, "channels": 3, "order": "patch",
+    assert modalities["image"] == {"codec": "image", "height": 48, "width": 48, "channels": 3, "order": "patch",
                                    "tile": 4}
     assert set(modalities) == {"image", "audio", "text", "raw"}
 
