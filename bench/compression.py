@@ -1,16 +1,16 @@
 """Lossless compression of held-out real files: ``mmbytes compress`` against gzip -9, xz -9, zstd -19, PNG (Pillow,
 optimize) and WebP lossless for images, FLAC (soundfile, level 8) for audio.
 
-The files are the validation side of the shards ``recipes/compression.yaml`` trains on (the same split hash as
-``mmbytes shards``, so the model never saw them): CIFAR-10 images (their pixels in binary PPM files: an uncompressed
-container the model codes pixel by pixel and every codec starts from), FSDD spoken digits (WAV as stored), pieces of
-the held-out 64 KiB text chunks, and mixed files. Rates are compressed bytes / original bytes over all files of a
-modality, every header included (the .mmbz header, gzip's, PNG's, ...); the model itself is not counted. ``gap``
-is the .mmbz size over the model's NLL of the coded bytes (the ideal code length), ``coder`` the same for the coded
-streams alone, ``header`` the share of the .mmbz size that is header and stored container bytes; ``enc``/``dec`` are
-coding speeds in original bytes per second (the coder's model pass runs on one thread, its fixed thread policy), and
-``best other`` names the smallest baseline, so the table says plainly where the model loses. Baselines whose library
-is missing (zstandard, Pillow, soundfile) are left out.
+The files are the validation samples of the shards ``recipes/compression.yaml`` trains on, read from their
+``val-*.tar`` (so the model never saw them, whatever rule ``mmbytes shards`` split by): CIFAR-10 images (their pixels
+in binary PPM files: an uncompressed container the model codes pixel by pixel and every codec starts from), FSDD
+spoken digits (WAV as stored), the first ``--text-bytes`` of held-out text chunks, and other files as stored. Rates
+are compressed bytes / original bytes over all files of a modality, every header included (the .mmbz header, gzip's,
+PNG's, ...); the model itself is not counted. ``gap`` is the .mmbz size over the model's NLL of the coded bytes (the
+ideal code length), ``coder`` the same for the coded streams alone, ``header`` the share of the .mmbz size that is
+header and stored container bytes; ``enc``/``dec`` are coding speeds in original bytes per second (the coder's model
+pass runs on one thread, its fixed thread policy), and ``best other`` names the smallest baseline, so the table says
+plainly where the model loses. Baselines whose library is missing (zstandard, Pillow, soundfile) are left out.
 
     python bench/compression.py --ckpt runs/compression/version_0/checkpoints/last.ckpt --device cuda \
         --json bench/compression.json
@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import io
 import json
 import lzma
 import platform
+import tarfile
 import time
 from pathlib import Path
 
@@ -32,15 +32,12 @@ import torch
 
 from mmbytes.compress import compress_files, decompress_files, load, machine_envelope, trained_codecs
 from mmbytes.io import write_text
-from mmbytes.shards import DEFAULT_CHUNK, chunks, split_hash
+from mmbytes.shards import read_manifest
 from mmbytes.stamp import stamp
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def held_out(name: str, part: int = 0, val_fraction: float = 0.1) -> bool:
-    """Whether ``mmbytes shards`` put chunk ``part`` of the file it names ``name`` in the validation split."""
-    return split_hash(hashlib.sha1(f"{name}#{part}".encode()).hexdigest()) < val_fraction
+SHARDS = [Path("data") / f"compression-{s}" for s in ("images", "audio", "text", "files")]
+"""The shard sets of ``recipes/compression.yaml``, relative to the folder it ran in."""
+LABEL = {"raw": "files"}
 
 
 def ppm(path: Path) -> bytes:
@@ -52,25 +49,50 @@ def ppm(path: Path) -> bytes:
         return buf.getvalue()
 
 
-def select(root: Path, per_modality: int, text_bytes: int, max_file: int) -> dict[str, list[tuple[str, bytes]]]:
-    """Held-out files per modality: (name, bytes)."""
-    images = [p for p in sorted((root / "images" / "cifar10_train_subset").rglob("*.jpg"))
-              if held_out(f"cifar10_train_subset/{p.relative_to(root / 'images' / 'cifar10_train_subset')}")]
-    audio = [p for p in sorted((root / "audio" / "fsdd").glob("*.wav")) if held_out(f"fsdd/{p.name}")]
-    files = [p for p in sorted((root / "files").iterdir())
-             if held_out(f"files/{p.name}") and p.stat().st_size <= max_file]
-    text = []
-    for name in ("tinyshakespeare.txt", "wikitext2_valid.txt"):
-        data = (root / "text" / name).read_bytes()
-        for i, part in enumerate(chunks(data, DEFAULT_CHUNK["text"], at_newline=True)[0]):
-            if held_out(name, i):
-                cut = part.rfind(b"\n", 0, text_bytes)
-                text.append((f"{name}#{i}", part[: cut + 1 if cut > 0 else text_bytes]))
-    step = lambda xs: xs[:: max(1, len(xs) // per_modality)][:per_modality]  # noqa: E731 (spread over classes)
-    return {"image": [(f"{p.parent.name}/{p.name} as PPM", ppm(p)) for p in step(images)],
-            "audio": [(p.name, p.read_bytes()) for p in step(audio)],
-            "text": step(text),
-            "files": [(p.name, p.read_bytes()) for p in files[:per_modality]]}
+def validation_samples(shards: Path) -> list[dict]:
+    """The metadata of every validation sample of a shard set, read from its ``val-*.tar`` (the split ``mmbytes
+    shards`` made, not a rule re-derived here), in (source, chunk) order; a text sample also carries its ``bytes``."""
+    metas = []
+    for name in read_manifest(shards)["splits"]["val"]["shards"]:
+        with tarfile.open(shards / name) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for key, m in members.items():
+                if key.endswith(".json"):
+                    meta = json.load(tar.extractfile(m))
+                    if meta["modality"] == "text":
+                        meta["bytes"] = tar.extractfile(members[key[:-5] + ".bin"]).read()
+                    metas.append(meta)
+    return sorted(metas, key=lambda m: (m["source"], m["chunk"]))
+
+
+def select(shards: Path, per_modality: int, text_bytes: int, max_file: int) -> tuple[str, list[tuple[str, bytes]]]:
+    """A shard set's modality and up to ``per_modality`` of its held-out files, spread over its validation samples:
+    (name, bytes). Whole files are read from where the manifest's sources lie (images as PPM of their pixels, the
+    rest as stored); text is each held-out chunk's first ``text_bytes``, cut at a newline."""
+    manifest = read_manifest(shards)
+    # a source's samples are named from the source's own name on (mmbytes.shards.list_files)
+    roots = {Path(s).resolve().name: Path(s).resolve().parent for s in manifest["sources"] + manifest["val_sources"]}
+    metas = validation_samples(shards)
+    modality = {m["modality"] for m in metas}
+    if len(modality) != 1:
+        raise SystemExit(f"{shards}: {len(modality)} modalities in its validation split; the bench takes one per set")
+    modality = modality.pop()
+    if modality == "text":
+        files = []
+        for m in metas:
+            cut = m["bytes"].rfind(b"\n", 0, text_bytes)
+            files.append((f"{m['source']}#{m['chunk']}", m["bytes"][: cut + 1 if cut > 0 else text_bytes]))
+    else:
+        paths = [roots[m["source"].split("/")[0]] / m["source"] for m in metas if m["chunk"] == 0]
+        if modality == "raw":
+            paths = [p for p in paths if p.stat().st_size <= max_file]
+        files = [(p.name, p) for p in paths]
+    files = files[:: max(1, len(files) // per_modality)][:per_modality]  # spread over classes and speakers
+    if modality == "image":
+        files = [(f"{p.parent.name}/{p.name} as PPM", ppm(p)) for _, p in files]
+    elif modality != "text":
+        files = [(n, p.read_bytes()) for n, p in files]
+    return LABEL.get(modality, modality), files
 
 
 def baselines(modality: str, data: bytes) -> dict[str, int]:
@@ -113,7 +135,8 @@ COLUMNS = ["gzip -9", "xz -9", "zstd -19", "PNG", "WebP", "FLAC"]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", type=Path, required=True, help="the model (recipes/compression.yaml)")
-    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--shards", type=Path, nargs="+", default=SHARDS,
+                    help="the shard sets the model trained on, one modality each (default: the recipe's)")
     ap.add_argument("--per-modality", type=int, default=8, help="held-out files per modality")
     ap.add_argument("--text-bytes", type=int, default=8192, help="bytes kept of each held-out text chunk")
     ap.add_argument("--max-file", type=int, default=32768, help="largest mixed file taken")
@@ -127,9 +150,9 @@ def main() -> None:
     model, description, seq_len = load(args.ckpt, args.device)
     modalities, image_options = trained_codecs(description)
     chunk = args.chunk or seq_len or 4096
-    sets = select(args.data, args.per_modality, args.text_bytes, args.max_file)
     rows = []
-    for modality, files in sets.items():
+    for shards in args.shards:
+        modality, files = select(shards, args.per_modality, args.text_bytes, args.max_file)
         if modality not in args.modalities.split(","):
             continue
         originals = [d for _, d in files]
