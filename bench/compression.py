@@ -23,7 +23,6 @@ import gzip
 import io
 import json
 import lzma
-import platform
 import tarfile
 import time
 from pathlib import Path
@@ -195,10 +194,10 @@ def main() -> None:
         line += f" {r['decode_bytes_s']:8.0f}  {r['best_other']} ({'mmbytes loses' if r['loses'] else 'mmbytes wins'})"
         print(line)
     if args.json:
-        machine = {"cpu": platform.processor() or platform.machine(), "device": args.device,
-                   "envelope": str(machine_envelope(model))}
-        write_text(args.json, json.dumps({**stamp(), "ckpt": str(args.ckpt), "chunk": chunk, "batch": args.batch,
-                                         "machine": machine, "rows": rows}, indent=1))
+        run = stamp()
+        run["machine"] |= {"device": args.device, "envelope": str(machine_envelope(model))}
+        write_text(args.json, json.dumps({**run, "ckpt": str(args.ckpt), "chunk": chunk, "batch": args.batch,
+                                         "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
