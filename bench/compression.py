@@ -83,6 +83,9 @@ def select(shards: Path, per_modality: int, text_bytes: int, max_file: int) -> t
             files.append((f"{m['source']}#{m['chunk']}", m["bytes"][: cut + 1 if cut > 0 else text_bytes]))
     else:
         paths = [roots[m["source"].split("/")[0]] / m["source"] for m in metas if m["chunk"] == 0]
+        if missing := [p for p in paths if not p.is_file()]:
+            raise SystemExit(f"{missing[0]}: a held-out file of {shards} is not there (the manifest's sources are "
+                             "relative to the folder `mmbytes shards` ran in: run the bench there)")
         if modality == "raw":
             paths = [p for p in paths if p.stat().st_size <= max_file]
         files = [(p.name, p) for p in paths]
