@@ -1,13 +1,13 @@
 """bench/compression.py codes held-out files only: the validation samples the shards recorded, not a split rule of
 its own."""
 
-import importlib.util
 import io
 import json
 import tarfile
 from pathlib import Path
 
 import pytest
+from bench_script import load_bench
 from PIL import Image
 
 from mmbytes.shards import write_shards
@@ -17,10 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("compression_bench", ROOT / "bench" / "compression.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("compression")
 
 
 def sources_of(shards: Path, split: str) -> set[str]:

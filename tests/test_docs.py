@@ -10,12 +10,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
 from pathlib import Path
 
 import pytest
+from bench_script import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -132,10 +132,7 @@ def test_readme_opening_command_parses(command, tmp_path, monkeypatch):
 
 
 def renderer():
-    spec = importlib.util.spec_from_file_location("render_measurements", ROOT / "bench" / "render_measurements.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("render_measurements")
 
 
 def test_measurements_page_is_what_the_renderer_writes():

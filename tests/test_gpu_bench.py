@@ -1,18 +1,16 @@
 """``bench/gpu.py --smoke``: every step of the one-command GPU bench runs (on CPU at toy sizes), so it never rots."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from bench_script import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_bench_smoke_runs_every_step_and_writes_its_tables(tmp_path):
-    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu.py")
-    gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu)
+    gpu = load_bench("gpu")
     gpu.main([str(tmp_path), "--smoke"])
     result = json.loads((tmp_path / "gpu.json").read_text())
     failed = {k: v["error"] for k, v in result["steps"].items() if not v["ok"]}
@@ -37,9 +35,7 @@ def test_gpu_study_smoke_trains_every_architecture_and_writes_the_gallery_only_u
     import gzip
     import shutil
 
-    spec = importlib.util.spec_from_file_location("gpu_study", ROOT / "bench" / "gpu_study.py")
-    gpu_study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_study)
+    gpu_study = load_bench("gpu_study")
     data = tmp_path / "data"
     for folder in ("text", "images/mnist", "audio/fsdd"):
         (data / folder).mkdir(parents=True)

@@ -1,12 +1,12 @@
 """bench/learning.py: each architecture's candidate forms (variant names made of atoms), several seeds, and a shard
 set's training and validation samples as the data; two-step smoke runs on the debug sizes."""
 
-import importlib.util
 import json
 import tarfile
 from pathlib import Path
 
 import pytest
+from bench_script import load_bench
 
 from mmbytes.model import build
 from mmbytes.model.megabyte_config import PRESETS
@@ -23,10 +23,7 @@ SMOKE = ["--steps", "2", "--seq-len", "64", "--batch", "2", "--eval-every", "2",
 
 @pytest.fixture(scope="module")
 def learning():
-    spec = importlib.util.spec_from_file_location("learning_bench", ROOT / "bench" / "learning.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("learning")
 
 
 @pytest.fixture

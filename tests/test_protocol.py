@@ -1,7 +1,6 @@
 """The model protocol (``mmbytes.model.protocol``): every architecture answers it, prepares itself for its data, and
 the callers read its capabilities; and the defects found with it, each checked where it was."""
 
-import importlib.util
 import math
 import re
 import warnings
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bench_script import load_bench
 
 from mmbytes.codecs import MODALITIES
 from mmbytes.model import build
@@ -165,9 +165,7 @@ def test_every_test_file_a_source_cites_exists():
 
 
 def test_word_starts_refuses_a_model_without_per_byte_losses(tmp_path):
-    spec = importlib.util.spec_from_file_location("word_starts", ROOT / "bench" / "word_starts.py")
-    word_starts = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(word_starts)
+    word_starts = load_bench("word_starts")
     assert not build("bpe-debug").capabilities.per_byte_nll
     with pytest.raises(SystemExit, match="not a byte's own loss"):
         word_starts.measure(tmp_path / "bpe.ckpt", str(tmp_path), 64, 1, model=build("bpe-debug"))
