@@ -188,7 +188,6 @@ def test_idx_gives_one_image_per_digit_and_decodes(tmp_path):
 PHOTO = DATA / "images" / "photos" / "astronaut.png"
 
 
-@pytest.mark.skipif(not PHOTO.exists(), reason="shared data not present")
 def test_a_16_bit_ppm_is_scaled_to_8_bits_and_the_scaling_recorded(tmp_path):
     pixels = np.asarray(Image.open(PHOTO).convert("RGB"))
     h, w, _ = pixels.shape
@@ -199,7 +198,6 @@ def test_a_16_bit_ppm_is_scaled_to_8_bits_and_the_scaling_recorded(tmp_path):
     assert np.array_equal(np.frombuffer(data, np.uint8).reshape(h, w, 3), pixels)
 
 
-@pytest.mark.skipif(not PHOTO.exists(), reason="shared data not present")
 @pytest.mark.parametrize(("orientation", "upright", "how"), [
     (6, lambda a: np.rot90(a, -1), ["EXIF orientation 6 applied (rotated 90 clockwise)"]),
     (3, lambda a: a[::-1, ::-1], ["EXIF orientation 3 applied (rotated 180)"]),
