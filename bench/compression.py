@@ -23,7 +23,6 @@ import gzip
 import io
 import json
 import lzma
-import tarfile
 import time
 from pathlib import Path
 
@@ -49,18 +48,18 @@ def ppm(path: Path) -> bytes:
 
 
 def validation_samples(shards: Path) -> list[dict]:
-    """The metadata of every validation sample of a shard set, read from its ``val-*.tar`` (the split ``mmbytes
-    shards`` made, not a rule re-derived here), in (source, chunk) order; a text sample also carries its ``bytes``."""
+    """The metadata of every validation sample of a shard set (the split ``mmbytes shards`` made, not a rule re-derived
+    here), read through ``datamodules.reader``, in (source, chunk) order; a text sample also carries its ``bytes``."""
+    from datamodules.bytes import decode
+    from datamodules.reader import manifest_shards, tar_samples
+
+    path = shards / "manifest.json"
+    urls, bound = manifest_shards(read_manifest(path), path, "val")
     metas = []
-    for name in read_manifest(shards)["splits"]["val"]["shards"]:
-        with tarfile.open(shards / name) as tar:
-            members = {m.name: m for m in tar.getmembers()}
-            for key, m in members.items():
-                if key.endswith(".json"):
-                    meta = json.load(tar.extractfile(m))
-                    if meta["modality"] == "text":
-                        meta["bytes"] = tar.extractfile(members[key[:-5] + ".bin"]).read()
-                    metas.append(meta)
+    for url in urls:
+        for sample in tar_samples(url, lambda exn: False, bound):  # a damaged shard stops the bench, naming it
+            data, meta = decode(sample)
+            metas.append({**meta, "bytes": data.tobytes()} if meta["modality"] == "text" else meta)
     return sorted(metas, key=lambda m: (m["source"], m["chunk"]))
 
 
