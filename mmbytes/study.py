@@ -164,17 +164,18 @@ def form_of(size: str, config: Any) -> dict[str, Any]:
     return json.loads(json.dumps({k: v for k, v in config_to_dict(config).items() if k in keys}))
 
 
-def refuse_other_form(run_dir: Path, size: str, form: dict[str, Any]) -> None:
-    """Refuse, in one line, a done run in ``run_dir`` trained in another form than ``size`` has now (a named size
-    adopted another preset): its result would join the table under today's name. The stored form is its
-    ``result.json``'s, else (a run written before the form was recorded) its checkpoint's config's. A run going on
-    from a checkpoint is checked as it loads (``ByteLM``)."""
+def done_result(run_dir: Path, size: str, form: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``result.json`` of a done run in ``run_dir``, None if there is none; refused in one line when the run was
+    trained in another form than ``size`` has now (a named size adopted another preset), since its result would join
+    the table under that name. The stored form is the result's, else (a run written before the form was recorded)
+    its checkpoint's config's. A run going on from a checkpoint is checked as it loads (``ByteLM``)."""
     from mmbytes.checkpoint import checkpoint_config, load_checkpoint
 
     result, last = run_dir / "result.json", run_dir / "checkpoints" / "last.ckpt"
     if not result.exists():
-        return
-    stored = json.loads(result.read_text()).get("form")
+        return None
+    done = json.loads(result.read_text())
+    stored = done.get("form")
     if stored is None and last.exists():
         config = checkpoint_config(load_checkpoint(last))
         stored = form_of(size, config) if config is not None else None
@@ -182,6 +183,7 @@ def refuse_other_form(run_dir: Path, size: str, form: dict[str, Any]) -> None:
     if differ:
         raise SystemExit(f"{run_dir} was trained in another form than {size} has now {differ} (stored, now); "
                          "use another --out, or delete that run to train it again")
+    return done
 
 
 # -- what some models need first: the BPE tokenizer, BLT's entropy model
@@ -399,9 +401,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         form = form_of(size, estimate.config)
         for seed in range(args.seeds):
             run_dir = args.out / "runs" / size / f"seed{seed}"
-            refuse_other_form(run_dir, size, form)
-            if (run_dir / "result.json").exists():
-                results.append(json.loads((run_dir / "result.json").read_text()))
+            if (done := done_result(run_dir, size, form)) is not None:
+                results.append(done)
                 continue
             print(f"study: {size} seed {seed}", flush=True)
             results.append(train_run(size, seed, args.budget, run_dir, args, recommended_lr(size, args.lr), kwargs,
